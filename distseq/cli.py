@@ -1,0 +1,92 @@
+"""``distseq`` command line. Options are generated from the config dataclasses (config.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import List, Optional
+
+from .config import PRESETS, SECTIONS, Config, ConfigError, option_name, preset
+
+EXIT_USAGE = 2
+
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2), not a usage dump."""
+
+    def error(self, message: str):
+        _fail(f"{self.prog}: error: {message}")
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one says so
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Config()
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section), f.name)
+            choices = f.metadata.get("choices")
+            common = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS)
+            help_text = f.metadata["help"] + f" (default preset: {default})"
+            if f.type == "bool":
+                group.add_argument(option_name(f), action=argparse.BooleanOptionalAction, help=help_text, **common)
+            else:
+                metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+                group.add_argument(option_name(f), type=_TYPES[f.type], metavar=metavar, help=help_text, **common)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="distseq",
+        description="Train sequence models on an exactly sharded synthetic stream, from one CPU to a cluster. "
+        "Run under `accelerate launch` or `torchrun` for several processes; plain `distseq` runs one.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    train = commands.add_parser(
+        "train",
+        help="train a model (start from a preset, override any field)",
+        description="Train a model. Start from --preset and override any field; every value is checked "
+        "before anything runs. Writes RUN/tensorboard/, RUN/checkpoints/step-N/, RUN/config.json and "
+        "RUN/summary.json.",
+    )
+    train.add_argument(
+        "--preset", default="default", metavar="{" + ",".join(PRESETS) + "}",
+        help="starting configuration: 'default' (LSTM on the infinite sum-sign stream) or 'seed' (the original "
+        "RNN example: 1,000 samples, batch 32, 10 epochs)",
+    )
+    _add_config_options(train)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = preset(args.preset)
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train  # heavy imports only once the arguments are known to be good
+
+            train(config_from_args(args))
+    except ConfigError as error:
+        _fail(f"distseq {args.command}: error: {error}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Configuration: one dataclass per component, presets, and the one place where values are checked.
+
+Every field carries its documentation in ``metadata["help"]``; the CLI builds its options from those
+fields (``--hidden-size`` is ``ModelConfig.hidden_size``), so the help text and the code cannot
+drift apart. ``Config.validate`` is the single gate every entry point goes through.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .tasks import TASKS
+
+MODELS = ("rnn", "gru", "lstm")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. ``option`` is the command-line spelling of the field."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tuple = ()) -> Any:
+    """A documented field. ``option`` overrides the CLI name derived from the field name."""
+    metadata = {"help": help, "choices": choices}
+    if option:
+        metadata["option"] = option
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataConfig:
+    task: str = _opt("sum-sign", "synthetic task that defines inputs and labels", choices=tuple(TASKS))
+    seq_len: int = _opt(10, "time steps per sequence")
+    dataset_size: Optional[int] = _opt(
+        None,
+        "number of distinct training samples, reshuffled and cycled each epoch; absent = an infinite stream",
+    )
+    block_size: int = _opt(
+        1024,
+        "samples drawn per generator block; part of the data's identity (changing it changes the samples)",
+    )
+    samples_per_example: int = _opt(
+        1024,
+        "minimum samples one datasets example carries: consecutive micro-batches of a rank are grouped "
+        "to amortise the per-example cost; never changes which samples a step sees",
+    )
+    num_workers: int = _opt(
+        0, "DataLoader worker processes per rank; 0 generates in-process (fastest for synthetic tasks)"
+    )
+    eval_size: int = _opt(4096, "held-out samples per evaluation (drawn with a separate key, never trained on)")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = _opt("lstm", "sequence model", option="model", choices=MODELS)
+    hidden_size: int = _opt(64, "hidden units per recurrent layer")
+    num_layers: int = _opt(1, "stacked recurrent layers")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _opt(3e-3, "peak learning rate of Adam(W)")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (AdamW); 0 = plain Adam")
+    schedule: str = _opt("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup_steps: int = _opt(100, "optimizer steps of linear warmup from 0 to --lr")
+    min_lr_ratio: float = _opt(0.05, "cosine floor as a fraction of --lr")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this value; 0 = no clipping")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = _opt("runs/default", "directory for TensorBoard logs, checkpoints and summary.json")
+    max_steps: int = _opt(1500, "optimizer steps to train (the stream is counted in steps, not epochs)")
+    global_batch_size: int = _opt(
+        256, "samples per optimizer step across all processes (= micro-batch x processes x accumulation)"
+    )
+    grad_accum_steps: int = _opt(1, "micro-batches accumulated per optimizer step on each process")
+    precision: str = _opt(
+        "auto", "autocast precision; auto = the fastest that works on this device", choices=PRECISIONS
+    )
+    seed: int = _opt(0, "seed of the data stream and of the model's initial weights")
+    eval_every: int = _opt(250, "evaluate on held-out data every N optimizer steps (and at the end); 0 = only at the end")
+    verify_data: bool = _opt(
+        False, "all-gather a digest of the sample indices each rank consumed and check none was lost or repeated"
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    checkpoint_every: int = _opt(0, "save a checkpoint every N optimizer steps; 0 = only at the end")
+
+
+@dataclass
+class LogConfig:
+    log_every: int = _opt(50, "print one log line and write TensorBoard scalars every N optimizer steps")
+    progress: bool = _opt(True, "show a progress bar on the main process")
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict:
+        """``{"section.field": value}``; the form TensorBoard hparams and summaries use."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Samples per forward pass on one process."""
+        return self.train.global_batch_size // (world_size * self.train.grad_accum_steps)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Check every value; raise ConfigError naming the option and what is allowed."""
+        for section in SECTIONS:
+            sub = getattr(self, section)
+            for f in dataclasses.fields(sub):
+                choices = f.metadata.get("choices")
+                value = getattr(sub, f.name)
+                if choices and value not in choices:
+                    raise ConfigError(option_name(f), f"invalid choice {value!r} (choose from {', '.join(choices)})")
+        d, m, o, t = self.data, self.model, self.optim, self.train
+        _at_least("--seq-len", d.seq_len, 1)
+        if d.dataset_size is not None:
+            _at_least("--dataset-size", d.dataset_size, 1)
+        _at_least("--block-size", d.block_size, 1)
+        _at_least("--samples-per-example", d.samples_per_example, 1)
+        _at_least("--num-workers", d.num_workers, 0)
+        _at_least("--eval-size", d.eval_size, 1)
+        _at_least("--hidden-size", m.hidden_size, 1)
+        _at_least("--num-layers", m.num_layers, 1)
+        _positive_float("--lr", o.lr)
+        _non_negative_float("--weight-decay", o.weight_decay)
+        _at_least("--warmup-steps", o.warmup_steps, 0)
+        _non_negative_float("--grad-clip", o.grad_clip)
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError("--min-lr-ratio", f"must be between 0 and 1 (got {o.min_lr_ratio})")
+        _at_least("--max-steps", t.max_steps, 1)
+        _at_least("--global-batch-size", t.global_batch_size, 1)
+        _at_least("--grad-accum-steps", t.grad_accum_steps, 1)
+        _at_least("--eval-every", t.eval_every, 0)
+        _at_least("--checkpoint-every", self.checkpoint.checkpoint_every, 0)
+        _at_least("--log-every", self.log.log_every, 1)
+        per_step = world_size * t.grad_accum_steps
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                "--global-batch-size",
+                f"{t.global_batch_size} is not divisible by processes x --grad-accum-steps = "
+                f"{world_size} x {t.grad_accum_steps} = {per_step}",
+            )
+        if Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
+            raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
+        return self
+
+
+def _at_least(option: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(option, f"must be an integer >= {low} (got {value!r})")
+
+
+def _positive_float(option: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(option, f"must be a finite number > 0 (got {value!r})")
+
+
+def _non_negative_float(option: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ConfigError(option, f"must be a finite number >= 0 (got {value!r})")
+
+
+def option_name(f: dataclasses.Field) -> str:
+    """The command-line spelling of a field: ``hidden_size`` -> ``--hidden-size``."""
+    return "--" + f.metadata.get("option", f.name).replace("_", "-")
+
+
+def _seed_preset() -> Config:
+    """The original example, done right: nn.RNN(1, 32), seq 10, batch 32, Adam lr 0.01, 1,000 samples x 10 epochs."""
+    return Config(
+        data=DataConfig(task="sum-sign", seq_len=10, dataset_size=1000),
+        model=ModelConfig(kind="rnn", hidden_size=32, num_layers=1),
+        optim=OptimConfig(lr=0.01, schedule="constant", warmup_steps=0, grad_clip=0.0),
+        # 1,000 samples in batches of 32 are 32 batches an epoch (the last one short); 10 epochs = 320 steps.
+        train=TrainConfig(run_dir="runs/seed", max_steps=320, global_batch_size=32, eval_every=32),
+        log=LogConfig(log_every=32),
+    )
+
+
+def _default_preset() -> Config:
+    """What the harness is for: an LSTM on the infinite streamed sum-sign task."""
+    return Config()
+
+
+PRESETS = {"default": _default_preset, "seed": _seed_preset}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError("--preset", f"invalid choice {name!r} (choose from {', '.join(PRESETS)})")
+    return PRESETS[name]()

@@ -1,0 +1,91 @@
+"""What a run reports: throughput, TensorBoard scalars and hparams, the log line, summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from accelerate import Accelerator
+
+from .runtime import TENSORBOARD_PROJECT
+
+
+class Throughput:
+    """Samples/s and ms/step over the window since the previous log step."""
+
+    def __init__(self, step: int, samples: int):
+        self.reset(step, samples)
+
+    def reset(self, step: int, samples: int) -> None:
+        self.step, self.samples, self.time = step, samples, time.perf_counter()
+
+    def window(self, step: int, samples: int) -> Dict[str, float]:
+        seconds = max(time.perf_counter() - self.time, 1e-9)
+        steps = max(step - self.step, 1)
+        out = {
+            "perf/samples_per_sec": (samples - self.samples) / seconds,
+            "perf/step_time_ms": 1000.0 * seconds / steps,
+        }
+        self.reset(step, samples)
+        return out
+
+
+def hparams(flat_config: dict) -> dict:
+    """TensorBoard hparams accept bool/int/float/str only."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config.items()}
+
+
+def start_tracking(accelerator: Accelerator, flat_config: dict) -> None:
+    accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config))
+
+
+def log_line(step: int, max_steps: int, scalars: Dict[str, float]) -> str:
+    """One grep-able ``key=value`` line: ``step=100/1500 train/loss=0.1234 ...``."""
+    fields = [f"step={step}/{max_steps}"]
+    for key, value in scalars.items():
+        fields.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(fields)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def summary(
+    *,
+    step: int,
+    samples: int,
+    wall_seconds: float,
+    eval_metrics: Dict[str, float],
+    precision: str,
+    accelerator: Accelerator,
+    model: str,
+    task: str,
+    extra: Optional[dict] = None,
+) -> dict:
+    return {
+        "step": step,
+        "samples": samples,
+        "wall_seconds": wall_seconds,
+        "samples_per_sec": samples / max(wall_seconds, 1e-9),
+        **eval_metrics,
+        "precision": precision,
+        "world_size": accelerator.num_processes,
+        "backend": accelerator.state.backend or "none",
+        "distributed_type": str(accelerator.distributed_type.value),
+        "device": str(accelerator.device),
+        "model": model,
+        "task": task,
+        **(extra or {}),
+    }
