@@ -1,0 +1,73 @@
+"""Helpers shared by the tests: run distseq as real processes, read what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--max-steps", "6", "--log-every", "2", "--eval-every", "3", "--eval-size", "256", "--no-progress"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def run_distseq(args, *, timeout: float = 240, env=None) -> subprocess.CompletedProcess:
+    """``python -m distseq.cli ARGS`` in one process."""
+    return subprocess.run(
+        [sys.executable, "-m", "distseq.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env=env or cpu_env(), cwd=REPO,
+    )
+
+
+def accelerate_launch(launch_args, args, *, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch LAUNCH_ARGS -m distseq.cli ARGS``: real processes, gloo on loopback."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "distseq.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cpu_env(), cwd=REPO)
+
+
+def two_process_args() -> list:
+    return ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def scalars(run_dir: Path) -> dict:
+    """``{tag: [(step, value), ...]}`` read back from the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for directory in sorted({p.parent for p in (Path(run_dir) / "tensorboard").rglob("events.out.tfevents*")}):
+        acc = EventAccumulator(str(directory))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return tmp_path / "run"
