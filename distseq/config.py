@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .tasks import TASKS
+from .tasks import TASKS, TaskSpec
 
 MODELS = ("rnn", "gru", "lstm")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -39,7 +39,12 @@ def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tupl
 @dataclass
 class DataConfig:
     task: str = _opt("sum-sign", "synthetic task that defines inputs and labels", choices=tuple(TASKS))
-    seq_len: int = _opt(10, "time steps per sequence")
+    seq_len: int = _opt(10, "time steps per sequence (the padded length when lengths vary)")
+    min_seq_len: Optional[int] = _opt(
+        None, "shortest sequence; lengths are uniform in [--min-seq-len, --seq-len]; absent = all --seq-len"
+    )
+    vocab_size: int = _opt(8, "symbols of the copy task's vocabulary")
+    copy_len: int = _opt(5, "symbols the copy task must recall after the delay")
     dataset_size: Optional[int] = _opt(
         None,
         "number of distinct training samples, reshuffled and cycled each epoch; absent = an infinite stream",
@@ -80,6 +85,11 @@ class OptimConfig:
 class TrainConfig:
     run_dir: str = _opt("runs/default", "directory for TensorBoard logs, checkpoints and summary.json")
     max_steps: int = _opt(1500, "optimizer steps to train (the stream is counted in steps, not epochs)")
+    start_step: int = _opt(
+        0,
+        "first optimizer step: the stream, the schedule and the step counter start there in O(1), e.g. to skip "
+        "past a stretch of data (weights start fresh)",
+    )
     global_batch_size: int = _opt(
         256, "samples per optimizer step across all processes (= micro-batch x processes x accumulation)"
     )
@@ -131,6 +141,10 @@ class Config:
         """``{"section.field": value}``; the form TensorBoard hparams and summaries use."""
         return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
 
+    def task_spec(self) -> TaskSpec:
+        d = self.data
+        return TaskSpec(d.seq_len, d.min_seq_len or d.seq_len, d.vocab_size, d.copy_len)
+
     def micro_batch_size(self, world_size: int) -> int:
         """Samples per forward pass on one process."""
         return self.train.global_batch_size // (world_size * self.train.grad_accum_steps)
@@ -146,6 +160,21 @@ class Config:
                     raise ConfigError(option_name(f), f"invalid choice {value!r} (choose from {', '.join(choices)})")
         d, m, o, t = self.data, self.model, self.optim, self.train
         _at_least("--seq-len", d.seq_len, 1)
+        if d.min_seq_len is not None:
+            _at_least("--min-seq-len", d.min_seq_len, 2 if d.task == "adding" else 1)
+            if d.min_seq_len > d.seq_len:
+                raise ConfigError("--min-seq-len", f"{d.min_seq_len} is longer than --seq-len {d.seq_len}")
+        if d.task == "adding":
+            _at_least("--seq-len", d.seq_len, 2)
+        _at_least("--vocab-size", d.vocab_size, 2)
+        _at_least("--copy-len", d.copy_len, 1)
+        if d.task == "copy":
+            if d.seq_len < 2 * d.copy_len + 1:
+                raise ConfigError(
+                    "--seq-len", f"the copy task needs --seq-len >= 2 x --copy-len + 1 = {2 * d.copy_len + 1}"
+                )
+            if d.min_seq_len not in (None, d.seq_len):
+                raise ConfigError("--min-seq-len", "the copy task has a fixed length; leave --min-seq-len out")
         if d.dataset_size is not None:
             _at_least("--dataset-size", d.dataset_size, 1)
         _at_least("--block-size", d.block_size, 1)
@@ -161,6 +190,9 @@ class Config:
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise ConfigError("--min-lr-ratio", f"must be between 0 and 1 (got {o.min_lr_ratio})")
         _at_least("--max-steps", t.max_steps, 1)
+        _at_least("--start-step", t.start_step, 0)
+        if t.start_step >= t.max_steps:
+            raise ConfigError("--start-step", f"must be below --max-steps {t.max_steps} (got {t.start_step})")
         _at_least("--global-batch-size", t.global_batch_size, 1)
         _at_least("--grad-accum-steps", t.grad_accum_steps, 1)
         _at_least("--eval-every", t.eval_every, 0)

@@ -32,7 +32,7 @@ import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
-from .tasks import TASKS, Batch
+from .tasks import TASKS, Batch, TaskSpec
 
 MASK64 = (1 << 64) - 1
 SPLIT_KEYS = {"train": 0x7472, "eval": 0x6576}  # held-out data uses its own key: it never overlaps training
@@ -75,12 +75,12 @@ class _LRU:
 
 
 class SampleSource:
-    """Random access to the samples of one (task, seq_len, seed, block_size, split, dataset_size)."""
+    """Random access to the samples of one (task, spec, seed, block_size, split, dataset_size)."""
 
     def __init__(
         self,
         task: str,
-        seq_len: int,
+        spec: TaskSpec,
         seed: int,
         block_size: int,
         split: str = "train",
@@ -88,7 +88,7 @@ class SampleSource:
         cached_blocks: int = 8,
     ):
         self.task = TASKS[task]
-        self.seq_len, self.seed, self.block_size = seq_len, seed, block_size
+        self.spec, self.seed, self.block_size = spec, seed, block_size
         self.split_key = SPLIT_KEYS[split]
         self.dataset_size = dataset_size
         self._block = _LRU(cached_blocks, self._make_block)
@@ -97,7 +97,7 @@ class SampleSource:
 
     # --- generation -------------------------------------------------------------------------
     def _make_block(self, k: int) -> Batch:
-        return self.task.make(_generator(self.seed, self.split_key, k), self.block_size, self.seq_len)
+        return self.task.make(_generator(self.seed, self.split_key, k), self.block_size, self.spec)
 
     def samples(self, positions: torch.Tensor) -> Batch:
         """The samples at stream ``positions`` (int64, any order), plus ``index`` = the positions."""

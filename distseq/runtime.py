@@ -44,9 +44,9 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _runs_under(precision: str, cfg: Config, device: torch.device) -> str:
     """One forward+backward of the configured model under autocast; '' if it works, else the error."""
-    task = TASKS[cfg.data.task]
-    model = build_model(cfg.model, task).to(device)
-    x = torch.randn(2, cfg.data.seq_len, task.num_features, device=device)  # (B, T, F)
+    task, spec = TASKS[cfg.data.task], cfg.task_spec()
+    model = build_model(cfg.model, task, spec).to(device)
+    x = torch.randn(2, spec.seq_len, task.num_features(spec), device=device)  # (B, T, F)
     try:
         with torch.autocast(device.type, dtype=_DTYPES[precision]):
             loss = model(x).float().sum()

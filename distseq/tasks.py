@@ -1,34 +1,128 @@
 """Synthetic tasks: each is a pure, vectorised function of a seeded generator.
 
-``make(gen, n, seq_len)`` draws ``n`` samples at once and returns ``{"x": (n, T, F) float32,
-"y": (n,) float32}``. The stream (data.py) decides which generator state a block of samples comes
-from, so a task never sees sample indices and never loops over samples. Adding a task is one
-function plus one ``Task`` entry in ``TASKS``.
+``make(gen, n, spec)`` draws ``n`` samples at once and returns ``{"x": (n, T, F) float32, "y": ...,
+"lengths": (n,) int64}``. The stream (data.py) decides which generator state a block of samples
+comes from, so a task never sees sample indices and never loops over samples. Positions at or beyond
+a sample's length are zero in ``x`` and never influence its label. Adding a task is one ``make``,
+one ``label`` and one ``Task`` entry in ``TASKS``; its ``head`` picks the loss and the metric.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
 Batch = Dict[str, torch.Tensor]
+IGNORE = -100  # target of a position that carries no label (CrossEntropyLoss's ignore_index)
+ADDING_TOLERANCE = 0.04  # an adding-problem prediction counts as correct within this distance
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The shape parameters that, with the task, define what one sample is."""
+
+    seq_len: int  # T, the padded length of every sample
+    min_seq_len: int  # lengths are uniform in [min_seq_len, seq_len]; equal = fixed length
+    vocab_size: int = 8  # symbols of the copy task
+    copy_len: int = 5  # symbols the copy task asks the model to recall
+
+    @property
+    def variable(self) -> bool:
+        return self.min_seq_len < self.seq_len
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    num_features: int  # F: features per time step of x
-    num_outputs: int  # logits the model emits per sample
+    head: str  # "binary" | "regression" | "per-step": which loss and metric apply
     label_rule: str  # the documented definition of y, checked by the tests
-    make: Callable[[torch.Generator, int, int], Batch]
-    label: Callable[[torch.Tensor], torch.Tensor]  # y recomputed from x alone
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-sample loss (B,)
-    correct: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> 1.0 where right (B,)
+    make: Callable[[torch.Generator, int, TaskSpec], Batch]
+    label: Callable[[torch.Tensor, torch.Tensor, TaskSpec], torch.Tensor]  # y recomputed from (x, lengths)
+    num_features: Callable[[TaskSpec], int]  # F
+    num_outputs: Callable[[TaskSpec], int]  # logits per sample (per step for "per-step")
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return HEADS[self.head][0](logits, y)
+
+    def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return HEADS[self.head][1](logits, y)
 
 
+def _lengths(gen: torch.Generator, n: int, spec: TaskSpec) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample lengths (n,) and the matching validity mask (n, T)."""
+    if spec.variable:
+        lengths = torch.randint(spec.min_seq_len, spec.seq_len + 1, (n,), generator=gen)
+    else:
+        lengths = torch.full((n,), spec.seq_len, dtype=torch.int64)
+    return lengths, torch.arange(spec.seq_len)[None, :] < lengths[:, None]
+
+
+# --- sum-sign: the original example ------------------------------------------------------------
+def sum_sign_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    return (x.sum(dim=(1, 2)) > 0).to(torch.float32)  # (n,); padding is zero, so it adds nothing
+
+
+def sum_sign(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
+    lengths, mask = _lengths(gen, n, spec)
+    x = torch.randn(n, spec.seq_len, 1, generator=gen) * mask[..., None]  # (n, T, 1)
+    return {"x": x, "y": sum_sign_label(x, lengths, spec), "lengths": lengths}
+
+
+# --- parity ------------------------------------------------------------------------------------
+def parity_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    return (x.sum(dim=(1, 2)).round().to(torch.int64) % 2).to(torch.float32)  # (n,)
+
+
+def parity(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
+    lengths, mask = _lengths(gen, n, spec)
+    bits = torch.randint(0, 2, (n, spec.seq_len, 1), generator=gen).to(torch.float32) * mask[..., None]  # (n, T, 1)
+    return {"x": bits, "y": parity_label(bits, lengths, spec), "lengths": lengths}
+
+
+# --- adding problem (Hochreiter & Schmidhuber 1997) -------------------------------------------
+def adding_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    return (x[..., 0] * x[..., 1]).sum(dim=1)  # (n,): sum of the two marked values
+
+
+def adding(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
+    lengths, mask = _lengths(gen, n, spec)
+    values = torch.rand(n, spec.seq_len, generator=gen) * mask  # (n, T) ~ U[0, 1)
+    half = lengths // 2  # one mark in each half of the valid part
+    u = torch.rand(n, 2, generator=gen)
+    first = (u[:, 0] * half).to(torch.int64)  # (n,) in [0, half)
+    second = half + (u[:, 1] * (lengths - half)).to(torch.int64)  # (n,) in [half, length)
+    marks = torch.zeros(n, spec.seq_len)
+    marks[torch.arange(n), first] = 1.0
+    marks[torch.arange(n), second] = 1.0
+    x = torch.stack([values, marks], dim=-1)  # (n, T, 2)
+    return {"x": x, "y": adding_label(x, lengths, spec), "lengths": lengths}
+
+
+# --- copy memory ---------------------------------------------------------------------------------
+# Tokens: 0 blank, 1..V symbols, V+1 delimiter; x is their one-hot (n, T, V+2). The first copy_len
+# steps hold symbols, step T-copy_len-1 the delimiter, and the last copy_len steps must output the
+# symbols in order (classes 0..V-1); every other step is ignored by the loss.
+def copy_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    n, T, S = x.shape[0], spec.seq_len, spec.copy_len
+    y = torch.full((n, T), IGNORE, dtype=torch.int64)
+    y[:, T - S :] = x[:, :S].argmax(dim=-1) - 1
+    return y  # (n, T)
+
+
+def copy(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
+    T, S, V = spec.seq_len, spec.copy_len, spec.vocab_size
+    tokens = torch.zeros(n, T, dtype=torch.int64)
+    tokens[:, :S] = torch.randint(1, V + 1, (n, S), generator=gen)
+    tokens[:, T - S - 1] = V + 1
+    x = F.one_hot(tokens, V + 2).to(torch.float32)  # (n, T, V+2)
+    lengths = torch.full((n,), T, dtype=torch.int64)
+    return {"x": x, "y": copy_label(x, lengths, spec), "lengths": lengths}
+
+
+# --- heads: loss and metric per sample ---------------------------------------------------------
 def binary_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Logits, not probabilities: BCE-with-logits is the form that stays exact under autocast.
     return F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")  # (B,)
@@ -38,24 +132,71 @@ def binary_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((logits > 0).to(torch.float32) == y).to(torch.float32)  # (B,)
 
 
-def sum_sign_label(x: torch.Tensor) -> torch.Tensor:
-    return (x.sum(dim=(1, 2)) > 0).to(torch.float32)  # (n,)
+def regression_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred.float() - y) ** 2  # (B,)
 
 
-def sum_sign(gen: torch.Generator, n: int, seq_len: int) -> Batch:
-    x = torch.randn(n, seq_len, 1, generator=gen)  # (n, T, 1) ~ N(0, 1)
-    return {"x": x, "y": sum_sign_label(x)}
+def regression_correct(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((pred.float() - y).abs() < ADDING_TOLERANCE).to(torch.float32)  # (B,)
 
+
+def per_step_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over each sample's labelled steps: logits (B, T, C), y (B, T) -> (B,)."""
+    per_step = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")  # (B, T)
+    labelled = (y != IGNORE).to(torch.float32)
+    return (per_step * labelled).sum(1) / labelled.sum(1).clamp(min=1)
+
+
+def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of each sample's labelled steps predicted right: (B,)."""
+    labelled = (y != IGNORE).to(torch.float32)
+    right = (logits.argmax(-1) == y).to(torch.float32) * labelled
+    return right.sum(1) / labelled.sum(1).clamp(min=1)
+
+
+HEADS = {
+    "binary": (binary_loss, binary_correct),
+    "regression": (regression_loss, regression_correct),
+    "per-step": (per_step_loss, per_step_correct),
+}
 
 TASKS: Dict[str, Task] = {
     "sum-sign": Task(
         name="sum-sign",
-        num_features=1,
-        num_outputs=1,
-        label_rule="x_t ~ N(0, 1) i.i.d.; y = 1 if sum_t x_t > 0 else 0 (binary, BCEWithLogitsLoss)",
+        head="binary",
+        label_rule="x_t ~ N(0, 1) i.i.d.; y = 1 if the sum of x over the sample's length is > 0, else 0",
         make=sum_sign,
         label=sum_sign_label,
-        loss=binary_loss,
-        correct=binary_correct,
+        num_features=lambda spec: 1,
+        num_outputs=lambda spec: 1,
+    ),
+    "parity": Task(
+        name="parity",
+        head="binary",
+        label_rule="x_t uniform in {0, 1}; y = (number of ones within the sample's length) mod 2",
+        make=parity,
+        label=parity_label,
+        num_features=lambda spec: 1,
+        num_outputs=lambda spec: 1,
+    ),
+    "adding": Task(
+        name="adding",
+        head="regression",
+        label_rule="x_t = (value ~ U[0, 1), mark); one mark in each half of the length; y = sum of the two "
+        f"marked values (MSE; 'accuracy' = |error| < {ADDING_TOLERANCE})",
+        make=adding,
+        label=adding_label,
+        num_features=lambda spec: 2,
+        num_outputs=lambda spec: 1,
+    ),
+    "copy": Task(
+        name="copy",
+        head="per-step",
+        label_rule="copy_len symbols from 1..V, blanks, a delimiter at T-copy_len-1; the last copy_len steps "
+        "must output the symbols in order (cross-entropy on those steps; accuracy per symbol)",
+        make=copy,
+        label=copy_label,
+        num_features=lambda spec: spec.vocab_size + 2,
+        num_outputs=lambda spec: spec.vocab_size,
     ),
 }

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from accelerate import Accelerator
@@ -25,7 +26,7 @@ from .data import Layout, SampleSource, eval_batches, micro_batches, train_loade
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
 from .models import build_model
 from .runtime import build_accelerator, local_device, print0, resolve_precision, set_cpu_threads
-from .tasks import TASKS, Task
+from .tasks import TASKS, Batch, Task
 
 EVAL_BATCH = 1024  # held-out samples per forward pass
 
@@ -48,16 +49,22 @@ def lr_factor(cfg: OptimConfig, max_steps: int):
     return factor
 
 
+def forward(model, batch: Batch, device: torch.device, variable_length: bool) -> torch.Tensor:
+    x = batch["x"].to(device, non_blocking=True)  # (b, T, F)
+    return model(x, batch["lengths"] if variable_length else None)  # lengths stay on the CPU for packing
+
+
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model, task: Task, batches: List[dict], eval_size: int) -> Dict[str, float]:
+def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], eval_size: int,
+             variable_length: bool) -> Dict[str, float]:
     """Held-out loss and accuracy over exactly ``eval_size`` samples, whatever the world size."""
     model = accelerator.unwrap_model(model)
     model.eval()
     losses, correct = [], []
     for batch in batches:
-        x, y = batch["x"].to(accelerator.device), batch["y"].to(accelerator.device)
         with accelerator.autocast():
-            logits = model(x)
+            logits = forward(model, batch, accelerator.device, variable_length)
+        y = batch["y"].to(accelerator.device)
         per_sample = torch.stack([task.loss(logits, y), task.correct(logits, y)], 1)  # (n, 2)
         keep = accelerator.gather_for_metrics(batch["index"].to(accelerator.device)) >= 0  # padding rows are -1
         gathered = accelerator.gather_for_metrics(per_sample)[keep]  # (valid, 2)
@@ -88,6 +95,37 @@ def verify_digest(accelerator: Accelerator, window: Digest, start: int, stop: in
     return digests
 
 
+@dataclass
+class Accounting:
+    """--verify-data: the digest of the current window and of everything checked so far, per rank."""
+
+    checked_until: int  # stream position up to which every sample has been verified
+    world_size: int
+    window: Digest = field(default_factory=Digest)
+    per_rank: List[Digest] = field(default_factory=list)
+
+    def check(self, accelerator: Accelerator, until: int) -> None:
+        digests = verify_digest(accelerator, self.window, self.checked_until, until)
+        self.per_rank = [a.merge(b) for a, b in zip(self.per_rank or [Digest()] * self.world_size, digests)]
+        self.checked_until, self.window = until, Digest()
+
+    def report(self) -> dict:
+        return {"checked_until": self.checked_until, "per_rank": [vars(d) for d in self.per_rank]}
+
+
+@dataclass
+class WindowSums:
+    """Per-log-window sums kept on the device; read (one sync) and reset only on log steps."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    grad_norm: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "WindowSums":
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+
 def train(cfg: Config) -> dict:
     """Train as configured; returns the summary (on every rank; only the main process writes it)."""
     set_cpu_threads()
@@ -95,26 +133,24 @@ def train(cfg: Config) -> dict:
     precision = resolve_precision(cfg.train.precision, cfg, local_device())
     accelerator = build_accelerator(cfg, precision)
     cfg.validate(accelerator.num_processes)
-    run_dir = Path(cfg.train.run_dir)
-    task = TASKS[cfg.data.task]
-    t, world = cfg.train, accelerator.num_processes
+    d, t = cfg.data, cfg.train
+    run_dir, device, rank, world = Path(t.run_dir), accelerator.device, accelerator.process_index, accelerator.num_processes
+    task, spec = TASKS[d.task], cfg.task_spec()
     layout = Layout(cfg.micro_batch_size(world), world, t.grad_accum_steps)
 
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, task)
+    model = build_model(cfg.model, task, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, t.max_steps))
+    for _ in range(t.start_step):  # the schedule is a pure function of the step; catch up without training
+        scheduler.step()
     model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader is never prepared (DESIGN inv. 4)
 
-    d = cfg.data
-    source = SampleSource(d.task, d.seq_len, t.seed, d.block_size, "train", d.dataset_size)
-    held_out = SampleSource(d.task, d.seq_len, t.seed, d.block_size, "eval")
-    eval_set = eval_batches(held_out, accelerator.process_index, world, d.eval_size, EVAL_BATCH)
-    loader = train_loader(
-        source, layout, accelerator.process_index, 0, t.max_steps, d.samples_per_example, d.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    batches = micro_batches(loader, layout.micro_batch)
+    source = SampleSource(d.task, spec, t.seed, d.block_size, "train", d.dataset_size)
+    eval_set = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size, EVAL_BATCH)
+    loader = train_loader(source, layout, rank, t.start_step, t.max_steps - t.start_step, d.samples_per_example,
+                          d.num_workers, pin_memory=device.type == "cuda")
+    batches: Iterator[Batch] = micro_batches(loader, layout.micro_batch)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,87 +158,77 @@ def train(cfg: Config) -> dict:
     start_tracking(accelerator, cfg.flat())
     print0(
         accelerator,
-        f"distseq: world_size={world} backend={accelerator.state.backend or 'none'} device={accelerator.device} "
+        f"distseq: world_size={world} backend={accelerator.state.backend or 'none'} device={device} "
         f"precision={precision.name} ({precision.reason}) micro_batch={layout.micro_batch} "
         f"grad_accum={layout.grad_accum} global_batch={layout.global_batch} run_dir={run_dir}",
     )
 
-    device = accelerator.device
-    loss_sum = torch.zeros((), device=device)
-    correct_sum = torch.zeros((), device=device)
-    grad_norm = torch.zeros((), device=device)
-    window = Digest() if t.verify_data else None
-    checked, rank_digests = 0, [Digest() for _ in range(world)]
+    sums = WindowSums.zeros(device)
+    accounting = Accounting(t.start_step * layout.global_batch, world) if t.verify_data else None
     eval_metrics: Dict[str, float] = {}
-    meter = Throughput(0, 0)
-    bar = tqdm(total=t.max_steps, disable=not (accelerator.is_main_process and cfg.log.progress), desc="train")
+    meter = Throughput(t.start_step, t.start_step * layout.global_batch)
+    bar = tqdm(total=t.max_steps, initial=t.start_step, desc="train",
+               disable=not (accelerator.is_main_process and cfg.log.progress))
     started = time.perf_counter()
 
-    for step in range(t.max_steps):
+    for step in range(t.start_step, t.max_steps):
         done = step + 1
         is_log_step = done % cfg.log.log_every == 0 or done == t.max_steps
+        is_eval_step = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
         for _ in range(layout.grad_accum):
             batch = next(batches)
-            if window is not None:
-                window.add(batch["index"])
-            x = batch["x"].to(device, non_blocking=True)  # (b, T, F)
-            y = batch["y"].to(device, non_blocking=True)  # (b,)
+            if accounting:
+                accounting.window.add(batch["index"])
+            y = batch["y"].to(device, non_blocking=True)
             with accelerator.accumulate(model):
-                logits = model(x)
+                logits = forward(model, batch, device, spec.variable)
                 losses = task.loss(logits, y)  # (b,)
                 accelerator.backward(losses.mean())
                 if accelerator.sync_gradients and (cfg.optim.grad_clip > 0 or is_log_step):
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                    sums.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += losses.detach().sum()
-            correct_sum += task.correct(logits.detach(), y).sum()
+            sums.loss += losses.detach().sum()
+            sums.correct += task.correct(logits.detach(), y).sum()
         scheduler.step()
         bar.update(1)
 
-        is_eval_step = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
-        if window is not None and (is_log_step or is_eval_step):
-            digests = verify_digest(accelerator, window, checked, done * layout.global_batch)
-            rank_digests = [a.merge(b) for a, b in zip(rank_digests, digests)]
-            checked, window = done * layout.global_batch, Digest()
+        if accounting and (is_log_step or is_eval_step):
+            accounting.check(accelerator, done * layout.global_batch)
         if is_log_step:
-            totals = accelerator.reduce(torch.stack([loss_sum, correct_sum]), "sum").tolist()
+            totals = accelerator.reduce(torch.stack([sums.loss, sums.correct]), "sum").tolist()
             window_samples = (done - meter.step) * layout.global_batch
             scalars = {
                 "train/loss": totals[0] / window_samples,
                 "train/accuracy": totals[1] / window_samples,
                 "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
+                "train/grad_norm": float(sums.grad_norm),
                 **meter.window(done, done * layout.global_batch),
             }
-            loss_sum.zero_()
-            correct_sum.zero_()
+            sums = WindowSums.zeros(device)
             accelerator.log(scalars, step=done)
             if accelerator.is_main_process:
                 bar.write(log_line(done, t.max_steps, scalars))
         if is_eval_step:
-            eval_metrics = evaluate(accelerator, model, task, eval_set, d.eval_size)
+            eval_metrics = evaluate(accelerator, model, task, eval_set, d.eval_size, spec.variable)
             accelerator.log(eval_metrics, step=done)
             if accelerator.is_main_process:
                 bar.write(log_line(done, t.max_steps, eval_metrics))
         every = cfg.checkpoint.checkpoint_every
         if done == t.max_steps or (every and done % every == 0):
-            checkpoint = save_checkpoint(
-                accelerator, model, optimizer, scheduler,
-                step=done, samples=done * layout.global_batch, config=cfg.to_dict(),
-            )
+            checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, step=done,
+                                         samples=done * layout.global_batch, config=cfg.to_dict())
     bar.close()
 
-    wall = time.perf_counter() - started
-    extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch, "global_batch": layout.global_batch}
-    if t.verify_data:
-        extra["data_accounting"] = {
-            "checked_samples": checked,
-            "per_rank": [vars(digest) for digest in rank_digests],
-        }
+    extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch, "global_batch": layout.global_batch,
+             "start_step": t.start_step}
+    if accounting:
+        extra["data_accounting"] = accounting.report()
     result = summary(
-        step=t.max_steps, samples=t.max_steps * layout.global_batch, wall_seconds=wall, eval_metrics=eval_metrics,
-        precision=precision.name, accelerator=accelerator, model=cfg.model.kind, task=d.task, extra=extra,
+        step=t.max_steps, samples=t.max_steps * layout.global_batch,
+        trained_samples=(t.max_steps - t.start_step) * layout.global_batch, wall_seconds=time.perf_counter() - started,
+        eval_metrics=eval_metrics, precision=precision.name, accelerator=accelerator, model=cfg.model.kind,
+        task=d.task, extra=extra,
     )
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -1,10 +1,14 @@
 """Real multi-process runs: gloo on loopback, started by accelerate launch."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, assert_ok, run_distseq, summary, two_process_args
+from conftest import REPO, accelerate_launch, assert_ok, cpu_env, free_port, run_distseq, summary, two_process_args
 from distseq.accounting import Digest
 
 pytestmark = pytest.mark.multiproc
@@ -49,3 +53,18 @@ def test_two_processes_share_the_stream_and_only_rank_0_writes(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert abs(summary(one)["eval/accuracy"] - result["eval/accuracy"]) < 1e-3
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_exact_sharding_across_ranks_and_workers(world_size):
+    """Real ranks x DataLoader workers {0, 1, 3} x infinite/finite data: every position exactly once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests" / "stream_check.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=cpu_env(), cwd=REPO)
+    cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(cases) == 6, proc.stdout + proc.stderr[-3000:]
+    for case in cases:
+        assert case["world_size"] == world_size
+        assert case["samples"] == 13 * 16 * world_size
+        assert case["failures"] == [], case
+    assert proc.returncode == 0

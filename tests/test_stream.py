@@ -8,18 +8,20 @@ import torch
 
 from distseq.accounting import Digest
 from distseq.data import Layout, SampleSource, eval_batches, make_shards, micro_batches, train_loader
-from distseq.tasks import TASKS
+from distseq.tasks import TaskSpec
+
+T10 = TaskSpec(10, 10)
 
 
 def rank_stream(layout, rank, first_step, num_steps, workers=0, samples_per_example=64, source=None):
-    source = source or SampleSource("sum-sign", 10, seed=3, block_size=64)
+    source = source or SampleSource("sum-sign", T10, seed=3, block_size=64)
     loader = train_loader(source, layout, rank, first_step, num_steps, samples_per_example, workers)
     return list(micro_batches(loader, layout.micro_batch))
 
 
 def test_sample_is_pure_function_of_index():
-    a = SampleSource("sum-sign", 10, seed=7, block_size=64)
-    b = SampleSource("sum-sign", 10, seed=7, block_size=64)
+    a = SampleSource("sum-sign", T10, seed=7, block_size=64)
+    b = SampleSource("sum-sign", T10, seed=7, block_size=64)
     everything = a.samples(torch.arange(0, 1000))
     jumped = b.samples(torch.tensor([999, 5, 640, 63, 64]))  # fresh source, straight to scattered indices
     for key in ("x", "y"):
@@ -30,18 +32,17 @@ def test_sample_is_pure_function_of_index():
 
 def test_seed_split_and_block_size_change_the_data():
     idx = torch.arange(100)
-    base = SampleSource("sum-sign", 10, seed=7, block_size=64).samples(idx)["x"]
-    assert not torch.equal(base, SampleSource("sum-sign", 10, seed=8, block_size=64).samples(idx)["x"])
-    assert not torch.equal(base, SampleSource("sum-sign", 10, seed=7, block_size=64, split="eval").samples(idx)["x"])
-    assert not torch.equal(base, SampleSource("sum-sign", 10, seed=7, block_size=32).samples(idx)["x"])
+    base = SampleSource("sum-sign", T10, seed=7, block_size=64).samples(idx)["x"]
+    assert not torch.equal(base, SampleSource("sum-sign", T10, seed=8, block_size=64).samples(idx)["x"])
+    assert not torch.equal(base, SampleSource("sum-sign", T10, seed=7, block_size=64, split="eval").samples(idx)["x"])
+    assert not torch.equal(base, SampleSource("sum-sign", T10, seed=7, block_size=32).samples(idx)["x"])
 
 
 def test_labels_follow_task_definition():
-    batch = SampleSource("sum-sign", 10, seed=1, block_size=256).samples(torch.arange(5000))
+    batch = SampleSource("sum-sign", T10, seed=1, block_size=256).samples(torch.arange(5000))
     assert batch["x"].shape == (5000, 10, 1)
     expected = (batch["x"].sum(dim=(1, 2)) > 0).float()
     assert torch.equal(batch["y"], expected)
-    assert torch.equal(batch["y"], TASKS["sum-sign"].label(batch["x"]))
     assert 0.45 < batch["y"].mean().item() < 0.55  # both classes, balanced
     assert abs(batch["x"].mean().item()) < 0.02 and abs(batch["x"].std().item() - 1) < 0.02
 
@@ -98,14 +99,14 @@ def test_resume_from_a_step_is_the_tail_of_the_full_stream():
 
 def test_finite_dataset_cycles_a_fresh_permutation_each_epoch():
     n = 1000
-    source = SampleSource("sum-sign", 10, seed=0, block_size=64, dataset_size=n)
+    source = SampleSource("sum-sign", T10, seed=0, block_size=64, dataset_size=n)
     ids = source.data_ids(torch.arange(3 * n))
     epochs = ids.reshape(3, n)
     for epoch in epochs:
         assert torch.equal(epoch.sort().values, torch.arange(n))  # every sample exactly once per epoch
     assert not torch.equal(epochs[0], epochs[1])  # reshuffled
     # the finite dataset is the first N samples of the infinite stream
-    infinite = SampleSource("sum-sign", 10, seed=0, block_size=64)
+    infinite = SampleSource("sum-sign", T10, seed=0, block_size=64)
     assert torch.equal(source.samples(torch.arange(n))["x"], infinite.samples(ids[:n])["x"])
 
 
@@ -114,7 +115,7 @@ def test_setup_is_lazy_for_huge_runs():
     tracemalloc.start()
     started = time.perf_counter()
     shards = make_shards(layout, first_step=0, num_steps=10**8, steps_per_example=1, slots=1)
-    loader = train_loader(SampleSource("sum-sign", 10, 0, 1024), layout, 63, 0, 10**8, 1024, 0)
+    loader = train_loader(SampleSource("sum-sign", T10, 0, 1024), layout, 63, 0, 10**8, 1024, 0)
     first = next(micro_batches(loader, 32))
     seconds = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1]
@@ -127,13 +128,13 @@ def test_seek_to_a_trillion_samples_is_immediate():
     layout = Layout(micro_batch=256, world_size=1, grad_accum=1)
     step = 10**12 // 256
     started = time.perf_counter()
-    batch = rank_stream(layout, 0, step, 1, source=SampleSource("sum-sign", 10, 0, 1024))[0]
+    batch = rank_stream(layout, 0, step, 1, source=SampleSource("sum-sign", T10, 0, 1024))[0]
     assert time.perf_counter() - started < 1.0
     assert batch["index"][0].item() == step * 256
 
 
 def test_eval_shards_cover_held_out_set_once():
-    source = SampleSource("sum-sign", 10, seed=0, block_size=64, split="eval")
+    source = SampleSource("sum-sign", T10, seed=0, block_size=64, split="eval")
     world, size = 3, 1001
     parts = [eval_batches(source, r, world, size, batch_size=100) for r in range(world)]
     assert len({len(p) for p in parts}) == 1  # same number of batches on every rank
