@@ -3,73 +3,60 @@
 Each rank folds the stream positions it trained on into (count, sum, xor of a 64-bit hash). Sums
 and xors commute, so the digests of all ranks combine into the digest of their union, which must
 equal the digest of the expected range ``[start, stop)``: a lost, repeated or foreign index changes
-the count, the sum or (with overwhelming probability) the hash.
+the count, the sum or (with overwhelming probability) the hash. Arithmetic is numpy uint64, which
+wraps modulo 2**64 and shifts logically, in a handful of C calls per micro-batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 MASK64 = (1 << 64) - 1
 
 
-def _signed(value: int) -> int:
-    """A 64-bit pattern as the int64 torch stores (torch integer arithmetic wraps modulo 2**64)."""
-    value &= MASK64
+def index_hash(index: np.ndarray) -> np.ndarray:
+    """splitmix64 of each index (uint64 in, uint64 out), vectorised."""
+    with np.errstate(over="ignore"):
+        x = index.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _to_int64(value: int) -> int:
+    """A 64-bit pattern as the signed value an int64 tensor can carry."""
     return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_C1, _C2, _C3 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def index_hash(index: torch.Tensor) -> torch.Tensor:
-    """splitmix64 of each int64 index, vectorised."""
-    x = index.to(torch.int64) + _C1
-    x = (x ^ _shift_right(x, 30)) * _C2
-    x = (x ^ _shift_right(x, 27)) * _C3
-    return x ^ _shift_right(x, 31)
-
-
-def _xor_reduce(x: torch.Tensor) -> torch.Tensor:
-    while x.numel() > 1:
-        if x.numel() % 2:
-            x = torch.cat([x, x.new_zeros(1)])
-        x = x[0::2] ^ x[1::2]
-    return x.reshape(()) if x.numel() else torch.zeros((), dtype=torch.int64)
 
 
 @dataclass
 class Digest:
     count: int = 0
-    total: int = 0  # sum of indices modulo 2**64, as int64
+    total: int = 0  # sum of indices modulo 2**64
     xor: int = 0  # xor of index_hash over the indices
 
     def add(self, index: torch.Tensor) -> None:
-        index = index.to(torch.int64).cpu()
-        self.count += index.numel()
-        self.total = _signed(self.total + int(index.sum()))
-        self.xor = _signed(self.xor ^ int(_xor_reduce(index_hash(index))))
+        values = index.cpu().numpy().astype(np.uint64, copy=False)
+        self.count += values.size
+        self.total = (self.total + int(values.sum(dtype=np.uint64))) & MASK64
+        self.xor ^= int(np.bitwise_xor.reduce(index_hash(values))) if values.size else 0
 
     def merge(self, other: "Digest") -> "Digest":
-        return Digest(self.count + other.count, _signed(self.total + other.total), _signed(self.xor ^ other.xor))
+        return Digest(self.count + other.count, (self.total + other.total) & MASK64, self.xor ^ other.xor)
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.count, self.total, self.xor], dtype=torch.int64)
+        """int64 (3,) for collectives."""
+        return torch.tensor([self.count, _to_int64(self.total), _to_int64(self.xor)], dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "Digest":
-        count, total, xor = (int(v) for v in t.tolist())
+        count, total, xor = (int(v) & MASK64 for v in t.tolist())
         return cls(count, total, xor)
 
     @classmethod
-    def of_range(cls, start: int, stop: int, chunk: int = 1 << 20) -> "Digest":
+    def of_range(cls, start: int, stop: int, chunk: int = 1 << 22) -> "Digest":
         digest = cls()
         for lo in range(start, stop, chunk):
             digest.add(torch.arange(lo, min(stop, lo + chunk), dtype=torch.int64))

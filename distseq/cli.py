@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         "RNN example: 1,000 samples, batch 32, 10 epochs)",
     )
     _add_config_options(train)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure distseq against raw references on this machine (ratios in one run)",
+        description="Benchmarks report ratios measured in one run on this machine, never absolute goals.",
+    )
+    bench.add_argument("suite", choices=["stream"], help="stream: samples/s of the stream vs raw torch.randn, "
+                       "seek cost, per-task ratios and the --verify-data overhead")
+    bench.add_argument("--out", default="bench-out", help="directory for the JSON results (default: bench-out)")
+    bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per throughput figure (default: 2)")
+    bench.add_argument("--quick", action="store_true", help="short measurements, for a smoke test")
     return parser
 
 
@@ -83,6 +94,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .train import train  # heavy imports only once the arguments are known to be good
 
             train(config_from_args(args))
+        elif args.command == "bench":
+            from .bench import stream_benchmark
+
+            if args.seconds <= 0:
+                raise ConfigError("--seconds", f"must be > 0 (got {args.seconds})")
+            if args.quick:
+                stream_benchmark(args.out, seconds=min(args.seconds, 0.2), verify_steps=20, repeats=1)
+            else:
+                stream_benchmark(args.out, seconds=args.seconds)
     except ConfigError as error:
         _fail(f"distseq {args.command}: error: {error}")
     return 0

@@ -54,7 +54,7 @@ class DataConfig:
         "samples drawn per generator block; part of the data's identity (changing it changes the samples)",
     )
     samples_per_example: int = _opt(
-        1024,
+        16384,
         "minimum samples one datasets example carries: consecutive micro-batches of a rank are grouped "
         "to amortise the per-example cost; never changes which samples a step sees",
     )

@@ -90,6 +90,7 @@ class SampleSource:
         self.task = TASKS[task]
         self.spec, self.seed, self.block_size = spec, seed, block_size
         self.split_key = SPLIT_KEYS[split]
+        self._block_generator = torch.Generator()  # reseeded per block: cheaper than a new one
         self.dataset_size = dataset_size
         self._block = _LRU(cached_blocks, self._make_block)
         self._epoch_order = _LRU(2, self._make_epoch_order)
@@ -97,7 +98,26 @@ class SampleSource:
 
     # --- generation -------------------------------------------------------------------------
     def _make_block(self, k: int) -> Batch:
-        return self.task.make(_generator(self.seed, self.split_key, k), self.block_size, self.spec)
+        generator = self._block_generator.manual_seed(derive_seed(self.seed, self.split_key, k))
+        return self.task.make(generator, self.block_size, self.spec)
+
+    def span(self, start: int, stop: int) -> Batch:
+        """The samples at contiguous positions ``[start, stop)`` of an infinite stream, sliced from whole
+        blocks without a gather. Read-only: a slice may share memory with a cached block."""
+        k = self.block_size
+        first, last = start // k, (stop - 1) // k
+        parts = [self._block(b) for b in range(first, last + 1)]
+        lo, hi = start - first * k, stop - first * k
+        out = {key: (parts[0][key] if len(parts) == 1 else torch.cat([p[key] for p in parts]))[lo:hi] for key in parts[0]}
+        out["index"] = torch.arange(start, stop, dtype=torch.int64)
+        return out
+
+    def runs(self, runs: List[Tuple[int, int]]) -> Batch:
+        """The samples of several ``[start, stop)`` runs of positions, concatenated in order."""
+        if self.dataset_size is not None:
+            return self.samples(torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in runs]))
+        spans = [self.span(a, b) for a, b in runs]
+        return spans[0] if len(spans) == 1 else {key: torch.cat([s[key] for s in spans]) for key in spans[0]}
 
     def samples(self, positions: torch.Tensor) -> Batch:
         """The samples at stream ``positions`` (int64, any order), plus ``index`` = the positions."""
@@ -166,10 +186,12 @@ class Layout:
         """Samples one rank consumes per optimizer step."""
         return self.micro_batch * self.grad_accum
 
-    def rank_positions(self, rank: int, first_step: int, num_steps: int) -> torch.Tensor:
-        steps = torch.arange(first_step, first_step + num_steps, dtype=torch.int64)  # (S,)
-        starts = steps * self.global_batch + rank * self.rank_batch  # (S,)
-        return (starts[:, None] + torch.arange(self.rank_batch)[None, :]).reshape(-1)  # (S*A*b,)
+    def rank_runs(self, rank: int, first_step: int, num_steps: int) -> List[Tuple[int, int]]:
+        """Rank ``rank``'s positions for ``num_steps`` steps as ``[start, stop)`` runs, adjacent ones merged."""
+        g, r = self.global_batch, self.rank_batch
+        if g == r:  # one rank: consecutive steps are adjacent
+            return [(first_step * g, (first_step + num_steps) * g)]
+        return [(s * g + rank * r, s * g + (rank + 1) * r) for s in range(first_step, first_step + num_steps)]
 
 
 @dataclass(frozen=True)
@@ -199,7 +221,7 @@ def _generate_examples(shards: List[dict], source: SampleSource, layout: Layout)
         end = shard.first_step + shard.num_steps
         for e in range(shard.slot, num_examples, shard.slots):
             first = shard.first_step + e * shard.steps_per_example
-            yield source.samples(layout.rank_positions(shard.rank, first, min(shard.steps_per_example, end - first)))
+            yield source.runs(layout.rank_runs(shard.rank, first, min(shard.steps_per_example, end - first)))
 
 
 def steps_per_example(layout: Layout, samples_per_example: int) -> int:
@@ -229,8 +251,9 @@ def train_loader(
 def micro_batches(loader, micro_batch: int) -> Iterator[Batch]:
     """Split each example (whole steps of one rank) into micro-batches, in order."""
     for example in loader:
-        for start in range(0, example["index"].shape[0], micro_batch):
-            yield {key: value[start : start + micro_batch] for key, value in example.items()}
+        keys = list(example)
+        for parts in zip(*(torch.split(value, micro_batch) for value in example.values())):
+            yield dict(zip(keys, parts))
 
 
 def eval_batches(source: SampleSource, rank: int, world_size: int, eval_size: int, batch_size: int) -> List[Batch]:

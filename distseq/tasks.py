@@ -1,8 +1,8 @@
 """Synthetic tasks: each is a pure, vectorised function of a seeded generator.
 
-``make(gen, n, spec)`` draws ``n`` samples at once and returns ``{"x": (n, T, F) float32, "y": ...,
-"lengths": (n,) int64}``. The stream (data.py) decides which generator state a block of samples
-comes from, so a task never sees sample indices and never loops over samples. Positions at or beyond
+``make(gen, n, spec)`` draws ``n`` samples at once and returns ``{"x": (n, T, F) float32, "y": ...}``
+plus ``"lengths": (n,) int64`` when lengths vary. The stream (data.py) decides which generator state
+a block of samples comes from, so a task never sees sample indices and never loops over samples. Positions at or beyond
 a sample's length are zero in ``x`` and never influence its label. Adding a task is one ``make``,
 one ``label`` and one ``Task`` entry in ``TASKS``; its ``head`` picks the loss and the metric.
 """
@@ -10,7 +10,7 @@ one ``label`` and one ``Task`` entry in ``TASKS``; its ``head`` picks the loss a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class Task:
     head: str  # "binary" | "regression" | "per-step": which loss and metric apply
     label_rule: str  # the documented definition of y, checked by the tests
     make: Callable[[torch.Generator, int, TaskSpec], Batch]
-    label: Callable[[torch.Tensor, torch.Tensor, TaskSpec], torch.Tensor]  # y recomputed from (x, lengths)
+    label: Callable[[torch.Tensor, Optional[torch.Tensor], TaskSpec], torch.Tensor]  # y recomputed from (x, lengths)
     num_features: Callable[[TaskSpec], int]  # F
     num_outputs: Callable[[TaskSpec], int]  # logits per sample (per step for "per-step")
 
@@ -51,61 +51,72 @@ class Task:
         return HEADS[self.head][1](logits, y)
 
 
-def _lengths(gen: torch.Generator, n: int, spec: TaskSpec) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample lengths (n,) and the matching validity mask (n, T)."""
-    if spec.variable:
-        lengths = torch.randint(spec.min_seq_len, spec.seq_len + 1, (n,), generator=gen)
-    else:
-        lengths = torch.full((n,), spec.seq_len, dtype=torch.int64)
+def _lengths(gen: torch.Generator, n: int, spec: TaskSpec) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Per-sample lengths (n,) and validity mask (n, T); both None for fixed-length samples."""
+    if not spec.variable:
+        return None, None
+    lengths = torch.randint(spec.min_seq_len, spec.seq_len + 1, (n,), generator=gen)
     return lengths, torch.arange(spec.seq_len)[None, :] < lengths[:, None]
 
 
+def _sample(x: torch.Tensor, y: torch.Tensor, lengths: Optional[torch.Tensor]) -> Batch:
+    """A task's output; ``lengths`` only where they vary (fixed-length batches stay lean)."""
+    return {"x": x, "y": y} if lengths is None else {"x": x, "y": y, "lengths": lengths}
+
+
 # --- sum-sign: the original example ------------------------------------------------------------
-def sum_sign_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    return (x.sum(dim=(1, 2)) > 0).to(torch.float32)  # (n,); padding is zero, so it adds nothing
+def sum_sign_label(x: torch.Tensor, lengths: Optional[torch.Tensor], spec: TaskSpec) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).sum(1).gt_(0)  # (n,) 1.0 / 0.0; padding is zero, so it adds nothing
 
 
 def sum_sign(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
     lengths, mask = _lengths(gen, n, spec)
-    x = torch.randn(n, spec.seq_len, 1, generator=gen) * mask[..., None]  # (n, T, 1)
-    return {"x": x, "y": sum_sign_label(x, lengths, spec), "lengths": lengths}
+    x = torch.randn(n, spec.seq_len, 1, generator=gen)  # (n, T, 1)
+    if mask is not None:
+        x *= mask[..., None]
+    return _sample(x, sum_sign_label(x, lengths, spec), lengths)
 
 
 # --- parity ------------------------------------------------------------------------------------
-def parity_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+def parity_label(x: torch.Tensor, lengths: Optional[torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     return (x.sum(dim=(1, 2)).round().to(torch.int64) % 2).to(torch.float32)  # (n,)
 
 
 def parity(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
     lengths, mask = _lengths(gen, n, spec)
-    bits = torch.randint(0, 2, (n, spec.seq_len, 1), generator=gen).to(torch.float32) * mask[..., None]  # (n, T, 1)
-    return {"x": bits, "y": parity_label(bits, lengths, spec), "lengths": lengths}
+    bits = torch.randint(0, 2, (n, spec.seq_len, 1), generator=gen).to(torch.float32)  # (n, T, 1)
+    if mask is not None:
+        bits *= mask[..., None]
+    return _sample(bits, parity_label(bits, lengths, spec), lengths)
 
 
 # --- adding problem (Hochreiter & Schmidhuber 1997) -------------------------------------------
-def adding_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+def adding_label(x: torch.Tensor, lengths: Optional[torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     return (x[..., 0] * x[..., 1]).sum(dim=1)  # (n,): sum of the two marked values
 
 
 def adding(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
     lengths, mask = _lengths(gen, n, spec)
-    values = torch.rand(n, spec.seq_len, generator=gen) * mask  # (n, T) ~ U[0, 1)
-    half = lengths // 2  # one mark in each half of the valid part
+    values = torch.rand(n, spec.seq_len, generator=gen)  # (n, T) ~ U[0, 1)
+    if mask is not None:
+        values *= mask
+    length = lengths if lengths is not None else torch.full((n,), spec.seq_len, dtype=torch.int64)
+    half = length // 2  # one mark in each half of the valid part
     u = torch.rand(n, 2, generator=gen)
     first = (u[:, 0] * half).to(torch.int64)  # (n,) in [0, half)
-    second = half + (u[:, 1] * (lengths - half)).to(torch.int64)  # (n,) in [half, length)
+    second = half + (u[:, 1] * (length - half)).to(torch.int64)  # (n,) in [half, length)
     marks = torch.zeros(n, spec.seq_len)
     marks[torch.arange(n), first] = 1.0
     marks[torch.arange(n), second] = 1.0
     x = torch.stack([values, marks], dim=-1)  # (n, T, 2)
-    return {"x": x, "y": adding_label(x, lengths, spec), "lengths": lengths}
+    return _sample(x, adding_label(x, lengths, spec), lengths)
 
 
 # --- copy memory ---------------------------------------------------------------------------------
 # Tokens: 0 blank, 1..V symbols, V+1 delimiter; x is their one-hot (n, T, V+2). The first copy_len
 # steps hold symbols, step T-copy_len-1 the delimiter, and the last copy_len steps must output the
 # symbols in order (classes 0..V-1); every other step is ignored by the loss.
-def copy_label(x: torch.Tensor, lengths: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+def copy_label(x: torch.Tensor, lengths: Optional[torch.Tensor], spec: TaskSpec) -> torch.Tensor:
     n, T, S = x.shape[0], spec.seq_len, spec.copy_len
     y = torch.full((n, T), IGNORE, dtype=torch.int64)
     y[:, T - S :] = x[:, :S].argmax(dim=-1) - 1
@@ -118,8 +129,7 @@ def copy(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
     tokens[:, :S] = torch.randint(1, V + 1, (n, S), generator=gen)
     tokens[:, T - S - 1] = V + 1
     x = F.one_hot(tokens, V + 2).to(torch.float32)  # (n, T, V+2)
-    lengths = torch.full((n,), T, dtype=torch.int64)
-    return {"x": x, "y": copy_label(x, lengths, spec), "lengths": lengths}
+    return _sample(x, copy_label(x, None, spec), None)
 
 
 # --- heads: loss and metric per sample ---------------------------------------------------------
