@@ -9,10 +9,11 @@ import sys
 from typing import List, Optional
 
 from .config import PRESETS, SECTIONS, Config, ConfigError, option_name, preset
+from .files import DataFileError
 
 EXIT_USAGE = 2
 
-_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int}
+_TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,8 +23,9 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{self.prog}: error: {message}")
 
 
-def _fail(message: str, code: int = EXIT_USAGE):
-    if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one says so
+def _fail(message: str, code: int = EXIT_USAGE, every_rank: bool = False):
+    """One line on stderr and exit. Errors every rank meets alike are printed by rank 0 only."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -105,6 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 stream_benchmark(args.out, seconds=args.seconds)
     except ConfigError as error:
         _fail(f"distseq {args.command}: error: {error}")
+    except DataFileError as error:  # met by the rank that read the row: it says so
+        _fail(f"distseq {args.command}: error: {error}", every_rank=True)
     return 0
 
 

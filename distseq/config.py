@@ -62,6 +62,13 @@ class DataConfig:
         0, "DataLoader worker processes per rank; 0 generates in-process (fastest for synthetic tasks)"
     )
     eval_size: int = _opt(4096, "held-out samples per evaluation (drawn with a separate key, never trained on)")
+    data_files: Optional[str] = _opt(
+        None,
+        "train on your own parquet or JSON-lines files (paths or globs, comma-separated) instead of the synthetic "
+        "stream: one pass, rows split across processes; --task picks the loss and the held-out set",
+    )
+    sequence_column: str = _opt("sequence", "column of --data-files holding each sequence (a list of numbers)")
+    label_column: str = _opt("label", "column of --data-files holding each label")
 
 
 @dataclass
@@ -205,9 +212,28 @@ class Config:
                 f"{t.global_batch_size} is not divisible by processes x --grad-accum-steps = "
                 f"{world_size} x {t.grad_accum_steps} = {per_step}",
             )
+        if d.data_files is not None:
+            self._validate_data_files()
         if Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
             raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
         return self
+
+
+    def _validate_data_files(self) -> None:
+        from .files import check_columns, resolve_files  # reads the first row: only when files are used
+
+        d = self.data
+        conflicts = {
+            "--num-workers": d.num_workers != 0,  # rows are read in-process so order and resume state stay exact
+            "--dataset-size": d.dataset_size is not None,
+            "--verify-data": self.train.verify_data,  # it checks synthetic stream positions
+        }
+        for option, conflict in conflicts.items():
+            if conflict:
+                raise ConfigError(option, "does not apply with --data-files; leave it out")
+        if TASKS[d.task].head == "per-step":
+            raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
+        check_columns(resolve_files(d.data_files), d.sequence_column, d.label_column)
 
 
 def _at_least(option: str, value: int, low: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +92,7 @@ def build_accelerator(cfg: Config, precision: Precision) -> Accelerator:
     )
 
 
-def print0(accelerator: Accelerator, *args, file=sys.stdout) -> None:
-    """print on the main process only."""
+def print0(accelerator: Accelerator, *args) -> None:
+    """print on the main process only (to the sys.stdout of the moment, which notebooks and tests swap)."""
     if accelerator.is_main_process:
-        print(*args, file=file, flush=True)
+        print(*args, flush=True)

@@ -23,6 +23,7 @@ from .accounting import Digest
 from .checkpoint import save_checkpoint
 from .config import Config, OptimConfig
 from .data import Layout, SampleSource, eval_batches, micro_batches, train_loader
+from .files import DataFileError, FileStream, resolve_files
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
 from .models import build_model
 from .runtime import build_accelerator, local_device, print0, resolve_precision, set_cpu_threads
@@ -126,6 +127,42 @@ class WindowSums:
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
 
+class SyntheticFeed:
+    """The synthetic stream: always a full step, for exactly the configured steps (invariant 5)."""
+
+    def __init__(self, batches: Iterator[Batch], grad_accum: int):
+        self.batches, self.grad_accum = batches, grad_accum
+
+    def next_step(self) -> Optional[List[Batch]]:
+        return [next(self.batches) for _ in range(self.grad_accum)]
+
+
+class FileFeed:
+    """Finite files: every step, all ranks agree (one all-reduce) whether each still has a full step."""
+
+    CONTINUE, EXHAUSTED, FAILED = 0, 1, 2
+
+    def __init__(self, stream: FileStream, grad_accum: int, accelerator: Accelerator):
+        self.stream, self.grad_accum, self.accelerator = stream, grad_accum, accelerator
+
+    def next_step(self) -> Optional[List[Batch]]:
+        status, error, step = self.CONTINUE, None, []
+        try:
+            while status == self.CONTINUE and len(step) < self.grad_accum:
+                batch = self.stream.next_micro_batch()
+                if batch is None:
+                    status = self.EXHAUSTED
+                else:
+                    step.append(batch)
+        except DataFileError as failure:
+            status, error = self.FAILED, failure
+        flag = torch.tensor(status, device=self.accelerator.device)
+        agreed = int(self.accelerator.reduce(flag, "max"))
+        if agreed == self.FAILED:
+            raise error or DataFileError("another process could not read its data files (its message names the row)")
+        return step if agreed == self.CONTINUE else None
+
+
 def train(cfg: Config) -> dict:
     """Train as configured; returns the summary (on every rank; only the main process writes it)."""
     set_cpu_threads()
@@ -146,11 +183,16 @@ def train(cfg: Config) -> dict:
         scheduler.step()
     model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader is never prepared (DESIGN inv. 4)
 
-    source = SampleSource(d.task, spec, t.seed, d.block_size, "train", d.dataset_size)
     eval_set = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size, EVAL_BATCH)
-    loader = train_loader(source, layout, rank, t.start_step, t.max_steps - t.start_step, d.samples_per_example,
-                          d.num_workers, pin_memory=device.type == "cuda")
-    batches: Iterator[Batch] = micro_batches(loader, layout.micro_batch)
+    if d.data_files:
+        stream = FileStream(resolve_files(d.data_files), d.sequence_column, d.label_column, task, spec, rank, world,
+                            layout.micro_batch)
+        feed = FileFeed(stream, layout.grad_accum, accelerator)
+    else:
+        source = SampleSource(d.task, spec, t.seed, d.block_size, "train", d.dataset_size)
+        loader = train_loader(source, layout, rank, t.start_step, t.max_steps - t.start_step, d.samples_per_example,
+                              d.num_workers, pin_memory=device.type == "cuda")
+        feed = SyntheticFeed(micro_batches(loader, layout.micro_batch), layout.grad_accum)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,12 +213,42 @@ def train(cfg: Config) -> dict:
                disable=not (accelerator.is_main_process and cfg.log.progress))
     started = time.perf_counter()
 
+    def log(done: int) -> None:
+        nonlocal sums
+        totals = accelerator.reduce(torch.stack([sums.loss, sums.correct]), "sum").tolist()
+        window_samples = (done - meter.step) * layout.global_batch
+        scalars = {
+            "train/loss": totals[0] / window_samples,
+            "train/accuracy": totals[1] / window_samples,
+            "train/lr": scheduler.get_last_lr()[0],
+            "train/grad_norm": float(sums.grad_norm),
+            **meter.window(done, done * layout.global_batch),
+        }
+        sums = WindowSums.zeros(device)
+        accelerator.log(scalars, step=done)
+        if accelerator.is_main_process:
+            bar.write(log_line(done, t.max_steps, scalars))
+
+    def evaluate_and_log(done: int) -> Dict[str, float]:
+        metrics = evaluate(accelerator, model, task, eval_set, d.eval_size, spec.variable)
+        accelerator.log(metrics, step=done)
+        if accelerator.is_main_process:
+            bar.write(log_line(done, t.max_steps, metrics))
+        return metrics
+
+    def save(done: int) -> Path:
+        return save_checkpoint(accelerator, model, optimizer, scheduler, step=done,
+                               samples=done * layout.global_batch, config=cfg.to_dict())
+
+    done = t.start_step
     for step in range(t.start_step, t.max_steps):
+        micro = feed.next_step()
+        if micro is None:  # every rank agreed the data files are used up
+            break
         done = step + 1
         is_log_step = done % cfg.log.log_every == 0 or done == t.max_steps
         is_eval_step = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
-        for _ in range(layout.grad_accum):
-            batch = next(batches)
+        for batch in micro:
             if accounting:
                 accounting.window.add(batch["index"])
             y = batch["y"].to(device, non_blocking=True)
@@ -196,37 +268,29 @@ def train(cfg: Config) -> dict:
         if accounting and (is_log_step or is_eval_step):
             accounting.check(accelerator, done * layout.global_batch)
         if is_log_step:
-            totals = accelerator.reduce(torch.stack([sums.loss, sums.correct]), "sum").tolist()
-            window_samples = (done - meter.step) * layout.global_batch
-            scalars = {
-                "train/loss": totals[0] / window_samples,
-                "train/accuracy": totals[1] / window_samples,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(sums.grad_norm),
-                **meter.window(done, done * layout.global_batch),
-            }
-            sums = WindowSums.zeros(device)
-            accelerator.log(scalars, step=done)
-            if accelerator.is_main_process:
-                bar.write(log_line(done, t.max_steps, scalars))
+            log(done)
         if is_eval_step:
-            eval_metrics = evaluate(accelerator, model, task, eval_set, d.eval_size, spec.variable)
-            accelerator.log(eval_metrics, step=done)
-            if accelerator.is_main_process:
-                bar.write(log_line(done, t.max_steps, eval_metrics))
-        every = cfg.checkpoint.checkpoint_every
-        if done == t.max_steps or (every and done % every == 0):
-            checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, step=done,
-                                         samples=done * layout.global_batch, config=cfg.to_dict())
+            eval_metrics = evaluate_and_log(done)
+        if done == t.max_steps or (cfg.checkpoint.checkpoint_every and done % cfg.checkpoint.checkpoint_every == 0):
+            checkpoint = save(done)
     bar.close()
+
+    if done == t.start_step:
+        raise DataFileError(f"--data-files hold fewer rows than one global batch ({layout.global_batch}) per step")
+    if done < t.max_steps:  # the files ran out first: close the run at the last complete step
+        print0(accelerator, f"distseq: data files used up after step {done}")
+        if meter.step < done:
+            log(done)
+        eval_metrics = evaluate_and_log(done)
+        checkpoint = save(done)
 
     extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch, "global_batch": layout.global_batch,
              "start_step": t.start_step}
     if accounting:
         extra["data_accounting"] = accounting.report()
     result = summary(
-        step=t.max_steps, samples=t.max_steps * layout.global_batch,
-        trained_samples=(t.max_steps - t.start_step) * layout.global_batch, wall_seconds=time.perf_counter() - started,
+        step=done, samples=done * layout.global_batch,
+        trained_samples=(done - t.start_step) * layout.global_batch, wall_seconds=time.perf_counter() - started,
         eval_metrics=eval_metrics, precision=precision.name, accelerator=accelerator, model=cfg.model.kind,
         task=d.task, extra=extra,
     )

@@ -1,0 +1,163 @@
+"""Your own data: parquet or JSON-lines files streamed with ``datasets`` instead of a synthetic task.
+
+Each row holds a sequence (a list of numbers, or of F-number lists) and one label. Files are read
+with ``load_dataset(..., streaming=True)`` one at a time inside a generator that tags every row with
+its file and row number, so a bad row is reported by name; that generator is the ``datasets``
+IterableDataset handed to ``split_dataset_by_node`` (whole files per rank when the file count divides
+by the world size, else every W-th row). Its ``state_dict()`` is the resume state.
+
+Files are finite and ranks may hold different row counts, so every step the ranks agree (one
+all-reduce) whether each of them still has a full step of rows; the first rank to run dry ends
+training for all, and the rows left over on the others are not used. A partial last micro-batch is
+dropped. Rows are read in-process: their order and the resume state stay exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import math
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import torch
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from .config import ConfigError
+from .tasks import Batch, Task, TaskSpec
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataFileError(ValueError):
+    """A row that cannot be used; the message names the file and the row."""
+
+
+def resolve_files(pattern: str) -> List[str]:
+    """Expand ``--data-files`` (paths or globs, comma-separated) to a sorted, checked list of files."""
+    files: List[str] = []
+    for part in filter(None, (p.strip() for p in pattern.split(","))):
+        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise ConfigError("--data-files", f"no such file: {part}")
+        files += matches
+    if not files:
+        raise ConfigError("--data-files", "no files given")
+    suffixes = {Path(f).suffix for f in files}
+    if not suffixes <= FORMATS.keys() or len({FORMATS[s] for s in suffixes}) != 1:
+        raise ConfigError("--data-files", f"files must all be .jsonl/.json or all .parquet (got {', '.join(sorted(suffixes))})")
+    return files
+
+
+def _format(files: List[str]) -> str:
+    return FORMATS[Path(files[0]).suffix]
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own copy of a parse error; ours names the file in one line instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _parse_error(path: str, error: Exception) -> DataFileError:
+    return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (rows count from 0)")
+
+
+def _file_rows(files: List[str], data_format: str) -> Iterator[dict]:
+    for path in files:
+        rows = load_dataset(data_format, data_files=[path], streaming=True, split="train")
+        try:
+            with _quiet_datasets():
+                for row_number, row in enumerate(rows):
+                    yield {"file": path, "row": row_number, "data": row}
+        except Exception as error:  # a parse error deep inside pyarrow, which names the row
+            raise _parse_error(path, error) from None
+
+
+def check_columns(files: List[str], sequence_column: str, label_column: str) -> None:
+    """The first row of the first file must have both columns; say which exist if not."""
+    try:
+        with _quiet_datasets():
+            first = next(iter(load_dataset(_format(files), data_files=files[:1], streaming=True, split="train")))
+    except StopIteration:
+        raise ConfigError("--data-files", f"{files[0]} has no rows") from None
+    except Exception as error:
+        raise ConfigError("--data-files", str(_parse_error(files[0], error))) from None
+    for option, column in (("--sequence-column", sequence_column), ("--label-column", label_column)):
+        if column not in first:
+            raise ConfigError(option, f"column {column!r} is not in {files[0]} (columns: {', '.join(first)})")
+
+
+def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task, spec: TaskSpec):
+    """One row -> (x (T, F) zero-padded, length, y); DataFileError naming the file and row otherwise."""
+    where = f"{row['file']}: row {row['row']} (from 0)"
+    data = row["data"]
+    sequence, label = data.get(sequence_column), data.get(label_column)
+    if sequence is None or label is None:
+        missing = sequence_column if sequence is None else label_column
+        raise DataFileError(f"{where}: missing {missing!r}")
+    try:
+        x = torch.tensor(sequence, dtype=torch.float32)
+    except (TypeError, ValueError):
+        raise DataFileError(f"{where}: {sequence_column!r} is not a list of numbers") from None
+    features = task.num_features(spec)
+    if x.dim() == 1 and features == 1:
+        x = x[:, None]
+    if x.dim() != 2 or x.shape[1] != features:
+        raise DataFileError(f"{where}: {sequence_column!r} must be a list of numbers" if features == 1
+                            else f"{where}: each step of {sequence_column!r} must hold {features} numbers")
+    length = x.shape[0]
+    if not spec.min_seq_len <= length <= spec.seq_len:
+        allowed = f"{spec.seq_len}" if not spec.variable else f"{spec.min_seq_len}..{spec.seq_len}"
+        raise DataFileError(f"{where}: sequence length {length}, expected {allowed} (--seq-len/--min-seq-len)")
+    if not isinstance(label, (int, float)) or isinstance(label, bool) or not math.isfinite(label):
+        raise DataFileError(f"{where}: {label_column!r} is not a number ({label!r})")
+    if task.head == "binary" and label not in (0, 1):
+        raise DataFileError(f"{where}: {label_column!r} must be 0 or 1 for --task {task.name} (got {label!r})")
+    padded = torch.zeros(spec.seq_len, features)
+    padded[:length] = x
+    return padded, length, float(label)
+
+
+class FileStream:
+    """Micro-batches of one rank's rows, in order, with the dataset's own resume state."""
+
+    def __init__(self, files: List[str], sequence_column: str, label_column: str, task: Task, spec: TaskSpec,
+                 rank: int, world_size: int, micro_batch: int):
+        dataset = IterableDataset.from_generator(_file_rows, gen_kwargs={"files": files, "data_format": _format(files)})
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.columns = (sequence_column, label_column)
+        self.task, self.spec, self.micro_batch = task, spec, micro_batch
+        self._rows: Optional[Iterator[dict]] = None
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._rows = None
+
+    def next_micro_batch(self) -> Optional[Batch]:
+        """b rows as a batch, or None when fewer than b remain (they are dropped)."""
+        if self._rows is None:
+            self._rows = iter(self.dataset)
+        samples = []
+        for row in self._rows:
+            samples.append(row_to_sample(row, *self.columns, self.task, self.spec))
+            if len(samples) == self.micro_batch:
+                break
+        if len(samples) < self.micro_batch:
+            return None
+        xs, lengths, ys = zip(*samples)
+        batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=torch.float32)}  # (b, T, F), (b,)
+        if self.spec.variable:
+            batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
+        return batch
