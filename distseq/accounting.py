@@ -17,6 +17,10 @@ import torch
 MASK64 = (1 << 64) - 1
 
 
+class DataAccountingError(RuntimeError):
+    """The samples consumed across ranks are not exactly the expected range."""
+
+
 def index_hash(index: np.ndarray) -> np.ndarray:
     """splitmix64 of each index (uint64 in, uint64 out), vectorised."""
     with np.errstate(over="ignore"):

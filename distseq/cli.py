@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from .config import PRESETS, SECTIONS, Config, ConfigError, option_name, preset
+from .accounting import DataAccountingError
 from .files import DataFileError
 
 EXIT_USAGE = 2
@@ -109,6 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(f"distseq {args.command}: error: {error}")
     except DataFileError as error:  # met by the rank that read the row: it says so
         _fail(f"distseq {args.command}: error: {error}", every_rank=True)
+    except DataAccountingError as error:  # every rank stops together on the main process's verdict
+        _fail(f"distseq {args.command}: error: {error}", code=1)
     return 0
 
 

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from .accounting import Digest
+from .accounting import DataAccountingError, Digest
 from .checkpoint import save_checkpoint
 from .config import Config, OptimConfig
 from .data import Layout, SampleSource, eval_batches, micro_batches, train_loader
@@ -30,10 +30,6 @@ from .runtime import build_accelerator, local_device, print0, resolve_precision,
 from .tasks import TASKS, Batch, Task
 
 EVAL_BATCH = 1024  # held-out samples per forward pass
-
-
-class DataAccountingError(RuntimeError):
-    pass
 
 
 def lr_factor(cfg: OptimConfig, max_steps: int):

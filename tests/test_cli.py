@@ -37,6 +37,16 @@ BAD_OPTIONS = [
     (["--grad-clip", "-1"], "--grad-clip"),
     (["--precision", "fp16"], "--precision"),  # valid name, but fp16 cannot run on a CPU
     (["--no-such-option", "1"], "--no-such-option"),
+    (["--seq-len", "10", "--min-seq-len", "20"], "--min-seq-len"),
+    (["--min-seq-len", "0"], "--min-seq-len"),
+    (["--vocab-size", "1"], "--vocab-size"),
+    (["--task", "copy", "--seq-len", "8", "--copy-len", "5"], "--seq-len"),
+    (["--task", "copy", "--seq-len", "12", "--min-seq-len", "6"], "--min-seq-len"),
+    (["--task", "adding", "--min-seq-len", "1"], "--min-seq-len"),
+    (["--start-step", "1500"], "--start-step"),
+    (["--data-files", "/no/such/file.jsonl"], "--data-files"),
+    (["--samples-per-example", "0"], "--samples-per-example"),
+    (["--eval-size", "0"], "--eval-size"),
 ]
 
 

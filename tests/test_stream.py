@@ -156,3 +156,17 @@ def test_digest_detects_lost_and_repeated_samples():
     compensated.add(torch.cat([torch.tensor([0]), torch.arange(2, 998), torch.tensor([999, 0, 999])]))
     assert compensated.count == 1000 and compensated.total == expected.total
     assert compensated != expected
+
+
+def test_accounting_stops_on_a_lost_sample():
+    from accelerate import Accelerator
+
+    from distseq.train import Accounting, DataAccountingError
+
+    accelerator = Accelerator(cpu=True)
+    accounting = Accounting(checked_until=0, world_size=1)
+    accounting.window.add(torch.arange(0, 64))
+    accounting.check(accelerator, 64)  # all present
+    accounting.window.add(torch.cat([torch.arange(64, 100), torch.arange(101, 129)]))  # 100 lost, 128 foreign
+    with pytest.raises(DataAccountingError, match=r"samples \[64, 128\)"):
+        accounting.check(accelerator, 128)
