@@ -9,10 +9,13 @@ wraps modulo 2**64 and shifts logically, in a handful of C calls per micro-batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 MASK64 = (1 << 64) - 1
 
@@ -65,3 +68,39 @@ class Digest:
         for lo in range(start, stop, chunk):
             digest.add(torch.arange(lo, min(stop, lo + chunk), dtype=torch.int64))
         return digest
+
+
+def verify_digest(accelerator: Accelerator, window: Digest, start: int, stop: int) -> List[Digest]:
+    """All ranks' digests of the window; the main process checks their union is ``[start, stop)``."""
+    per_rank = accelerator.gather(window.as_tensor().to(accelerator.device)).reshape(-1, 3).cpu()
+    digests = [Digest.from_tensor(row) for row in per_rank]
+    verdict = [""]
+    if accelerator.is_main_process:
+        union = Digest()
+        for digest in digests:
+            union = union.merge(digest)
+        expected = Digest.of_range(start, stop)
+        if union != expected:
+            verdict[0] = f"data accounting failed for samples [{start}, {stop}): got {union}, expected {expected}"
+    broadcast_object_list(verdict)
+    if verdict[0]:
+        raise DataAccountingError(verdict[0])
+    return digests
+
+
+@dataclass
+class Accounting:
+    """--verify-data: the digest of the current window and of everything checked so far, per rank."""
+
+    checked_until: int  # stream position up to which every sample has been verified
+    world_size: int
+    window: Digest = field(default_factory=Digest)
+    per_rank: List[Digest] = field(default_factory=list)
+
+    def check(self, accelerator: Accelerator, until: int) -> None:
+        digests = verify_digest(accelerator, self.window, self.checked_until, until)
+        self.per_rank = [a.merge(b) for a, b in zip(self.per_rank or [Digest()] * self.world_size, digests)]
+        self.checked_until, self.window = until, Digest()
+
+    def report(self) -> dict:
+        return {"checked_until": self.checked_until, "per_rank": [vars(d) for d in self.per_rank]}

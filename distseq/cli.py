@@ -8,11 +8,14 @@ import os
 import sys
 from typing import List, Optional
 
+import torch
+
 from .config import PRESETS, SECTIONS, Config, ConfigError, option_name, preset
 from .accounting import DataAccountingError
 from .files import DataFileError
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job that stopped on request
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str}
 
@@ -92,10 +95,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .train import NonFiniteError, Preempted, train
+
     try:
         if args.command == "train":
-            from .train import train  # heavy imports only once the arguments are known to be good
-
             train(config_from_args(args))
         elif args.command == "bench":
             from .bench import stream_benchmark
@@ -110,8 +114,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(f"distseq {args.command}: error: {error}")
     except DataFileError as error:  # met by the rank that read the row: it says so
         _fail(f"distseq {args.command}: error: {error}", every_rank=True)
-    except DataAccountingError as error:  # every rank stops together on the main process's verdict
+    except CheckpointError as error:
+        _fail(f"distseq {args.command}: error: {error}")
+    except (DataAccountingError, NonFiniteError) as error:  # every rank stops together on an agreed verdict
         _fail(f"distseq {args.command}: error: {error}", code=1)
+    except Preempted:
+        return EXIT_PREEMPTED  # the checkpoint is saved and was announced; the job may be requeued
+    except torch.distributed.DistError as error:  # a peer died or a collective timed out (--dist-timeout-s)
+        _fail(f"distseq {args.command}: error: lost contact with another process: {str(error).splitlines()[0]}",
+              code=1, every_rank=True)
     return 0
 
 

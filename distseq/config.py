@@ -18,6 +18,7 @@ from .tasks import TASKS, TaskSpec
 MODELS = ("rnn", "gru", "lstm")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -109,11 +110,25 @@ class TrainConfig:
     verify_data: bool = _opt(
         False, "all-gather a digest of the sample indices each rank consumed and check none was lost or repeated"
     )
+    on_nonfinite: str = _opt(
+        "stop", "a NaN/inf loss or gradient: stop = exit non-zero naming the step, saving nothing; skip = skip that "
+        "optimizer step on every rank and count it (train/skipped_steps)", choices=ON_NONFINITE,
+    )
+    dist_timeout_s: int = _opt(
+        600, "seconds a collective may wait for another process before the run fails (a dead rank never hangs it)"
+    )
+    requeue: bool = _opt(False, "under SLURM, after saving on SIGTERM/SIGUSR1, ask SLURM to requeue the job")
 
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_every: int = _opt(0, "save a checkpoint every N optimizer steps; 0 = only at the end")
+    checkpoint_every: int = _opt(500, "save a checkpoint every N optimizer steps (and at the end); 0 = only at the end")
+    keep_last: int = _opt(3, "keep the newest K checkpoints, deleting older ones only after a new one is complete; 0 = all")
+    resume: str = _opt(
+        "auto",
+        "auto = continue from the newest intact checkpoint in --run-dir (damaged ones are reported and skipped); "
+        "never = start fresh; or the path of a checkpoint directory",
+    )
 
 
 @dataclass
@@ -204,6 +219,12 @@ class Config:
         _at_least("--grad-accum-steps", t.grad_accum_steps, 1)
         _at_least("--eval-every", t.eval_every, 0)
         _at_least("--checkpoint-every", self.checkpoint.checkpoint_every, 0)
+        _at_least("--keep-last", self.checkpoint.keep_last, 0)
+        _at_least("--dist-timeout-s", t.dist_timeout_s, 1)
+        if self.checkpoint.resume not in ("auto", "never") and not Path(self.checkpoint.resume).is_dir():
+            raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {self.checkpoint.resume})")
+        if t.start_step and self.checkpoint.resume != "never":
+            raise ConfigError("--start-step", "starts a fresh run; add --resume never (a checkpoint sets the step itself)")
         _at_least("--log-every", self.log.log_every, 1)
         per_step = world_size * t.grad_accum_steps
         if t.global_batch_size % per_step:

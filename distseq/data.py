@@ -268,3 +268,16 @@ def eval_batches(source: SampleSource, rank: int, world_size: int, eval_size: in
     batch = source.samples(torch.where(valid, positions, 0))
     batch["index"] = torch.where(valid, positions, -1)
     return [{k: v[s : s + batch_size] for k, v in batch.items()} for s in range(0, per_rank, batch_size)]
+
+
+class SyntheticFeed:
+    """The synthetic stream: always a full step, for exactly the configured steps (invariant 5)."""
+
+    def __init__(self, batches: Iterator[Batch], grad_accum: int):
+        self.batches, self.grad_accum = batches, grad_accum
+
+    def next_step(self) -> Optional[List[Batch]]:
+        return [next(self.batches) for _ in range(self.grad_accum)]
+
+    def state_dict(self) -> None:
+        return None  # the stream's state is the step itself

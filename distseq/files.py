@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import torch
+from accelerate import Accelerator
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
@@ -161,3 +162,32 @@ class FileStream:
         if self.spec.variable:
             batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
         return batch
+
+
+class FileFeed:
+    """Finite files: every step, all ranks agree (one all-reduce) whether each still has a full step."""
+
+    CONTINUE, EXHAUSTED, FAILED = 0, 1, 2
+
+    def __init__(self, stream: FileStream, grad_accum: int, accelerator: Accelerator):
+        self.stream, self.grad_accum, self.accelerator = stream, grad_accum, accelerator
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def next_step(self) -> Optional[List[Batch]]:
+        status, error, step = self.CONTINUE, None, []
+        try:
+            while status == self.CONTINUE and len(step) < self.grad_accum:
+                batch = self.stream.next_micro_batch()
+                if batch is None:
+                    status = self.EXHAUSTED
+                else:
+                    step.append(batch)
+        except DataFileError as failure:
+            status, error = self.FAILED, failure
+        flag = torch.tensor(status, device=self.accelerator.device)
+        agreed = int(self.accelerator.reduce(flag, "max"))
+        if agreed == self.FAILED:
+            raise error or DataFileError("another process could not read its data files (its message names the row)")
+        return step if agreed == self.CONTINUE else None

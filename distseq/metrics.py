@@ -38,8 +38,11 @@ def hparams(flat_config: dict) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config.items()}
 
 
-def start_tracking(accelerator: Accelerator, flat_config: dict) -> None:
-    accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config))
+def start_tracking(accelerator: Accelerator, flat_config: dict, purge_step: Optional[int] = None) -> None:
+    """TensorBoard under RUN/tensorboard. On resume, ``purge_step`` hides what a killed run logged
+    after its last checkpoint, so the curves continue from the checkpoint without a fold."""
+    kwargs = {"tensorboard": {"purge_step": purge_step}} if purge_step else {}
+    accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config), init_kwargs=kwargs)
 
 
 def log_line(step: int, max_steps: int, scalars: Dict[str, float]) -> str:

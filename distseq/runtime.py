@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import Config, ConfigError
 from .models import build_model
@@ -89,6 +92,7 @@ def build_accelerator(cfg: Config, precision: Precision) -> Accelerator:
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
 
 
@@ -96,3 +100,34 @@ def print0(accelerator: Accelerator, *args) -> None:
     """print on the main process only (to the sys.stdout of the moment, which notebooks and tests swap)."""
     if accelerator.is_main_process:
         print(*args, flush=True)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop acts on it at the next step boundary, on every rank together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = 0  # the signal number, 0 while none arrived
+        self._previous = {}
+
+    def __enter__(self) -> "Preemption":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+
+def request_requeue() -> str:
+    """Ask SLURM to requeue this job; returns what happened, for the log."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not under SLURM (no SLURM_JOB_ID): no requeue"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    return f"scontrol requeue {job}: " + ("ok" if result.returncode == 0 else result.stderr.strip() or "failed")

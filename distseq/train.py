@@ -7,26 +7,27 @@ only on log steps (the only place ``.item()`` is called).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from .accounting import DataAccountingError, Digest
-from .checkpoint import save_checkpoint
+from .accounting import Accounting, DataAccountingError
+from .checkpoint import CheckpointError, check_compatible, load_checkpoint, read_meta, save_checkpoint, select_checkpoint
 from .config import Config, OptimConfig
-from .data import Layout, SampleSource, eval_batches, micro_batches, train_loader
-from .files import DataFileError, FileStream, resolve_files
+from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batches, train_loader
+from .files import DataFileError, FileFeed, FileStream, resolve_files
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
 from .models import build_model
-from .runtime import build_accelerator, local_device, print0, resolve_precision, set_cpu_threads
+from .runtime import (Preemption, build_accelerator, local_device, print0, request_requeue, resolve_precision,
+                      set_cpu_threads)
 from .tasks import TASKS, Batch, Task
 
 EVAL_BATCH = 1024  # held-out samples per forward pass
@@ -74,42 +75,6 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
     return {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item()}
 
 
-def verify_digest(accelerator: Accelerator, window: Digest, start: int, stop: int) -> List[Digest]:
-    """All ranks' digests of the window; the main process checks their union is ``[start, stop)``."""
-    per_rank = accelerator.gather(window.as_tensor().to(accelerator.device)).reshape(-1, 3).cpu()
-    digests = [Digest.from_tensor(row) for row in per_rank]
-    verdict = [""]
-    if accelerator.is_main_process:
-        union = Digest()
-        for digest in digests:
-            union = union.merge(digest)
-        expected = Digest.of_range(start, stop)
-        if union != expected:
-            verdict[0] = f"data accounting failed for samples [{start}, {stop}): got {union}, expected {expected}"
-    broadcast_object_list(verdict)
-    if verdict[0]:
-        raise DataAccountingError(verdict[0])
-    return digests
-
-
-@dataclass
-class Accounting:
-    """--verify-data: the digest of the current window and of everything checked so far, per rank."""
-
-    checked_until: int  # stream position up to which every sample has been verified
-    world_size: int
-    window: Digest = field(default_factory=Digest)
-    per_rank: List[Digest] = field(default_factory=list)
-
-    def check(self, accelerator: Accelerator, until: int) -> None:
-        digests = verify_digest(accelerator, self.window, self.checked_until, until)
-        self.per_rank = [a.merge(b) for a, b in zip(self.per_rank or [Digest()] * self.world_size, digests)]
-        self.checked_until, self.window = until, Digest()
-
-    def report(self) -> dict:
-        return {"checked_until": self.checked_until, "per_rank": [vars(d) for d in self.per_rank]}
-
-
 @dataclass
 class WindowSums:
     """Per-log-window sums kept on the device; read (one sync) and reset only on log steps."""
@@ -123,44 +88,31 @@ class WindowSums:
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
 
-class SyntheticFeed:
-    """The synthetic stream: always a full step, for exactly the configured steps (invariant 5)."""
-
-    def __init__(self, batches: Iterator[Batch], grad_accum: int):
-        self.batches, self.grad_accum = batches, grad_accum
-
-    def next_step(self) -> Optional[List[Batch]]:
-        return [next(self.batches) for _ in range(self.grad_accum)]
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient under --on-nonfinite stop."""
 
 
-class FileFeed:
-    """Finite files: every step, all ranks agree (one all-reduce) whether each still has a full step."""
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; every rank saved at ``step`` and the process should exit 143."""
 
-    CONTINUE, EXHAUSTED, FAILED = 0, 1, 2
+    def __init__(self, step: int, checkpoint: Path, signal_name: str):
+        super().__init__(f"{signal_name}: saved {checkpoint} at step {step}")
+        self.step, self.checkpoint = step, checkpoint
 
-    def __init__(self, stream: FileStream, grad_accum: int, accelerator: Accelerator):
-        self.stream, self.grad_accum, self.accelerator = stream, grad_accum, accelerator
 
-    def next_step(self) -> Optional[List[Batch]]:
-        status, error, step = self.CONTINUE, None, []
-        try:
-            while status == self.CONTINUE and len(step) < self.grad_accum:
-                batch = self.stream.next_micro_batch()
-                if batch is None:
-                    status = self.EXHAUSTED
-                else:
-                    step.append(batch)
-        except DataFileError as failure:
-            status, error = self.FAILED, failure
-        flag = torch.tensor(status, device=self.accelerator.device)
-        agreed = int(self.accelerator.reduce(flag, "max"))
-        if agreed == self.FAILED:
-            raise error or DataFileError("another process could not read its data files (its message names the row)")
-        return step if agreed == self.CONTINUE else None
+def agree(accelerator: Accelerator, flags: torch.Tensor) -> List[float]:
+    """The maximum of each flag over all ranks (one all-reduce; no collective on one process)."""
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "max")
+    return flags.tolist()
 
 
 def train(cfg: Config) -> dict:
-    """Train as configured; returns the summary (on every rank; only the main process writes it)."""
+    """Train as configured; returns the summary (on every rank; only the main process writes it).
+
+    Resumes from --run-dir's newest intact checkpoint unless --resume says otherwise. Raises
+    Preempted after saving when SIGTERM/SIGUSR1 arrives, NonFiniteError under --on-nonfinite stop.
+    """
     set_cpu_threads()
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     precision = resolve_precision(cfg.train.precision, cfg, local_device())
@@ -170,30 +122,50 @@ def train(cfg: Config) -> dict:
     run_dir, device, rank, world = Path(t.run_dir), accelerator.device, accelerator.process_index, accelerator.num_processes
     task, spec = TASKS[d.task], cfg.task_spec()
     layout = Layout(cfg.micro_batch_size(world), world, t.grad_accum_steps)
+    config = cfg.to_dict()
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, task, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, t.max_steps))
-    for _ in range(t.start_step):  # the schedule is a pure function of the step; catch up without training
-        scheduler.step()
     model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader is never prepared (DESIGN inv. 4)
+
+    start, data_state = t.start_step, None
+    resume_from = select_checkpoint(accelerator, t.run_dir, cfg.checkpoint.resume, lambda line: print0(accelerator, line))
+    if resume_from:
+        check_compatible(read_meta(resume_from), config, resume_from)
+        restored = load_checkpoint(accelerator, resume_from, model, optimizer, scheduler)
+        if d.data_files and restored.world_size != world:
+            raise CheckpointError(f"{resume_from}: --data-files runs resume only on the same number of processes "
+                                  f"({restored.world_size}, not {world}): the files' split depends on it")
+        start, data_state = restored.step, restored.data_state
+        print0(accelerator, f"distseq: resuming from {resume_from} (step {start}, {restored.samples} samples, "
+                            f"written by {restored.world_size} process(es))")
+        if start >= t.max_steps:
+            print0(accelerator, f"distseq: already at step {start} >= --max-steps {t.max_steps}; nothing to train")
+            previous = run_dir / "summary.json"
+            return json.loads(previous.read_text()) if previous.is_file() else {"step": start}
+    else:
+        for _ in range(start):  # the schedule is a pure function of the step; catch up without training
+            scheduler.step()
 
     eval_set = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size, EVAL_BATCH)
     if d.data_files:
         stream = FileStream(resolve_files(d.data_files), d.sequence_column, d.label_column, task, spec, rank, world,
                             layout.micro_batch)
+        if data_state is not None:
+            stream.load_state_dict(data_state)
         feed = FileFeed(stream, layout.grad_accum, accelerator)
     else:
         source = SampleSource(d.task, spec, t.seed, d.block_size, "train", d.dataset_size)
-        loader = train_loader(source, layout, rank, t.start_step, t.max_steps - t.start_step, d.samples_per_example,
+        loader = train_loader(source, layout, rank, start, t.max_steps - start, d.samples_per_example,
                               d.num_workers, pin_memory=device.type == "cuda")
         feed = SyntheticFeed(micro_batches(loader, layout.micro_batch), layout.grad_accum)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg.to_dict())
-    start_tracking(accelerator, cfg.flat())
+        write_json(run_dir / "config.json", config)
+    start_tracking(accelerator, cfg.flat(), purge_step=start + 1 if resume_from else None)
     print0(
         accelerator,
         f"distseq: world_size={world} backend={accelerator.state.backend or 'none'} device={device} "
@@ -202,22 +174,26 @@ def train(cfg: Config) -> dict:
     )
 
     sums = WindowSums.zeros(device)
-    accounting = Accounting(t.start_step * layout.global_batch, world) if t.verify_data else None
+    accounting = Accounting(start * layout.global_batch, world) if t.verify_data else None
     eval_metrics: Dict[str, float] = {}
-    meter = Throughput(t.start_step, t.start_step * layout.global_batch)
-    bar = tqdm(total=t.max_steps, initial=t.start_step, desc="train",
+    skipped_steps = 0
+    checkpoint: Optional[Path] = resume_from
+    meter = Throughput(start, start * layout.global_batch)
+    bar = tqdm(total=t.max_steps, initial=start, desc="train",
                disable=not (accelerator.is_main_process and cfg.log.progress))
     started = time.perf_counter()
+    check_grads = precision.name != "fp16"  # under fp16 the grad scaler owns overflow: it skips those steps itself
 
     def log(done: int) -> None:
         nonlocal sums
         totals = accelerator.reduce(torch.stack([sums.loss, sums.correct]), "sum").tolist()
-        window_samples = (done - meter.step) * layout.global_batch
+        window_samples = max(1, (done - meter.step) * layout.global_batch)
         scalars = {
             "train/loss": totals[0] / window_samples,
             "train/accuracy": totals[1] / window_samples,
             "train/lr": scheduler.get_last_lr()[0],
             "train/grad_norm": float(sums.grad_norm),
+            "train/skipped_steps": skipped_steps,
             **meter.window(done, done * layout.global_batch),
         }
         sums = WindowSums.zeros(device)
@@ -233,45 +209,88 @@ def train(cfg: Config) -> dict:
         return metrics
 
     def save(done: int) -> Path:
-        return save_checkpoint(accelerator, model, optimizer, scheduler, step=done,
-                               samples=done * layout.global_batch, config=cfg.to_dict())
+        return save_checkpoint(accelerator, model, optimizer, scheduler, step=done, samples=done * layout.global_batch,
+                               config=config, keep_last=cfg.checkpoint.keep_last, data_state=feed.state_dict())
 
-    done = t.start_step
-    for step in range(t.start_step, t.max_steps):
-        micro = feed.next_step()
-        if micro is None:  # every rank agreed the data files are used up
-            break
-        done = step + 1
-        is_log_step = done % cfg.log.log_every == 0 or done == t.max_steps
-        is_eval_step = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
-        for batch in micro:
+    def result(done: int, status: str) -> dict:
+        extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch,
+                 "global_batch": layout.global_batch, "start_step": start, "skipped_steps": skipped_steps,
+                 "status": status, "resumed_from": str(resume_from) if resume_from else None}
+        if accounting:
+            extra["data_accounting"] = accounting.report()
+        out = summary(
+            step=done, samples=done * layout.global_batch,
+            trained_samples=(done - start) * layout.global_batch, wall_seconds=time.perf_counter() - started,
+            eval_metrics=eval_metrics, precision=precision.name, accelerator=accelerator, model=cfg.model.kind,
+            task=d.task, extra=extra,
+        )
+        if accelerator.is_main_process:
+            write_json(run_dir / "summary.json", out)
+        return out
+
+    done = start
+    with Preemption() as preemption:
+        for step in range(start, t.max_steps):
+            micro = feed.next_step()
+            if micro is None:  # every rank agreed the data files are used up
+                break
+            done = step + 1
+            is_log_step = done % cfg.log.log_every == 0 or done == t.max_steps
+            is_eval_step = done == t.max_steps or (t.eval_every and done % t.eval_every == 0)
+            step_loss = torch.zeros((), device=device)
+            step_correct = torch.zeros((), device=device)
+            for batch in micro:
+                y = batch["y"].to(device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    logits = forward(model, batch, device, spec.variable)
+                    losses = task.loss(logits, y)  # (b,)
+                    accelerator.backward(losses.mean())
+                    step_loss += losses.detach().sum()
+                    step_correct += task.correct(logits.detach(), y).sum()
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                        bad = ~torch.isfinite(step_loss) | (~torch.isfinite(grad_norm) if check_grads else False)
+                        nonfinite, stop = agree(accelerator, torch.stack(
+                            [bad.float(), torch.tensor(float(preemption.received), device=device)]))
+                        if nonfinite and t.on_nonfinite == "stop":
+                            raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without "
+                                                 f"saving (--on-nonfinite skip skips such steps)")
+                        if not nonfinite:
+                            optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            bar.update(1)
+            if nonfinite:
+                skipped_steps += 1
+            else:
+                sums.loss += step_loss
+                sums.correct += step_correct
+                sums.grad_norm = grad_norm
             if accounting:
-                accounting.window.add(batch["index"])
-            y = batch["y"].to(device, non_blocking=True)
-            with accelerator.accumulate(model):
-                logits = forward(model, batch, device, spec.variable)
-                losses = task.loss(logits, y)  # (b,)
-                accelerator.backward(losses.mean())
-                if accelerator.sync_gradients and (cfg.optim.grad_clip > 0 or is_log_step):
-                    sums.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            sums.loss += losses.detach().sum()
-            sums.correct += task.correct(logits.detach(), y).sum()
-        scheduler.step()
-        bar.update(1)
+                for batch in micro:
+                    accounting.window.add(batch["index"])
 
-        if accounting and (is_log_step or is_eval_step):
-            accounting.check(accelerator, done * layout.global_batch)
-        if is_log_step:
-            log(done)
-        if is_eval_step:
-            eval_metrics = evaluate_and_log(done)
-        if done == t.max_steps or (cfg.checkpoint.checkpoint_every and done % cfg.checkpoint.checkpoint_every == 0):
-            checkpoint = save(done)
+            if accounting and (is_log_step or is_eval_step):
+                accounting.check(accelerator, done * layout.global_batch)
+            if is_log_step:
+                log(done)
+            if is_eval_step:
+                eval_metrics = evaluate_and_log(done)
+            every = cfg.checkpoint.checkpoint_every
+            if done == t.max_steps or (every and done % every == 0) or stop:
+                checkpoint = save(done)
+            if stop:
+                bar.close()
+                signal_name = "SIGTERM" if int(stop) == 15 else "SIGUSR1" if int(stop) == 10 else f"signal {int(stop)}"
+                print0(accelerator, f"distseq: {signal_name}: saved {checkpoint} at step {done}; exiting 143")
+                if t.requeue and accelerator.is_main_process:
+                    print0(accelerator, f"distseq: {request_requeue()}")
+                result(done, "preempted")
+                accelerator.end_training()
+                raise Preempted(done, checkpoint, signal_name)
     bar.close()
 
-    if done == t.start_step:
+    if done == start:
         raise DataFileError(f"--data-files hold fewer rows than one global batch ({layout.global_batch}) per step")
     if done < t.max_steps:  # the files ran out first: close the run at the last complete step
         print0(accelerator, f"distseq: data files used up after step {done}")
@@ -280,25 +299,14 @@ def train(cfg: Config) -> dict:
         eval_metrics = evaluate_and_log(done)
         checkpoint = save(done)
 
-    extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch, "global_batch": layout.global_batch,
-             "start_step": t.start_step}
-    if accounting:
-        extra["data_accounting"] = accounting.report()
-    result = summary(
-        step=done, samples=done * layout.global_batch,
-        trained_samples=(done - t.start_step) * layout.global_batch, wall_seconds=time.perf_counter() - started,
-        eval_metrics=eval_metrics, precision=precision.name, accelerator=accelerator, model=cfg.model.kind,
-        task=d.task, extra=extra,
-    )
+    out = result(done, "complete")
     accelerator.end_training()
-    if accelerator.is_main_process:
-        write_json(run_dir / "summary.json", result)
-        print(
-            f"distseq: done: step={result['step']} eval/accuracy={eval_metrics['eval/accuracy']:.4f} "
-            f"samples/s={result['samples_per_sec']:.0f}\n"
-            f"  summary     {run_dir / 'summary.json'}\n"
-            f"  checkpoint  {checkpoint}\n"
-            f"  tensorboard tensorboard --logdir {run_dir / 'tensorboard'}",
-            flush=True,
-        )
-    return result
+    print0(
+        accelerator,
+        f"distseq: done: step={out['step']} eval/accuracy={eval_metrics['eval/accuracy']:.4f} "
+        f"samples/s={out['samples_per_sec']:.0f}\n"
+        f"  summary     {run_dir / 'summary.json'}\n"
+        f"  checkpoint  {checkpoint}\n"
+        f"  tensorboard tensorboard --logdir {run_dir / 'tensorboard'}",
+    )
+    return out

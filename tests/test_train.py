@@ -34,7 +34,7 @@ def test_preset_trains_and_writes_outputs(name, run_dir):
     checkpoint = run_dir / "checkpoints" / "step-00000006"
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert meta["step"] == 6 and meta["config"]["model"]["kind"] == ("rnn" if name == "seed" else "lstm")
-    assert set(meta["sha256"]) == {"model.safetensors", "trainer_state.pt"}
+    assert set(meta["sha256"]) == {"model.safetensors", "trainer_state.pt", "rng-rank0.pt"}
     weights = load_file(checkpoint / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 6
