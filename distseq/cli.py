@@ -8,8 +8,6 @@ import os
 import sys
 from typing import List, Optional
 
-import torch
-
 from .config import PRESETS, SECTIONS, Config, ConfigError, option_name, preset
 from .accounting import DataAccountingError
 from .files import DataFileError
@@ -96,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .runtime import is_collective_failure
     from .train import NonFiniteError, Preempted, train
 
     try:
@@ -120,8 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(f"distseq {args.command}: error: {error}", code=1)
     except Preempted:
         return EXIT_PREEMPTED  # the checkpoint is saved and was announced; the job may be requeued
-    except torch.distributed.DistError as error:  # a peer died or a collective timed out (--dist-timeout-s)
-        _fail(f"distseq {args.command}: error: lost contact with another process: {str(error).splitlines()[0]}",
+    except RuntimeError as error:
+        if not is_collective_failure(error):
+            raise
+        # a peer died or a collective timed out (--dist-timeout-s): say so in one line instead of hanging
+        _fail(f"distseq {args.command}: error: lost contact with another process: {str(error).splitlines()[0][:300]}",
               code=1, every_rank=True)
     return 0
 

@@ -131,3 +131,16 @@ def request_requeue() -> str:
         return "not under SLURM (no SLURM_JOB_ID): no requeue"
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     return f"scontrol requeue {job}: " + ("ok" if result.returncode == 0 else result.stderr.strip() or "failed")
+
+
+_COLLECTIVE_FAILURES = ("gloo", "NCCL", "nccl", "Connection reset", "Connection closed", "timed out", "Timed out")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer died or hung past --dist-timeout-s (not a bug of ours).
+    DDP's reducer reports these as a plain RuntimeError carrying the backend's message."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(marker in str(error) for marker in _COLLECTIVE_FAILURES)
+    )

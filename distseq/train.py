@@ -270,7 +270,7 @@ def train(cfg: Config) -> dict:
                 for batch in micro:
                     accounting.window.add(batch["index"])
 
-            if accounting and (is_log_step or is_eval_step):
+            if accounting and (is_log_step or is_eval_step or stop):
                 accounting.check(accelerator, done * layout.global_batch)
             if is_log_step:
                 log(done)

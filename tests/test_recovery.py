@@ -1,0 +1,254 @@
+"""Crash-proof training: kills, damaged checkpoints, preemption, world-size changes, non-finite losses, hangs.
+
+Every process here is real: SIGKILL from outside or from a failpoint, SIGTERM/SIGUSR1, gloo on loopback.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, assert_ok, cpu_env, free_port, run_distseq, scalars, summary, two_process_args
+from distseq.accounting import Digest
+
+STEPS, GLOBAL_BATCH = 40, 64
+BASE = ["train", "--max-steps", str(STEPS), "--checkpoint-every", "5", "--keep-last", "3", "--log-every", "5",
+        "--eval-every", "0", "--eval-size", "64", "--global-batch-size", str(GLOBAL_BATCH), "--hidden-size", "16",
+        "--no-progress"]
+
+
+def weights(run_dir, step=STEPS):
+    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every recovered run must match bit for bit."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert_ok(run_distseq([*BASE, "--run-dir", str(run_dir)]))
+    return weights(run_dir)
+
+
+def popen(args, **env):
+    return subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cpu_env(**env), cwd=REPO)
+
+
+def signal_after(proc, line_prefix, signum, target=None):
+    """Send ``signum`` to ``target`` (default: proc) once proc prints a line starting with ``line_prefix``."""
+    for line in proc.stdout:
+        if line.startswith(line_prefix):
+            (target or proc).send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, out, err
+
+
+def test_retention_keeps_the_newest(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_ok(run_distseq([*BASE, "--run-dir", str(run_dir)]))
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == [
+        "step-00000030", "step-00000035", "step-00000040"]
+    meta = json.loads((run_dir / "checkpoints" / "step-00000040" / "meta.json").read_text())
+    assert meta["step"] == 40 and meta["samples"] == 40 * GLOBAL_BATCH and meta["world_size"] == 1
+    assert meta["format_version"] == 1 and set(meta["versions"]) >= {"torch", "accelerate", "distseq"}
+    assert_bit_identical(weights(run_dir), reference)  # a fresh run is deterministic
+
+
+@pytest.mark.parametrize("kill", ["sigkill-after-step-15", "checkpoint-partial@20", "checkpoint-before-rename@30"])
+def test_killed_run_resumes_bit_exact(kill, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "--run-dir", str(run_dir)]
+    if kill.startswith("sigkill"):
+        code, _, _ = signal_after(popen(args), "step=15/", signal.SIGKILL)
+    else:
+        proc = popen(args, DISTSEQ_FAILPOINT=kill)
+        proc.communicate(timeout=180)
+        code = proc.returncode
+        debris = run_dir / "checkpoints" / f".tmp-step-{int(kill.split('@')[1]):08d}"
+        assert debris.is_dir()  # died half-way through a save: the temporary directory is all that is left
+    assert code == -signal.SIGKILL
+    restarted = run_distseq(args)
+    assert_ok(restarted)
+    assert "resuming from" in restarted.stdout
+    assert_bit_identical(weights(run_dir), reference)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_damaged_newest_checkpoint_is_reported_and_skipped(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "--run-dir", str(run_dir)]
+    code, _, _ = signal_after(popen(args), "step=25/", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
+    restarted = run_distseq(args)
+    assert_ok(restarted)
+    assert f"skipping checkpoint: {weights_file} does not match its sha256" in restarted.stdout
+    step = int(newest.name.split("-")[1])
+    assert f"resuming from {newest.with_name(f'step-{step - 5:08d}')}" in restarted.stdout
+    assert_bit_identical(weights(run_dir), reference)
+
+
+def test_sigterm_saves_exits_143_and_resumes_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "--run-dir", str(run_dir)]
+    code, out, _ = signal_after(popen(args), "step=15/", signal.SIGTERM)
+    assert code == 143
+    result = summary(run_dir)
+    assert result["status"] == "preempted" and 15 <= result["step"] < STEPS
+    saved = run_dir / "checkpoints" / f"step-{result['step']:08d}"
+    assert f"SIGTERM: saved {saved} at step {result['step']}; exiting 143" in out
+    assert (saved / "meta.json").is_file()
+    assert_ok(run_distseq(args))
+    assert summary(run_dir)["status"] == "complete"
+    assert_bit_identical(weights(run_dir), reference)
+
+
+def test_sigusr1_under_slurm_requeues(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.args"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    proc = popen([*BASE, "--run-dir", str(tmp_path / "run"), "--requeue"],
+                 SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    code, out, _ = signal_after(proc, "step=10/", signal.SIGUSR1)
+    assert code == 143 and "scontrol requeue 4242: ok" in out
+    assert record.read_text().split() == ["requeue", "4242"]
+
+
+def accelerate_popen(args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *two_process_args(), "-m", "distseq.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+
+
+def digest_of(result):
+    union = Digest()
+    for part in result["data_accounting"]["per_rank"]:
+        union = union.merge(Digest(**part))
+    return union
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_continues_the_stream(first, second, reference, tmp_path):
+    """Preempt on ``first`` processes (signal one rank), resume on ``second``: no sample twice, none skipped."""
+    run_dir = tmp_path / "run"
+    args = [*BASE, "--run-dir", str(run_dir), "--verify-data"]
+    if first == 2:
+        launcher = accelerate_popen(args)
+        for line in launcher.stdout:
+            if line.startswith("step=15/"):
+                ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                         if "distseq.cli" in " ".join(p.cmdline())]
+                ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: all must agree to stop
+                break
+        _, err = launcher.communicate(timeout=180)
+        assert "exitcode  : 143" in err  # each rank saved and exited 143; the launcher reports it
+    else:
+        code, _, _ = signal_after(popen(args), "step=15/", signal.SIGTERM)
+        assert code == 143
+    before = summary(run_dir)
+    stopped = before["step"]
+    assert before["status"] == "preempted" and before["world_size"] == first
+    assert digest_of(before) == Digest.of_range(0, stopped * GLOBAL_BATCH)
+
+    if second == 2:
+        launcher = accelerate_popen(args)
+        out, err = launcher.communicate(timeout=180)
+        assert launcher.returncode == 0, err[-3000:]
+    else:
+        assert_ok(run_distseq(args))
+    after = summary(run_dir)
+    assert after["status"] == "complete" and after["world_size"] == second and after["step"] == STEPS
+    assert after["resumed_from"].endswith(f"step-{stopped:08d}")
+    assert digest_of(after) == Digest.of_range(stopped * GLOBAL_BATCH, STEPS * GLOBAL_BATCH)
+    for key, value in weights(run_dir).items():  # another reduction order: equal up to float rounding
+        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-5)
+
+
+def adding_rows(path, rows, bad_row=None):
+    generator = torch.Generator().manual_seed(0)
+    with open(path, "w") as handle:
+        for row in range(rows):
+            values = torch.rand(6, generator=generator)
+            label = float(values[0] + values[4]) if row != bad_row else 1e30  # a corrupt label: loss overflows
+            handle.write(json.dumps({"sequence": [[v, float(i in (0, 4))] for i, v in enumerate(values.tolist())],
+                                     "label": label}) + "\n")
+    return path
+
+
+FILE_ARGS = ["train", "--task", "adding", "--seq-len", "6", "--global-batch-size", "8", "--max-steps", "10",
+             "--checkpoint-every", "2", "--log-every", "1", "--eval-every", "0", "--eval-size", "32", "--no-progress"]
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+    data = adding_rows(tmp_path / "d.jsonl", 80, bad_row=27)  # rows 24..31 are step 4
+    proc = run_distseq([*FILE_ARGS, "--data-files", str(data), "--run-dir", str(tmp_path / "run")])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "distseq train: error: non-finite loss or gradient at step 4; stopped without saving "
+        "(--on-nonfinite skip skips such steps)"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
+
+
+def test_nonfinite_loss_skips_the_step_on_request(tmp_path):
+    data = adding_rows(tmp_path / "d.jsonl", 80, bad_row=27)
+    run_dir = tmp_path / "run"
+    assert_ok(run_distseq([*FILE_ARGS, "--data-files", str(data), "--run-dir", str(run_dir), "--on-nonfinite", "skip"]))
+    result = summary(run_dir)
+    assert result["step"] == 10 and result["skipped_steps"] == 1
+
+    skipped = dict(scalars(run_dir)["train/skipped_steps"])  # (step, cumulative count)
+    assert skipped[3] == 0 and skipped[4] == 1 and skipped[10] == 1
+    assert all(torch.isfinite(w).all() for w in weights(run_dir, 10).values())
+
+
+@pytest.mark.multiproc
+def test_a_hung_rank_fails_the_other_within_the_timeout(tmp_path):
+    """Two nodes on loopback; node 1's rank freezes (SIGSTOP): node 0 must fail after --dist-timeout-s."""
+    port = free_port()
+
+    def node(rank):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "distseq.cli", "train", "--max-steps", "100000", "--log-every", "5", "--eval-every", "0",
+               "--eval-size", "64", "--global-batch-size", "64", "--hidden-size", "16", "--no-progress",
+               "--checkpoint-every", "0", "--dist-timeout-s", "8", "--run-dir", str(tmp_path / "run")]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+
+    main, other = node(0), node(1)
+    frozen = []
+    try:
+        for line in main.stdout:
+            if line.startswith("step=20/"):
+                frozen = [p for p in psutil.Process(other.pid).children(recursive=True)]
+                for p in frozen:
+                    p.send_signal(signal.SIGSTOP)
+                break
+        started = time.monotonic()
+        _, err = main.communicate(timeout=120)
+        waited = time.monotonic() - started
+    finally:
+        for p in frozen:
+            p.kill()
+        other.kill()
+        other.communicate()
+    assert main.returncode != 0
+    assert "distseq train: error: lost contact with another process" in err and "Timed out" in err
+    assert 6 < waited < 60
