@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import List, Optional
 
-from .config import PRESETS, SECTIONS, Config, ConfigError, option_name, preset
+from .config import PRESETS, SECTIONS, Config, ConfigError, apply_mapping, option_name, preset, read_config_file
 from .accounting import DataAccountingError
 from .files import DataFileError
 
@@ -67,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="starting configuration: 'default' (LSTM on the infinite sum-sign stream) or 'seed' (the original "
         "RNN example: 1,000 samples, batch 32, 10 epochs)",
     )
+    train.add_argument(
+        "--config", metavar="FILE",
+        help="YAML or JSON file with the sections of `--print-config` (data, model, optim, train, checkpoint, log); "
+        "applied over --preset, and command-line options override it",
+    )
+    train.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     _add_config_options(train)
 
     bench = commands.add_parser(
@@ -83,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    """--preset, then --config FILE, then the command-line options, in that order of precedence."""
     cfg = preset(args.preset)
+    if args.config:
+        apply_mapping(cfg, read_config_file(args.config), args.config)
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".")
@@ -99,7 +109,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.command == "train":
-            train(config_from_args(args))
+            cfg = config_from_args(args)
+            if args.print_config:
+                cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+                print(json.dumps(cfg.to_dict(), indent=2))
+                return 0
+            train(cfg)
         elif args.command == "bench":
             from .bench import stream_benchmark
 

@@ -8,6 +8,8 @@ drift apart. ``Config.validate`` is the single gate every entry point goes throu
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +257,47 @@ class Config:
         if TASKS[d.task].head == "per-step":
             raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
         check_columns(resolve_files(d.data_files), d.sequence_column, d.label_column)
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
+
+
+def read_config_file(path: str) -> dict:
+    """A config file's sections as a dict: JSON (.json) or YAML (anything else)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError("--config", f"cannot read {path}: {error.strerror}") from None
+    try:
+        if path.endswith(".json"):
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError: one line naming the file
+        raise ConfigError("--config", f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                                      f"{str(error).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of sections ({', '.join(SECTIONS)})")
+    return loaded
+
+
+def apply_mapping(cfg: Config, mapping: dict, source: str) -> Config:
+    """Set ``{section: {field: value}}`` on ``cfg``; an unknown name is an error naming the nearest valid one."""
+    for section, values in mapping.items():
+        if section not in SECTIONS:
+            raise ConfigError("--config", f"{source}: unknown section {section!r}{_did_you_mean(section, SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError("--config", f"{source}: section {section!r} must be a mapping of fields")
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for name, value in values.items():
+            if name not in names:
+                raise ConfigError("--config", f"{source}: unknown key {section}.{name}{_did_you_mean(name, names)}")
+            setattr(getattr(cfg, section), name, value)
+    return cfg
 
 
 def _at_least(option: str, value: int, low: int) -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .accounting import Accounting, DataAccountingError
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, read_meta, save_checkpoint, select_checkpoint
-from .config import Config, OptimConfig
+from .config import Config, ConfigError, OptimConfig
 from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batches, train_loader
 from .files import DataFileError, FileFeed, FileStream, resolve_files
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
@@ -163,8 +163,11 @@ def train(cfg: Config) -> dict:
         feed = SyntheticFeed(micro_batches(loader, layout.micro_batch), layout.grad_accum)
 
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / "config.json", config)
+        except OSError as error:
+            raise ConfigError("--run-dir", f"cannot write to {run_dir}: {error.strerror}") from None
     start_tracking(accelerator, cfg.flat(), purge_step=start + 1 if resume_from else None)
     print0(
         accelerator,
