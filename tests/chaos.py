@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20, help="kills to survive (default 20)")
-    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps of the run (default 5000)")
+    parser.add_argument("--steps", type=int, default=20000, help="optimizer steps of the run (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times (default 0)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
