@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from .config import PRESETS, SECTIONS, Config, ConfigError, apply_mapping, option_name, preset, read_config_file
@@ -86,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-out", help="directory for the JSON results (default: bench-out)")
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per throughput figure (default: 2)")
     bench.add_argument("--quick", action="store_true", help="short measurements, for a smoke test")
+
+    probe = commands.add_parser(
+        "probe", help="which model x precision runs on this device, and how fast",
+        description="One forward+backward per model kind x precision on this device (the GPU of LOCAL_RANK, "
+        "else the CPU), at --seq-len, --hidden-size and --global-batch-size: works or the error, and ms per step.",
+    )
+    probe.add_argument("--preset", default="default", help="configuration to start from (default: default)")
+    for option, kind, default in (("--seq-len", int, None), ("--hidden-size", int, None),
+                                  ("--global-batch-size", int, None)):
+        probe.add_argument(option, type=kind, default=default, help="override the preset's value")
+    probe.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
     return parser
 
 
@@ -115,6 +127,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps(cfg.to_dict(), indent=2))
                 return 0
             train(cfg)
+        elif args.command == "probe":
+            from .precision import format_probe, probe_table
+            from .runtime import local_device
+
+            cfg = preset(args.preset)
+            for name, section in (("seq_len", cfg.data), ("hidden_size", cfg.model), ("global_batch_size", cfg.train)):
+                if getattr(args, name) is not None:
+                    setattr(section, name, getattr(args, name))
+            cfg.validate()
+            rows = probe_table(cfg, local_device())
+            print(format_probe(rows, local_device()))
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         elif args.command == "bench":
             from .bench import stream_benchmark
 

@@ -119,6 +119,10 @@ class TrainConfig:
     dist_timeout_s: int = _opt(
         600, "seconds a collective may wait for another process before the run fails (a dead rank never hangs it)"
     )
+    expect_world_size: Optional[int] = _opt(
+        None, "fail at start unless the launch produced exactly this many processes (catches launchers that "
+        "silently start fewer)"
+    )
     requeue: bool = _opt(False, "under SLURM, after saving on SIGTERM/SIGUSR1, ask SLURM to requeue the job")
 
 
@@ -223,6 +227,8 @@ class Config:
         _at_least("--checkpoint-every", self.checkpoint.checkpoint_every, 0)
         _at_least("--keep-last", self.checkpoint.keep_last, 0)
         _at_least("--dist-timeout-s", t.dist_timeout_s, 1)
+        if t.expect_world_size is not None:
+            _at_least("--expect-world-size", t.expect_world_size, 1)
         if self.checkpoint.resume not in ("auto", "never") and not Path(self.checkpoint.resume).is_dir():
             raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {self.checkpoint.resume})")
         if t.start_step and self.checkpoint.resume != "never":
@@ -327,7 +333,8 @@ def _seed_preset() -> Config:
         model=ModelConfig(kind="rnn", hidden_size=32, num_layers=1),
         optim=OptimConfig(lr=0.01, schedule="constant", warmup_steps=0, grad_clip=0.0),
         # 1,000 samples in batches of 32 are 32 batches an epoch (the last one short); 10 epochs = 320 steps.
-        train=TrainConfig(run_dir="runs/seed", max_steps=320, global_batch_size=32, eval_every=32),
+        # fp32 like the original (on CPU, auto would pick bf16 where it runs; for this small RNN it is slower)
+        train=TrainConfig(run_dir="runs/seed", max_steps=320, global_batch_size=32, eval_every=32, precision="no"),
         log=LogConfig(log_every=32),
     )
 

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Optional
 import subprocess
 from datetime import timedelta
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import Config, ConfigError
-from .models import build_model
-from .tasks import TASKS
+from .precision import Precision
 
 TENSORBOARD_PROJECT = "tensorboard"  # event files go to RUN/tensorboard/
 
@@ -35,55 +34,6 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class Precision:
-    name: str  # what accelerate is given: "no", "bf16" or "fp16"
-    reason: str  # one line for the operator
-
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _runs_under(precision: str, cfg: Config, device: torch.device) -> str:
-    """One forward+backward of the configured model under autocast; '' if it works, else the error."""
-    task, spec = TASKS[cfg.data.task], cfg.task_spec()
-    model = build_model(cfg.model, task, spec).to(device)
-    x = torch.randn(2, spec.seq_len, task.num_features(spec), device=device)  # (B, T, F)
-    try:
-        with torch.autocast(device.type, dtype=_DTYPES[precision]):
-            loss = model(x).float().sum()
-        loss.backward()
-    except RuntimeError as error:
-        return str(error).splitlines()[0]
-    return ""
-
-
-def resolve_precision(requested: str, cfg: Config, device: torch.device) -> Precision:
-    """Turn --precision into what actually runs, or raise a ConfigError; never a silent no-op."""
-    alternatives = "choose --precision no"
-    if requested == "no":
-        return Precision("no", "fp32 as requested")
-    if device.type == "cpu":
-        if requested == "fp16":
-            raise ConfigError("--precision", f"fp16 does not run on CPU (accelerate would ignore it); {alternatives} or bf16")
-        if requested == "auto":
-            return Precision("no", "auto on CPU: fp32 (CPU autocast is not reliably faster; --precision bf16 to try it)")
-    if requested == "auto":
-        candidates = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
-        for candidate in candidates:
-            if not _runs_under(candidate, cfg, device):
-                return Precision(candidate, f"auto on {device.type}: {candidate} (probed: forward+backward works)")
-        return Precision("no", f"auto on {device.type}: fp32 (no autocast precision ran {cfg.model.kind})")
-    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision", f"bf16 is not supported by this GPU; {alternatives} or fp16")
-    error = _runs_under(requested, cfg, device)
-    if error:
-        raise ConfigError(
-            "--precision", f"{requested} fails for --model {cfg.model.kind} on {device.type} ({error}); {alternatives}"
-        )
-    return Precision(requested, f"{requested} as requested (probed: forward+backward works)")
-
-
 def build_accelerator(cfg: Config, precision: Precision) -> Accelerator:
     # cpu=True on a machine without CUDA: otherwise accelerate leaves every launched rank training alone.
     return Accelerator(
@@ -94,6 +44,24 @@ def build_accelerator(cfg: Config, precision: Precision) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
+
+
+def check_world_size(accelerator: Accelerator, expected: Optional[int]) -> None:
+    """Fail when the launch produced another number of processes than asked for.
+
+    Two silent failures are caught: a launcher's WORLD_SIZE that the Accelerator did not join (ranks
+    training alone), and --expect-world-size N (say, from a config asking for N) against what started.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    got = accelerator.num_processes
+    if launched != got:
+        raise ConfigError("--expect-world-size", f"the launcher started {launched} processes but they joined "
+                                                 f"{got} group(s) of {got}: every rank would train alone")
+    if expected is not None and got != expected:
+        hint = (" (on a CPU machine, `accelerate launch --cpu --num_processes N` and `distributed_type: MULTI_CPU` "
+                "start one process: use --multi_gpu, see accelerate_configs/cpu_2proc.yaml)"
+                if accelerator.device.type == "cpu" else "")
+        raise ConfigError("--expect-world-size", f"asked for {expected} processes, the launch produced {got}{hint}")
 
 
 def print0(accelerator: Accelerator, *args) -> None:

@@ -26,7 +26,8 @@ from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batch
 from .files import DataFileError, FileFeed, FileStream, resolve_files
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
 from .models import build_model
-from .runtime import (Preemption, build_accelerator, local_device, print0, request_requeue, resolve_precision,
+from .precision import resolve_precision
+from .runtime import (Preemption, build_accelerator, check_world_size, local_device, print0, request_requeue,
                       set_cpu_threads)
 from .tasks import TASKS, Batch, Task
 
@@ -117,6 +118,7 @@ def train(cfg: Config) -> dict:
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
     precision = resolve_precision(cfg.train.precision, cfg, local_device())
     accelerator = build_accelerator(cfg, precision)
+    check_world_size(accelerator, cfg.train.expect_world_size)
     cfg.validate(accelerator.num_processes)
     d, t = cfg.data, cfg.train
     run_dir, device, rank, world = Path(t.run_dir), accelerator.device, accelerator.process_index, accelerator.num_processes

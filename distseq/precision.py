@@ -1,0 +1,122 @@
+"""Precision: probe the real model on the real device before training; never a silent no-op.
+
+accelerate accepts ``mixed_precision="fp16"`` on a CPU and does nothing, and some kernels fail under
+autocast only on some machines (CPU ``nn.LSTM`` under fp16 always; under bf16 where the CPU lacks
+native bf16). So every request is checked with one forward+backward under the autocast it asks for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from .config import Config, ConfigError, ModelConfig
+from .models import build_model
+from .tasks import TASKS
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # what accelerate is given: "no", "bf16" or "fp16"
+    reason: str  # one line for the operator
+
+
+def _step(model, x, lengths, precision: str, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=DTYPES.get(precision, torch.float32), enabled=precision != "no"):
+        loss = model(x, lengths).float().sum()
+    loss.backward()
+
+
+def _inputs(cfg: Config, batch: int, device: torch.device):
+    task, spec = TASKS[cfg.data.task], cfg.task_spec()
+    x = torch.randn(batch, spec.seq_len, task.num_features(spec), device=device)  # (B, T, F)
+    lengths = torch.full((batch,), spec.seq_len, dtype=torch.int64) if spec.variable else None
+    return x, lengths
+
+
+def runs_under(precision: str, cfg: Config, device: torch.device) -> str:
+    """One forward+backward of the configured model under ``precision``; '' if it works, else the error."""
+    model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec()).to(device)
+    try:
+        _step(model, *_inputs(cfg, 2, device), precision, device)
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    return ""
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(requested: str, cfg: Config, device: torch.device) -> Precision:
+    """Turn --precision into what actually runs, or raise a ConfigError naming the alternatives."""
+    if requested == "no":
+        return Precision("no", "fp32 as requested")
+    cpu = device.type == "cpu"
+    if requested == "auto":
+        if cpu:
+            if not cpu_has_native_bf16():
+                return Precision("no", "auto on CPU: fp32 (this CPU has no native bf16)")
+            error = runs_under("bf16", cfg, device)
+            if error:
+                return Precision("no", f"auto on CPU: fp32 ({cfg.model.kind} fails under bf16: {error})")
+            return Precision("bf16", "auto on CPU: bf16 (native bf16; probed forward+backward works)")
+        for candidate in (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]:
+            if not runs_under(candidate, cfg, device):
+                return Precision(candidate, f"auto on {device.type}: {candidate} (probed forward+backward works)")
+        return Precision("no", f"auto on {device.type}: fp32 (no autocast precision ran {cfg.model.kind})")
+    if requested == "fp16" and cpu:
+        raise ConfigError("--precision", "fp16 does not run on CPU (accelerate would ignore it); choose --precision no or bf16")
+    if requested == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision", "bf16 is not supported by this GPU; choose --precision no or fp16")
+    error = runs_under(requested, cfg, device)
+    if error:
+        other = "bf16" if requested == "fp16" and not cpu else "no"
+        raise ConfigError("--precision", f"{requested} fails for --model {cfg.model.kind} on {device.type} ({error}); "
+                                         f"choose --precision {other}" + (" or no" if other != "no" else ""))
+    return Precision(requested, f"{requested} as requested (probed forward+backward works)")
+
+
+def probe_table(cfg: Config, device: torch.device, kinds=("rnn", "gru", "lstm"), repeats: int = 10) -> List[dict]:
+    """Each model kind x precision on ``device``: works or the error, and ms per forward+backward."""
+    batch = cfg.train.global_batch_size
+    rows = []
+    for kind in kinds:
+        for precision in ("no", "bf16", "fp16"):
+            row = {"model": kind, "precision": precision, "works": False, "ms_per_step": None, "error": ""}
+            probe_cfg = Config(data=cfg.data, model=ModelConfig(kind=kind, hidden_size=cfg.model.hidden_size,
+                                                              num_layers=cfg.model.num_layers))
+            if precision == "fp16" and device.type == "cpu":
+                row["error"] = "not on CPU (accelerate ignores fp16 there)"
+                rows.append(row)
+                continue
+            model = build_model(probe_cfg.model, TASKS[cfg.data.task], cfg.task_spec()).to(device)
+            x, lengths = _inputs(cfg, batch, device)
+            try:
+                _step(model, x, lengths, precision, device)  # warm-up, and the check itself
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    _step(model, x, lengths, precision, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row.update(works=True, ms_per_step=1000 * (time.perf_counter() - started) / repeats)
+            except RuntimeError as error:
+                row["error"] = str(error).splitlines()[0][:120]
+            rows.append(row)
+    return rows
+
+
+def format_probe(rows: List[dict], device: torch.device) -> str:
+    lines = [f"precision probe on {device} (forward+backward, ms per step)",
+             f"{'model':<6} {'precision':<9} {'result':<8} {'ms':>8}  note"]
+    for r in rows:
+        ms = f"{r['ms_per_step']:8.2f}" if r["works"] else f"{'-':>8}"
+        lines.append(f"{r['model']:<6} {r['precision']:<9} {'works' if r['works'] else 'error':<8} {ms}  {r['error']}")
+    return "\n".join(lines)
