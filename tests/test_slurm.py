@@ -1,0 +1,141 @@
+"""launch/slurm.sbatch on a real SLURM: two fake nodes on loopback, preempted with USR1, requeued, resumed.
+
+The cluster (munged, slurmctld, two slurmd) is started in a temporary directory and every daemon it
+started is stopped by PID. .ci/run installs Debian's SLURM packages when it runs as root; without
+them the test is skipped with that reason.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, free_port, summary
+
+pytestmark = pytest.mark.multiproc
+
+DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scancel", "squeue", "scontrol")
+missing = [d for d in DAEMONS if not shutil.which(d) and not Path("/usr/sbin", d).exists()]
+if missing or os.geteuid() != 0 or not Path("/etc/munge/munge.key").exists():
+    pytest.skip(f"no local SLURM (missing: {', '.join(missing) or 'root or /etc/munge/munge.key'}; "
+                ".ci/run installs slurmctld slurmd slurm-client munge as root)", allow_module_level=True)
+
+CONF = """ClusterName=distseqtest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld}
+AuthType=auth/munge
+AuthInfo=cred_expire=10
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/linear
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool-%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+ReturnToService=2
+MpiDefault=none
+JobRequeue=1
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n1} CPUs={cpus} State=UNKNOWN
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n2} CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def sbin(name):
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    (root / "state").mkdir()
+    conf = root / "slurm.conf"
+    conf.write_text(CONF.format(root=root, ctld=free_port(), n1=free_port(), n2=free_port(), cpus=os.cpu_count()))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = []
+    try:
+        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+            Path("/run/munge").mkdir(exist_ok=True)
+            shutil.chown("/run/munge", "munge", "munge")
+            daemons.append(subprocess.Popen(["setpriv", "--reuid", "munge", "--regid", "munge", "--clear-groups",
+                                             sbin("munged"), "-F"]))
+            time.sleep(0.5)
+        daemons.append(subprocess.Popen([sbin("slurmctld"), "-D", "-i"], env=env, stderr=subprocess.DEVNULL))
+        time.sleep(1)
+        for node in ("n1", "n2"):
+            daemons.append(subprocess.Popen([sbin("slurmd"), "-D", "-N", node], env=env, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, (root / "slurmctld.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        for daemon in reversed(daemons):
+            daemon.terminate()
+        for daemon in daemons:
+            try:
+                daemon.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+
+
+ARGS = ["--max-steps", "600", "--checkpoint-every", "50", "--log-every", "20", "--eval-every", "0",
+        "--eval-size", "64", "--global-batch-size", "64", "--hidden-size", "16", "--no-progress", "--precision", "no"]
+
+
+def submit(slurm, run_dir: Path, out_dir: Path) -> str:
+    env = {**slurm, "DISTSEQ_PYTHON": sys.executable, "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    out_dir.mkdir(exist_ok=True)
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--chdir={REPO}", f"--output={out_dir}/job-%j.txt",
+                           str(REPO / "launch" / "slurm.sbatch"), *ARGS, "--run-dir", str(run_dir)],
+                          env=env, capture_output=True, text=True, check=True)
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait_gone(slurm, job: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job], env=slurm, capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} still queued or running"
+        time.sleep(1)
+
+
+def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, tmp_path):
+    reference = tmp_path / "reference"
+    job = submit(slurm, reference, tmp_path / "out")
+    wait_gone(slurm, job)
+    assert summary(reference)["status"] == "complete" and summary(reference)["world_size"] == 2
+
+    run_dir = tmp_path / "preempted"
+    job = submit(slurm, run_dir, tmp_path / "out")
+    log = tmp_path / "out" / f"job-{job}.txt"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "step=100/" in log.read_text()):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no job output"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True)
+    wait_gone(slurm, job)
+
+    text = log.read_text()
+    assert "distseq-slurm: USR1 received" in text and f"scontrol requeue {job}: ok" in text
+    assert f"distseq-slurm: job {job} restart 1" in text and "resuming from" in text
+    result = summary(run_dir)
+    assert result["status"] == "complete" and result["step"] == 600 and result["world_size"] == 2
+    stopped = int(result["resumed_from"].rsplit("-", 1)[1])
+    assert 100 <= stopped < 600
+    a = load_file(reference / "checkpoints" / "step-00000600" / "model.safetensors")
+    b = load_file(run_dir / "checkpoints" / "step-00000600" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
