@@ -33,6 +33,18 @@ class Throughput:
         return out
 
 
+def peak_memory() -> Dict[str, float]:
+    """This process's peak resident memory, and peak CUDA memory when a GPU is used, in MB."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def hparams(flat_config: dict) -> dict:
     """TensorBoard hparams accept bool/int/float/str only."""
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config.items()}
@@ -91,5 +103,6 @@ def summary(
         "device": str(accelerator.device),
         "model": model,
         "task": task,
+        **peak_memory(),
         **(extra or {}),
     }

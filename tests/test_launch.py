@@ -130,3 +130,16 @@ def test_auto_on_cuda_picks_a_working_autocast():
     chosen = resolve_precision("auto", cfg, torch.device("cuda", 0))
     assert chosen.name == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert runs_under(chosen.name, cfg, torch.device("cuda", 0)) == ""
+
+
+def test_gpu_check_says_when_there_is_no_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: launch/gpu-check runs for real there")
+    proc = subprocess.run([str(REPO / "launch" / "gpu-check"), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=120, env=cpu_env())
+    assert proc.returncode == 3 and "gpu-check: no CUDA device" in proc.stderr
+
+
+def test_summary_reports_peak_memory(tmp_path):
+    assert_ok(run_distseq([*ARGS, "--run-dir", str(tmp_path / "run")]))
+    assert 50 < summary(tmp_path / "run")["peak_rss_mb"] < 8000
