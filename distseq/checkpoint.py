@@ -107,8 +107,9 @@ def save_checkpoint(
     if data_state is not None:
         mine.append(tmp / f"data-rank{rank}.json")
         mine[-1].write_text(json.dumps(data_state))
+    full_state = accelerator.get_state_dict(model)  # every rank: a collective gather under FSDP
     if accelerator.is_main_process:
-        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in full_state.items()}
         save_file(weights, tmp / "model.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
         mine += [tmp / "model.safetensors", tmp / "trainer_state.pt"]
