@@ -40,7 +40,7 @@ STEP_DIR = re.compile(r"^step-(\d{8,})$")
 IDENTITY = {
     "data": ("task", "seq_len", "min_seq_len", "vocab_size", "copy_len", "block_size", "dataset_size",
              "data_files", "sequence_column", "label_column"),
-    "model": ("kind", "hidden_size", "num_layers"),
+    "model": ("kind", "hidden_size", "num_layers", "bidirectional", "num_heads", "positions"),
     "train": ("global_batch_size", "seed"),
 }
 

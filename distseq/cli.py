@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import PRESETS, SECTIONS, Config, ConfigError, apply_mapping, option_name, preset, read_config_file
+from .config import PRESETS, SECTIONS, TrainConfig, ConfigError, apply_mapping, option_name, preset, read_config_file
 from .accounting import DataAccountingError
 from .files import DataFileError
 
@@ -35,7 +35,7 @@ def _fail(message: str, code: int = EXIT_USAGE, every_rank: bool = False):
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    defaults = Config()
+    defaults = TrainConfig()
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
@@ -88,6 +88,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per throughput figure (default: 2)")
     bench.add_argument("--quick", action="store_true", help="short measurements, for a smoke test")
 
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint on held-out data; writes RUN/eval.json",
+        description="Evaluate the newest intact checkpoint of --run-dir (or --checkpoint) on the held-out stream "
+        "of its task, or on --data-files. Runs on 1 or N processes (every sample counted once).",
+    )
+    evaluate.add_argument("--run-dir", required=True, help="the run directory (eval.json is written there)")
+    evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the newest intact one)")
+    evaluate.add_argument("--eval-size", type=int, help="held-out samples (default: the run's --eval-size)")
+    evaluate.add_argument("--data-files", help="evaluate on these parquet/jsonl files instead (the run's columns)")
+
+    predict = commands.add_parser(
+        "predict", help="predictions of a checkpoint as JSON lines",
+        description="One JSON line per input: probability and class (binary tasks), value (adding), or the "
+        "class of every step (copy). Every input line is checked before anything is written.",
+    )
+    predict.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", metavar="FILE.jsonl", help="JSON lines with a sequence each")
+    source.add_argument("--random", type=int, metavar="N", help="predict the first N held-out samples (with labels)")
+    predict.add_argument("--sequence-column", default="sequence", help="field of each input line (default: sequence)")
+    predict.add_argument("--output", help="write here (atomically) instead of stdout")
+
+    export = commands.add_parser(
+        "export", help="export a checkpoint for inference (model.safetensors + config.json)",
+        description="Write model.safetensors and config.json; distseq.load_model(DIR) rebuilds the model "
+        "without the trainer or accelerate.",
+    )
+    export.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    export.add_argument("--out", required=True, help="output directory")
+
     probe = commands.add_parser(
         "probe", help="which model x precision runs on this device, and how fast",
         description="One forward+backward per model kind x precision on this device (the GPU of LOCAL_RANK, "
@@ -101,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """--preset, then --config FILE, then the command-line options, in that order of precedence."""
     cfg = preset(args.preset)
     if args.config:
@@ -127,6 +157,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps(cfg.to_dict(), indent=2))
                 return 0
             train(cfg)
+        elif args.command == "eval":
+            from .evaluation import eval_command
+
+            if args.eval_size is not None and args.eval_size < 1:
+                raise ConfigError("--eval-size", f"must be an integer >= 1 (got {args.eval_size})")
+            eval_command(args.run_dir, args.checkpoint, args.eval_size, args.data_files)
+        elif args.command == "predict":
+            from .export import model_from_checkpoint
+            from .predict import predictions, random_inputs, read_inputs, write_lines
+
+            model, cfg, _ = model_from_checkpoint(Path(args.checkpoint))
+            if args.random is not None:
+                if args.random < 1:
+                    raise ConfigError("--random", f"must be an integer >= 1 (got {args.random})")
+                x, lengths, labels = random_inputs(args.random, cfg)
+            else:
+                (x, lengths), labels = read_inputs(args.input, args.sequence_column, cfg), None
+            write_lines(predictions(model, x, lengths, cfg, labels), args.output)
+        elif args.command == "export":
+            from .export import export
+
+            print(f"distseq: exported to {export(Path(args.checkpoint), Path(args.out))}")
         elif args.command == "probe":
             from .precision import format_probe, probe_table
             from .runtime import local_device

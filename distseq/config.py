@@ -2,7 +2,7 @@
 
 Every field carries its documentation in ``metadata["help"]``; the CLI builds its options from those
 fields (``--hidden-size`` is ``ModelConfig.hidden_size``), so the help text and the code cannot
-drift apart. ``Config.validate`` is the single gate every entry point goes through.
+drift apart. ``TrainConfig.validate`` is the single gate every entry point goes through.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from .tasks import TASKS, TaskSpec
 
-MODELS = ("rnn", "gru", "lstm")
+MODELS = ("rnn", "gru", "lstm", "transformer")
+POSITIONS = ("sinusoidal", "learned")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 ON_NONFINITE = ("stop", "skip")
@@ -77,8 +78,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     kind: str = _opt("lstm", "sequence model", option="model", choices=MODELS)
-    hidden_size: int = _opt(64, "hidden units per recurrent layer")
-    num_layers: int = _opt(1, "stacked recurrent layers")
+    hidden_size: int = _opt(64, "hidden units per recurrent layer; the transformer's model width")
+    num_layers: int = _opt(1, "stacked recurrent or transformer layers")
+    bidirectional: bool = _opt(False, "run rnn/gru/lstm layers in both directions")
+    dropout: float = _opt(0.0, "dropout probability between layers and before the head (0 = none)")
+    num_heads: int = _opt(4, "attention heads of the transformer (must divide --hidden-size)")
+    positions: str = _opt("sinusoidal", "transformer position encoding", choices=POSITIONS)
 
 
 @dataclass
@@ -92,7 +97,7 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
     run_dir: str = _opt("runs/default", "directory for TensorBoard logs, checkpoints and summary.json")
     max_steps: int = _opt(1500, "optimizer steps to train (the stream is counted in steps, not epochs)")
     start_step: int = _opt(
@@ -147,18 +152,18 @@ SECTIONS = {
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
-    "train": TrainConfig,
+    "train": LoopConfig,
     "checkpoint": CheckpointConfig,
     "log": LogConfig,
 }
 
 
 @dataclass
-class Config:
+class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -177,7 +182,7 @@ class Config:
         """Samples per forward pass on one process."""
         return self.train.global_batch_size // (world_size * self.train.grad_accum_steps)
 
-    def validate(self, world_size: int = 1) -> "Config":
+    def validate(self, world_size: int = 1) -> "TrainConfig":
         """Check every value; raise ConfigError naming the option and what is allowed."""
         for section in SECTIONS:
             sub = getattr(self, section)
@@ -211,6 +216,13 @@ class Config:
         _at_least("--eval-size", d.eval_size, 1)
         _at_least("--hidden-size", m.hidden_size, 1)
         _at_least("--num-layers", m.num_layers, 1)
+        _at_least("--num-heads", m.num_heads, 1)
+        if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
+            raise ConfigError("--dropout", f"must be in [0, 1) (got {m.dropout!r})")
+        if m.kind == "transformer" and m.hidden_size % m.num_heads:
+            raise ConfigError("--num-heads", f"{m.num_heads} does not divide --hidden-size {m.hidden_size}")
+        if m.kind == "transformer" and m.bidirectional:
+            raise ConfigError("--bidirectional", "applies to rnn, gru and lstm; the transformer sees both directions")
         _positive_float("--lr", o.lr)
         _non_negative_float("--weight-decay", o.weight_decay)
         _at_least("--warmup-steps", o.warmup_steps, 0)
@@ -291,7 +303,7 @@ def read_config_file(path: str) -> dict:
     return loaded
 
 
-def apply_mapping(cfg: Config, mapping: dict, source: str) -> Config:
+def apply_mapping(cfg: TrainConfig, mapping: dict, source: str) -> TrainConfig:
     """Set ``{section: {field: value}}`` on ``cfg``; an unknown name is an error naming the nearest valid one."""
     for section, values in mapping.items():
         if section not in SECTIONS:
@@ -326,28 +338,28 @@ def option_name(f: dataclasses.Field) -> str:
     return "--" + f.metadata.get("option", f.name).replace("_", "-")
 
 
-def _seed_preset() -> Config:
+def _seed_preset() -> TrainConfig:
     """The original example, done right: nn.RNN(1, 32), seq 10, batch 32, Adam lr 0.01, 1,000 samples x 10 epochs."""
-    return Config(
+    return TrainConfig(
         data=DataConfig(task="sum-sign", seq_len=10, dataset_size=1000),
         model=ModelConfig(kind="rnn", hidden_size=32, num_layers=1),
         optim=OptimConfig(lr=0.01, schedule="constant", warmup_steps=0, grad_clip=0.0),
         # 1,000 samples in batches of 32 are 32 batches an epoch (the last one short); 10 epochs = 320 steps.
         # fp32 like the original (on CPU, auto would pick bf16 where it runs; for this small RNN it is slower)
-        train=TrainConfig(run_dir="runs/seed", max_steps=320, global_batch_size=32, eval_every=32, precision="no"),
+        train=LoopConfig(run_dir="runs/seed", max_steps=320, global_batch_size=32, eval_every=32, precision="no"),
         log=LogConfig(log_every=32),
     )
 
 
-def _default_preset() -> Config:
+def _default_preset() -> TrainConfig:
     """What the harness is for: an LSTM on the infinite streamed sum-sign task."""
-    return Config()
+    return TrainConfig()
 
 
 PRESETS = {"default": _default_preset, "seed": _seed_preset}
 
 
-def preset(name: str) -> Config:
+def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ConfigError("--preset", f"invalid choice {name!r} (choose from {', '.join(PRESETS)})")
     return PRESETS[name]()

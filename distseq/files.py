@@ -97,6 +97,29 @@ def check_columns(files: List[str], sequence_column: str, label_column: str) -> 
             raise ConfigError(option, f"column {column!r} is not in {files[0]} (columns: {', '.join(first)})")
 
 
+def sequence_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskSpec):
+    """One sequence -> (x (T, F) zero-padded, length); DataFileError naming ``where`` otherwise."""
+    try:
+        x = torch.tensor(sequence, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise DataFileError(f"{where}: {column!r} is not a list of numbers") from None
+    features = task.num_features(spec)
+    if x.dim() == 1 and features == 1:
+        x = x[:, None]
+    if x.dim() != 2 or x.shape[1] != features:
+        raise DataFileError(f"{where}: {column!r} must be a list of numbers" if features == 1
+                            else f"{where}: each step of {column!r} must hold {features} numbers")
+    if not torch.isfinite(x).all():
+        raise DataFileError(f"{where}: {column!r} holds a non-finite number")
+    length = x.shape[0]
+    if not spec.min_seq_len <= length <= spec.seq_len:
+        allowed = f"{spec.seq_len}" if not spec.variable else f"{spec.min_seq_len}..{spec.seq_len}"
+        raise DataFileError(f"{where}: sequence length {length}, expected {allowed} (--seq-len/--min-seq-len)")
+    padded = torch.zeros(spec.seq_len, features)
+    padded[:length] = x
+    return padded, length
+
+
 def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task, spec: TaskSpec):
     """One row -> (x (T, F) zero-padded, length, y); DataFileError naming the file and row otherwise."""
     where = f"{row['file']}: row {row['row']} (from 0)"
@@ -105,27 +128,12 @@ def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task
     if sequence is None or label is None:
         missing = sequence_column if sequence is None else label_column
         raise DataFileError(f"{where}: missing {missing!r}")
-    try:
-        x = torch.tensor(sequence, dtype=torch.float32)
-    except (TypeError, ValueError):
-        raise DataFileError(f"{where}: {sequence_column!r} is not a list of numbers") from None
-    features = task.num_features(spec)
-    if x.dim() == 1 and features == 1:
-        x = x[:, None]
-    if x.dim() != 2 or x.shape[1] != features:
-        raise DataFileError(f"{where}: {sequence_column!r} must be a list of numbers" if features == 1
-                            else f"{where}: each step of {sequence_column!r} must hold {features} numbers")
-    length = x.shape[0]
-    if not spec.min_seq_len <= length <= spec.seq_len:
-        allowed = f"{spec.seq_len}" if not spec.variable else f"{spec.min_seq_len}..{spec.seq_len}"
-        raise DataFileError(f"{where}: sequence length {length}, expected {allowed} (--seq-len/--min-seq-len)")
+    x, length = sequence_to_tensor(sequence, where, sequence_column, task, spec)
     if not isinstance(label, (int, float)) or isinstance(label, bool) or not math.isfinite(label):
         raise DataFileError(f"{where}: {label_column!r} is not a number ({label!r})")
     if task.head == "binary" and label not in (0, 1):
         raise DataFileError(f"{where}: {label_column!r} must be 0 or 1 for --task {task.name} (got {label!r})")
-    padded = torch.zeros(spec.seq_len, features)
-    padded[:length] = x
-    return padded, length, float(label)
+    return x, length, float(label)
 
 
 class FileStream:
@@ -146,8 +154,8 @@ class FileStream:
         self.dataset.load_state_dict(state)
         self._rows = None
 
-    def next_micro_batch(self) -> Optional[Batch]:
-        """b rows as a batch, or None when fewer than b remain (they are dropped)."""
+    def next_micro_batch(self, partial: bool = False) -> Optional[Batch]:
+        """b rows as a batch; None when fewer than b remain (dropped), unless ``partial`` (then None at the end)."""
         if self._rows is None:
             self._rows = iter(self.dataset)
         samples = []
@@ -155,10 +163,11 @@ class FileStream:
             samples.append(row_to_sample(row, *self.columns, self.task, self.spec))
             if len(samples) == self.micro_batch:
                 break
-        if len(samples) < self.micro_batch:
+        if not samples or (len(samples) < self.micro_batch and not partial):
             return None
         xs, lengths, ys = zip(*samples)
         batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=torch.float32)}  # (b, T, F), (b,)
+        batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # a real row (padding rows carry -1)
         if self.spec.variable:
             batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
         return batch
@@ -191,3 +200,28 @@ class FileFeed:
         if agreed == self.FAILED:
             raise error or DataFileError("another process could not read its data files (its message names the row)")
         return step if agreed == self.CONTINUE else None
+
+
+def file_eval_batches(stream: FileStream, accelerator: Accelerator, batch_size: int) -> list:
+    """All of this rank's rows as batches of ``batch_size``, padded (index -1) so that every rank holds
+    the same number of equally shaped batches for the gathers of evaluation."""
+    batches = []
+    while (batch := stream.next_micro_batch(partial=True)) is not None:
+        batches.append(batch)
+    count = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), "max"))
+    template = batches[0] if batches else None
+    if template is None:  # a rank without rows still joins every gather
+        spec, features = stream.spec, stream.task.num_features(stream.spec)
+        template = {"x": torch.zeros(1, spec.seq_len, features), "y": torch.zeros(1), "index": torch.zeros(1, dtype=torch.int64)}
+        if spec.variable:
+            template["lengths"] = torch.full((1,), spec.seq_len, dtype=torch.int64)
+    padded = []
+    for i in range(count):
+        batch = batches[i] if i < len(batches) else {k: v[:0] for k, v in template.items()}
+        missing = batch_size - batch["x"].shape[0]
+        if missing:
+            filler = {k: v[:1].expand(missing, *v.shape[1:]) for k, v in template.items()}
+            filler["index"] = torch.full((missing,), -1, dtype=torch.int64)
+            batch = {k: torch.cat([batch[k], filler[k]]) for k in template}
+        padded.append(batch)
+    return padded

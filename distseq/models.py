@@ -1,12 +1,14 @@
 """Sequence models. All share one interface: ``model(x, lengths=None) -> logits``.
 
 x is (B, T, F); logits are (B,) for one output, (B, C) for C classes, or (B, T, C) for a per-step
-head. ``lengths`` (B,) is given for variable-length batches: the recurrence then runs on a packed
-sequence, so padding never changes a sample's result.
+head. ``lengths`` (B,) is given for variable-length batches: recurrent models then run on a packed
+sequence and the transformer masks padded keys and pools only valid steps, so padding never changes
+a sample's result.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,32 +21,85 @@ from .tasks import Task, TaskSpec
 RECURRENT = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
+def _head_output(logits: torch.Tensor) -> torch.Tensor:
+    return logits.squeeze(-1) if logits.shape[-1] == 1 else logits  # (B,) for one output
+
+
 class RecurrentClassifier(nn.Module):
-    """A stacked RNN/GRU/LSTM; the hidden state at each sample's last valid step feeds a linear head."""
+    """Stacked (bi)RNN/GRU/LSTM; the final hidden state of each direction feeds a linear head."""
 
     def __init__(self, kind: str, num_features: int, hidden_size: int, num_layers: int, num_outputs: int,
-                 per_step: bool = False):
+                 per_step: bool = False, bidirectional: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.rnn = RECURRENT[kind](num_features, hidden_size, num_layers=num_layers, batch_first=True)
-        self.head = nn.Linear(hidden_size, num_outputs)
+        self.rnn = RECURRENT[kind](num_features, hidden_size, num_layers=num_layers, batch_first=True,
+                                   bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
+        self.directions = 2 if bidirectional else 1
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.directions * hidden_size, num_outputs)
         self.per_step = per_step
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if lengths is None:
-            out, _ = self.rnn(x)  # (B, T, H)
-            last = out[:, -1]  # (B, H)
+            out, state = self.rnn(x)  # out (B, T, D*H)
         else:
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])  # (B, T, H)
-            last = out[torch.arange(x.shape[0], device=out.device), lengths.to(out.device) - 1]  # (B, H)
+            out, state = self.rnn(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])  # (B, T, D*H)
         if self.per_step:
-            return self.head(out)  # (B, T, C)
-        logits = self.head(last)  # (B, C)
-        return logits.squeeze(-1) if logits.shape[-1] == 1 else logits  # (B,) or (B, C)
+            return self.head(self.dropout(out))  # (B, T, C)
+        h_n = state[0] if isinstance(state, tuple) else state  # (layers*D, B, H): each sample's last valid step
+        last = torch.cat(list(h_n[-self.directions:]), dim=-1)  # (B, D*H)
+        return _head_output(self.head(self.dropout(last)))
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    position = torch.arange(length, dtype=torch.float32)[:, None]  # (T, 1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table  # (T, dim)
+
+
+class TransformerClassifier(nn.Module):
+    """Pre-norm transformer encoder (PyTorch's fused attention) with a mean-pooled or per-step head."""
+
+    def __init__(self, num_features: int, d_model: int, num_layers: int, num_heads: int, num_outputs: int,
+                 max_len: int, positions: str = "sinusoidal", per_step: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(num_features, d_model)
+        if positions == "learned":
+            self.positions = nn.Parameter(torch.randn(max_len, d_model) * 0.02)  # (T, D)
+        else:
+            self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)
+        layer = nn.TransformerEncoderLayer(d_model, num_heads, 4 * d_model, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_outputs)
+        self.per_step = per_step
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        steps = x.shape[1]
+        h = self.embed(x) + self.positions[:steps]  # (B, T, D)
+        padding = None
+        if lengths is not None:
+            padding = torch.arange(steps, device=x.device)[None, :] >= lengths.to(x.device)[:, None]  # (B, T)
+        h = self.norm(self.encoder(h, src_key_padding_mask=padding))  # (B, T, D)
+        if self.per_step:
+            return self.head(h)  # (B, T, C)
+        if padding is None:
+            pooled = h.mean(dim=1)  # (B, D)
+        else:
+            valid = (~padding).to(h.dtype)[..., None]  # (B, T, 1)
+            pooled = (h * valid).sum(dim=1) / valid.sum(dim=1)
+        return _head_output(self.head(pooled))
 
 
 def build_model(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
-    return RecurrentClassifier(
-        cfg.kind, task.num_features(spec), cfg.hidden_size, cfg.num_layers, task.num_outputs(spec),
-        per_step=task.head == "per-step",
-    )
+    per_step = task.head == "per-step"
+    if cfg.kind == "transformer":
+        return TransformerClassifier(task.num_features(spec), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                                     task.num_outputs(spec), spec.seq_len, cfg.positions, per_step, cfg.dropout)
+    return RecurrentClassifier(cfg.kind, task.num_features(spec), cfg.hidden_size, cfg.num_layers,
+                               task.num_outputs(spec), per_step, cfg.bidirectional, cfg.dropout)

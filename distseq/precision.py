@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from .config import Config, ConfigError, ModelConfig
+from .config import TrainConfig, ConfigError, ModelConfig
 from .models import build_model
 from .tasks import TASKS
 
@@ -32,14 +32,14 @@ def _step(model, x, lengths, precision: str, device: torch.device) -> None:
     loss.backward()
 
 
-def _inputs(cfg: Config, batch: int, device: torch.device):
+def _inputs(cfg: TrainConfig, batch: int, device: torch.device):
     task, spec = TASKS[cfg.data.task], cfg.task_spec()
     x = torch.randn(batch, spec.seq_len, task.num_features(spec), device=device)  # (B, T, F)
     lengths = torch.full((batch,), spec.seq_len, dtype=torch.int64) if spec.variable else None
     return x, lengths
 
 
-def runs_under(precision: str, cfg: Config, device: torch.device) -> str:
+def runs_under(precision: str, cfg: TrainConfig, device: torch.device) -> str:
     """One forward+backward of the configured model under ``precision``; '' if it works, else the error."""
     model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec()).to(device)
     try:
@@ -53,7 +53,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(requested: str, cfg: Config, device: torch.device) -> Precision:
+def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device) -> Precision:
     """Turn --precision into what actually runs, or raise a ConfigError naming the alternatives."""
     if requested == "no":
         return Precision("no", "fp32 as requested")
@@ -82,14 +82,14 @@ def resolve_precision(requested: str, cfg: Config, device: torch.device) -> Prec
     return Precision(requested, f"{requested} as requested (probed forward+backward works)")
 
 
-def probe_table(cfg: Config, device: torch.device, kinds=("rnn", "gru", "lstm"), repeats: int = 10) -> List[dict]:
+def probe_table(cfg: TrainConfig, device: torch.device, kinds=("rnn", "gru", "lstm"), repeats: int = 10) -> List[dict]:
     """Each model kind x precision on ``device``: works or the error, and ms per forward+backward."""
     batch = cfg.train.global_batch_size
     rows = []
     for kind in kinds:
         for precision in ("no", "bf16", "fp16"):
             row = {"model": kind, "precision": precision, "works": False, "ms_per_step": None, "error": ""}
-            probe_cfg = Config(data=cfg.data, model=ModelConfig(kind=kind, hidden_size=cfg.model.hidden_size,
+            probe_cfg = TrainConfig(data=cfg.data, model=ModelConfig(kind=kind, hidden_size=cfg.model.hidden_size,
                                                               num_layers=cfg.model.num_layers))
             if precision == "fp16" and device.type == "cpu":
                 row["error"] = "not on CPU (accelerate ignores fp16 there)"

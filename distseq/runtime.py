@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-from .config import Config, ConfigError
+from .config import TrainConfig, ConfigError
 from .precision import Precision
 
 TENSORBOARD_PROJECT = "tensorboard"  # event files go to RUN/tensorboard/
@@ -34,7 +34,7 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_accelerator(cfg: Config, precision: Precision) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, precision: Precision) -> Accelerator:
     # cpu=True on a machine without CUDA: otherwise accelerate leaves every launched rank training alone.
     return Accelerator(
         cpu=not torch.cuda.is_available(),

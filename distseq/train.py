@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from .accounting import Accounting, DataAccountingError
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, read_meta, save_checkpoint, select_checkpoint
-from .config import Config, ConfigError, OptimConfig
+from .config import TrainConfig, ConfigError, OptimConfig
 from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batches, train_loader
+from .evaluation import EVAL_BATCH, evaluate, forward
 from .files import DataFileError, FileFeed, FileStream, resolve_files
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
 from .models import build_model
@@ -30,9 +31,6 @@ from .precision import resolve_precision
 from .runtime import (Preemption, build_accelerator, check_world_size, local_device, print0, request_requeue,
                       set_cpu_threads)
 from .tasks import TASKS, Batch, Task
-
-EVAL_BATCH = 1024  # held-out samples per forward pass
-
 
 def lr_factor(cfg: OptimConfig, max_steps: int):
     """Linear warmup to 1, then constant or cosine down to ``min_lr_ratio``."""
@@ -46,34 +44,6 @@ def lr_factor(cfg: OptimConfig, max_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def forward(model, batch: Batch, device: torch.device, variable_length: bool) -> torch.Tensor:
-    x = batch["x"].to(device, non_blocking=True)  # (b, T, F)
-    return model(x, batch["lengths"] if variable_length else None)  # lengths stay on the CPU for packing
-
-
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], eval_size: int,
-             variable_length: bool) -> Dict[str, float]:
-    """Held-out loss and accuracy over exactly ``eval_size`` samples, whatever the world size."""
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    losses, correct = [], []
-    for batch in batches:
-        with accelerator.autocast():
-            logits = forward(model, batch, accelerator.device, variable_length)
-        y = batch["y"].to(accelerator.device)
-        per_sample = torch.stack([task.loss(logits, y), task.correct(logits, y)], 1)  # (n, 2)
-        keep = accelerator.gather_for_metrics(batch["index"].to(accelerator.device)) >= 0  # padding rows are -1
-        gathered = accelerator.gather_for_metrics(per_sample)[keep]  # (valid, 2)
-        losses.append(gathered[:, 0])
-        correct.append(gathered[:, 1])
-    model.train()
-    loss, correct = torch.cat(losses), torch.cat(correct)
-    if loss.numel() != eval_size:
-        raise DataAccountingError(f"evaluation saw {loss.numel()} samples, expected {eval_size}")
-    return {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item()}
 
 
 @dataclass
@@ -108,7 +78,7 @@ def agree(accelerator: Accelerator, flags: torch.Tensor) -> List[float]:
     return flags.tolist()
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns the summary (on every rank; only the main process writes it).
 
     Resumes from --run-dir's newest intact checkpoint unless --resume says otherwise. Raises

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_distseq
 from distseq.cli import main
-from distseq.config import SECTIONS, Config, ConfigError, option_name
+from distseq.config import SECTIONS, TrainConfig, ConfigError, option_name
 
 # (arguments, option the one-line message must name)
 BAD_OPTIONS = [
@@ -77,7 +77,7 @@ def test_bad_option_in_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_validate_names_the_option_for_python_callers():
-    cfg = Config()
+    cfg = TrainConfig()
     cfg.model.kind = "cnn"
     with pytest.raises(ConfigError) as error:
         cfg.validate()
@@ -96,7 +96,7 @@ def test_help_explains_every_option(capsys):
                      "--seq-len", "--global-batch-size", "--grad-accum-steps", "--lr", "--seed", "--precision",
                      "--num-workers", "--log-every", "--eval-every", "--dataset-size"]:
         assert required in text
-    assert "{rnn,gru,lstm}" in text and "{auto,no,bf16,fp16}" in text
+    assert "{rnn,gru,lstm,transformer}" in text and "{auto,no,bf16,fp16}" in text
 
 
 def test_top_level_help_lists_commands():

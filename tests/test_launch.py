@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, assert_ok, cpu_env, free_port, run_distseq, summary
-from distseq.config import Config
+from distseq.config import TrainConfig
 from distseq.precision import cpu_has_native_bf16, resolve_precision, runs_under
 
 CONFIGS = REPO / "accelerate_configs"
@@ -108,7 +108,7 @@ def test_probe_table_covers_the_cpu_rows(tmp_path):
 
 
 def test_lstm_under_cpu_fp16_autocast_fails_and_the_probe_says_so():
-    cfg = Config()
+    cfg = TrainConfig()
     cfg.model.kind = "lstm"
     assert "could not create a primitive descriptor" in runs_under("fp16", cfg, torch.device("cpu"))
     assert runs_under("no", cfg, torch.device("cpu")) == ""
@@ -116,7 +116,7 @@ def test_lstm_under_cpu_fp16_autocast_fails_and_the_probe_says_so():
 
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 def test_auto_on_cpu_picks_bf16_only_where_it_runs(kind):
-    cfg = Config()
+    cfg = TrainConfig()
     cfg.model.kind = kind
     chosen = resolve_precision("auto", cfg, torch.device("cpu"))
     runs = cpu_has_native_bf16() and runs_under("bf16", cfg, torch.device("cpu")) == ""
@@ -126,7 +126,7 @@ def test_auto_on_cpu_picks_bf16_only_where_it_runs(kind):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_on_cuda_picks_a_working_autocast():
-    cfg = Config()
+    cfg = TrainConfig()
     chosen = resolve_precision("auto", cfg, torch.device("cuda", 0))
     assert chosen.name == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
     assert runs_under(chosen.name, cfg, torch.device("cuda", 0)) == ""

@@ -1,0 +1,93 @@
+"""Held-out evaluation, during training and as ``distseq eval`` on 1 or N processes.
+
+Each rank evaluates its own share; ``gather_for_metrics`` collects per-sample results and padding
+rows (index -1) are dropped, so every sample counts exactly once whatever the process count.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+
+from .accounting import DataAccountingError
+from .tasks import Batch, Task
+
+EVAL_BATCH = 1024  # held-out samples per forward pass
+
+
+def forward(model, batch: Batch, device: torch.device, variable_length: bool) -> torch.Tensor:
+    x = batch["x"].to(device, non_blocking=True)  # (b, T, F)
+    return model(x, batch["lengths"] if variable_length else None)  # lengths stay on the CPU for packing
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], expected: Optional[int],
+             variable_length: bool) -> Dict[str, float]:
+    """Loss and accuracy over every real sample of ``batches`` (exactly ``expected`` when given)."""
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    losses, correct = [], []
+    for batch in batches:
+        with accelerator.autocast():
+            logits = forward(model, batch, accelerator.device, variable_length)
+        y = batch["y"].to(accelerator.device)
+        per_sample = torch.stack([task.loss(logits, y), task.correct(logits, y)], 1)  # (n, 2)
+        keep = accelerator.gather_for_metrics(batch["index"].to(accelerator.device)) >= 0  # padding rows are -1
+        gathered = accelerator.gather_for_metrics(per_sample)[keep]  # (valid, 2)
+        losses.append(gathered[:, 0])
+        correct.append(gathered[:, 1])
+    model.train(was_training)
+    loss, correct = torch.cat(losses), torch.cat(correct)
+    if expected is not None and loss.numel() != expected:
+        raise DataAccountingError(f"evaluation saw {loss.numel()} samples, expected {expected}")
+    return {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item(), "eval/samples": loss.numel()}
+
+
+def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[int],
+                 data_files: Optional[str]) -> dict:
+    """``distseq eval``: the newest intact (or the given) checkpoint on held-out data; writes RUN/eval.json."""
+    from .checkpoint import CheckpointError, select_checkpoint
+    from .data import SampleSource, eval_batches
+    from .export import model_from_checkpoint
+    from .files import FileStream, file_eval_batches, resolve_files
+    from .metrics import write_json
+    from .runtime import print0
+    from .tasks import TASKS
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    path = select_checkpoint(accelerator, run_dir, checkpoint or "auto", lambda line: print0(accelerator, line))
+    if path is None:
+        raise CheckpointError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
+    model, cfg, meta = model_from_checkpoint(path)
+    model.to(accelerator.device)
+    task, spec = TASKS[cfg.data.task], cfg.task_spec()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    started = time.perf_counter()
+    if data_files:
+        stream = FileStream(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column, task, spec,
+                            rank, world, EVAL_BATCH)
+        batches, expected = file_eval_batches(stream, accelerator, EVAL_BATCH), None
+    else:
+        expected = eval_size or cfg.data.eval_size
+        source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "eval")
+        batches = eval_batches(source, rank, world, expected, EVAL_BATCH)
+    metrics = evaluate(accelerator, model, task, batches, expected, spec.variable)
+    result = {
+        "loss": metrics["eval/loss"],
+        "accuracy": metrics["eval/accuracy"],
+        "samples": metrics["eval/samples"],
+        "seconds": time.perf_counter() - started,
+        "checkpoint": str(path),
+        "step": meta["step"],
+        "world_size": world,
+        "data": data_files or "held-out stream",
+    }
+    if accelerator.is_main_process:
+        write_json(Path(run_dir) / "eval.json", result)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()), flush=True)
+    return result

@@ -1,0 +1,88 @@
+"""``distseq predict``: JSON lines in, one prediction per line out.
+
+Every input line is checked before anything is written, so a bad line is an error naming it and no
+output is left half-written (``--output`` is written to a temporary file and renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .config import TrainConfig
+from .files import DataFileError, sequence_to_tensor
+from .tasks import TASKS
+
+BATCH = 1024
+
+
+def read_inputs(path: str, column: str, cfg: TrainConfig):
+    """(x (N, T, F), lengths (N,)) from a JSON-lines file; DataFileError naming the line otherwise."""
+    task, spec = TASKS[cfg.data.task], cfg.task_spec()
+    xs, lengths = [], []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise DataFileError(f"{path}: cannot read: {error.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFileError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict) or column not in row:
+            raise DataFileError(f"{where}: missing {column!r}")
+        x, length = sequence_to_tensor(row[column], where, column, task, spec)
+        xs.append(x)
+        lengths.append(length)
+    if not xs:
+        raise DataFileError(f"{path}: no input lines")
+    return torch.stack(xs), torch.tensor(lengths, dtype=torch.int64)
+
+
+def random_inputs(n: int, cfg: TrainConfig):
+    """The first ``n`` held-out samples (x, lengths, y)."""
+    from .data import SampleSource
+
+    spec = cfg.task_spec()
+    batch = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "eval").samples(torch.arange(n))
+    lengths = batch.get("lengths", torch.full((n,), spec.seq_len, dtype=torch.int64))
+    return batch["x"], lengths, batch["y"]
+
+
+@torch.no_grad()
+def predictions(model, x: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig, labels=None) -> List[dict]:
+    head, variable = TASKS[cfg.data.task].head, cfg.task_spec().variable
+    rows = []
+    for start in range(0, x.shape[0], BATCH):
+        out = model(x[start:start + BATCH], lengths[start:start + BATCH] if variable else None)
+        for i, logits in enumerate(out):
+            if head == "binary":
+                row = {"probability": torch.sigmoid(logits).item(), "class": int(logits.item() > 0)}
+            elif head == "regression":
+                row = {"value": logits.item()}
+            else:
+                row = {"classes": logits.argmax(-1).tolist()}  # per step; the task's labelled steps matter
+            if labels is not None:
+                label = labels[start + i]
+                row["label"] = label.tolist() if label.dim() else label.item()
+            rows.append(row)
+    return rows
+
+
+def write_lines(rows: List[dict], output: Optional[str]) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = f"{output}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, output)
