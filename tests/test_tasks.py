@@ -69,11 +69,13 @@ def test_copy_rule_by_hand():
     assert torch.equal(batch["y"][:, 9:], tokens[:, :3] - 1)  # recall the symbols, classes 0..V-1
 
 
-@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm", "bi-gru", "transformer"])
 def test_padding_never_changes_a_samples_logits(kind):
     torch.manual_seed(0)
     spec = VARIABLE
-    model = build_model(ModelConfig(kind=kind, hidden_size=8, num_layers=2), TASKS["sum-sign"], spec).eval()
+    config = ModelConfig(kind=kind.removeprefix("bi-"), hidden_size=8, num_layers=2, bidirectional=kind.startswith("bi-"),
+                         num_heads=2)
+    model = build_model(config, TASKS["sum-sign"], spec).eval()
     batch = draw("sum-sign", spec, n=16)
     with torch.no_grad():
         together = model(batch["x"], batch["lengths"])  # (16,)

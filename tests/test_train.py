@@ -87,16 +87,18 @@ def test_gradient_accumulation_matches_a_large_batch(tmp_path):
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-@pytest.mark.parametrize("model", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("model", ["rnn", "gru", "lstm", "transformer", "bi-lstm"])
 def test_every_model_trains_on_every_task_in_process(task, model, tmp_path):
     cfg = preset("default")
-    cfg.data.task, cfg.model.kind, cfg.model.hidden_size = task, model, 16
+    cfg.data.task, cfg.model.kind, cfg.model.hidden_size = task, model.removeprefix("bi-"), 16
+    cfg.model.bidirectional = model.startswith("bi-")
+    cfg.model.num_layers, cfg.model.dropout = (2, 0.1) if model.startswith("bi-") else (1, 0.0)
     cfg.data.seq_len, cfg.data.copy_len, cfg.data.eval_size = 12, 3, 100
     if task != "copy":
         cfg.data.min_seq_len = 4  # variable length: packed sequences
     cfg.train.max_steps, cfg.train.eval_every, cfg.train.global_batch_size = 4, 2, 32
     cfg.train.run_dir, cfg.log.progress, cfg.log.log_every = str(tmp_path), False, 2
     result = train(cfg)
-    assert result["task"] == task and result["model"] == model and result["step"] == 4
+    assert result["task"] == task and result["model"] == cfg.model.kind and result["step"] == 4
     assert math.isfinite(result["eval/loss"]) and 0 <= result["eval/accuracy"] <= 1
     assert (tmp_path / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
