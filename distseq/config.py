@@ -146,6 +146,11 @@ class CheckpointConfig:
 class LogConfig:
     log_every: int = _opt(50, "print one log line and write TensorBoard scalars every N optimizer steps")
     progress: bool = _opt(True, "show a progress bar on the main process")
+    profile_steps: Optional[str] = _opt(
+        None,
+        "A:B = record a torch.profiler trace of optimizer steps A+1..B into RUN/tensorboard/profile/, print the "
+        "top operators and write RUN/profile.json (where step time goes); absent = no profiling",
+    )
 
 
 SECTIONS = {
@@ -246,6 +251,8 @@ class TrainConfig:
         if t.start_step and self.checkpoint.resume != "never":
             raise ConfigError("--start-step", "starts a fresh run; add --resume never (a checkpoint sets the step itself)")
         _at_least("--log-every", self.log.log_every, 1)
+        if self.log.profile_steps is not None:
+            self._validate_profile_steps()
         per_step = world_size * t.grad_accum_steps
         if t.global_batch_size % per_step:
             raise ConfigError(
@@ -259,6 +266,14 @@ class TrainConfig:
             raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
         return self
 
+
+    def _validate_profile_steps(self) -> None:
+        text, max_steps = self.log.profile_steps, self.train.max_steps
+        first, sep, last = str(text).partition(":")
+        if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+            raise ConfigError("--profile-steps", f"expected A:B with integers 0 <= A < B <= --max-steps (got {text!r})")
+        if not int(first) < int(last) <= max_steps:
+            raise ConfigError("--profile-steps", f"expected 0 <= A < B <= --max-steps {max_steps} (got {text!r})")
 
     def _validate_data_files(self) -> None:
         from .files import check_columns, resolve_files  # reads the first row: only when files are used

@@ -27,6 +27,7 @@ from .evaluation import EVAL_BATCH, evaluate, forward
 from .files import DataFileError, FileFeed, FileStream, resolve_files
 from .metrics import Throughput, log_line, start_tracking, summary, write_json
 from .models import build_model
+from .profiling import StepProfiler, format_profile
 from .precision import resolve_precision
 from .runtime import (Preemption, build_accelerator, check_world_size, local_device, print0, request_requeue,
                       set_cpu_threads)
@@ -151,12 +152,19 @@ def train(cfg: TrainConfig) -> dict:
     sums = WindowSums.zeros(device)
     accounting = Accounting(start * layout.global_batch, world) if t.verify_data else None
     eval_metrics: Dict[str, float] = {}
+    eval_history: List[dict] = []  # (step, training seconds, metrics) of every evaluation: accuracy over time
     skipped_steps = 0
+    profiler = StepProfiler(cfg.log.profile_steps, run_dir, rank, device)
     checkpoint: Optional[Path] = resume_from
     meter = Throughput(start, start * layout.global_batch)
     bar = tqdm(total=t.max_steps, initial=start, desc="train",
                disable=not (accelerator.is_main_process and cfg.log.progress))
     started = time.perf_counter()
+    paused = 0.0  # seconds spent evaluating and checkpointing, which are not training time
+
+    def train_seconds() -> float:
+        return time.perf_counter() - started - paused
+
     check_grads = precision.name != "fp16"  # under fp16 the grad scaler owns overflow: it skips those steps itself
 
     def log(done: int) -> None:
@@ -177,20 +185,33 @@ def train(cfg: TrainConfig) -> dict:
             bar.write(log_line(done, t.max_steps, scalars))
 
     def evaluate_and_log(done: int) -> Dict[str, float]:
+        nonlocal paused
+        at, began = train_seconds(), time.perf_counter()
         metrics = evaluate(accelerator, model, task, eval_set, d.eval_size, spec.variable)
         accelerator.log(metrics, step=done)
         if accelerator.is_main_process:
             bar.write(log_line(done, t.max_steps, metrics))
+        eval_history.append({"step": done, "train_seconds": at, **metrics})
+        paused += time.perf_counter() - began
         return metrics
 
     def save(done: int) -> Path:
-        return save_checkpoint(accelerator, model, optimizer, scheduler, step=done, samples=done * layout.global_batch,
+        nonlocal paused
+        began = time.perf_counter()
+        path = save_checkpoint(accelerator, model, optimizer, scheduler, step=done, samples=done * layout.global_batch,
                                config=config, keep_last=cfg.checkpoint.keep_last, data_state=feed.state_dict())
+        paused += time.perf_counter() - began
+        return path
 
     def result(done: int, status: str) -> dict:
+        seconds = train_seconds()
         extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch,
                  "global_batch": layout.global_batch, "start_step": start, "skipped_steps": skipped_steps,
-                 "status": status, "resumed_from": str(resume_from) if resume_from else None}
+                 "status": status, "resumed_from": str(resume_from) if resume_from else None,
+                 "train_seconds": seconds, "steps_per_sec": (done - start) / max(seconds, 1e-9),
+                 "eval_history": eval_history}
+        if profiler.result:
+            extra["profile"] = profiler.result
         if accounting:
             extra["data_accounting"] = accounting.report()
         out = summary(
@@ -206,7 +227,9 @@ def train(cfg: TrainConfig) -> dict:
     done = start
     with Preemption() as preemption:
         for step in range(start, t.max_steps):
-            micro = feed.next_step()
+            profiler.begin(step)
+            with profiler.span("data"):
+                micro = feed.next_step()
             if micro is None:  # every rank agreed the data files are used up
                 break
             done = step + 1
@@ -217,38 +240,44 @@ def train(cfg: TrainConfig) -> dict:
             for batch in micro:
                 y = batch["y"].to(device, non_blocking=True)
                 with accelerator.accumulate(model):
-                    logits = forward(model, batch, device, spec.variable)
-                    losses = task.loss(logits, y)  # (b,)
-                    accelerator.backward(losses.mean())
-                    step_loss += losses.detach().sum()
-                    step_correct += task.correct(logits.detach(), y).sum()
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                        bad = ~torch.isfinite(step_loss) | (~torch.isfinite(grad_norm) if check_grads else False)
-                        nonfinite, stop = agree(accelerator, torch.stack(
-                            [bad.float(), torch.tensor(float(preemption.received), device=device)]))
-                        if nonfinite and t.on_nonfinite == "stop":
-                            raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without "
-                                                 f"saving (--on-nonfinite skip skips such steps)")
-                        if not nonfinite:
-                            optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            bar.update(1)
-            if nonfinite:
-                skipped_steps += 1
-            else:
-                sums.loss += step_loss
-                sums.correct += step_correct
-                sums.grad_norm = grad_norm
-            if accounting:
-                for batch in micro:
-                    accounting.window.add(batch["index"])
-
-            if accounting and (is_log_step or is_eval_step or stop):
-                accounting.check(accelerator, done * layout.global_batch)
-            if is_log_step:
-                log(done)
+                    with profiler.span("forward_backward"):
+                        logits = forward(model, batch, device, spec.variable)
+                        losses = task.loss(logits, y)  # (b,)
+                        accelerator.backward(losses.mean())
+                        step_loss += losses.detach().sum()
+                        step_correct += task.correct(logits.detach(), y).sum()
+                    with profiler.span("optimizer"):
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                            bad = ~torch.isfinite(step_loss) | (~torch.isfinite(grad_norm) if check_grads else False)
+                            nonfinite, stop = agree(accelerator, torch.stack(
+                                [bad.float(), torch.tensor(float(preemption.received), device=device)]))
+                            if nonfinite and t.on_nonfinite == "stop":
+                                raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without "
+                                                     f"saving (--on-nonfinite skip skips such steps)")
+                            if not nonfinite:
+                                optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            with profiler.span("optimizer"):
+                scheduler.step()
+            with profiler.span("logging"):
+                bar.update(1)
+                if nonfinite:
+                    skipped_steps += 1
+                else:
+                    sums.loss += step_loss
+                    sums.correct += step_correct
+                    sums.grad_norm = grad_norm
+                if accounting:
+                    for batch in micro:
+                        accounting.window.add(batch["index"])
+                if accounting and (is_log_step or is_eval_step or stop):
+                    accounting.check(accelerator, done * layout.global_batch)
+                if is_log_step:
+                    log(done)
+            if profiler.end(done) and accelerator.is_main_process:
+                bar.write(format_profile(profiler.result))
+                write_json(run_dir / "profile.json", profiler.result)
             if is_eval_step:
                 eval_metrics = evaluate_and_log(done)
             every = cfg.checkpoint.checkpoint_every
