@@ -115,8 +115,8 @@ def probe_table(cfg: TrainConfig, device: torch.device, kinds=("rnn", "gru", "ls
 
 def format_probe(rows: List[dict], device: torch.device) -> str:
     lines = [f"precision probe on {device} (forward+backward, ms per step)",
-             f"{'model':<6} {'precision':<9} {'result':<8} {'ms':>8}  note"]
+             f"{'model':<11} {'precision':<9} {'result':<8} {'ms':>8}  note"]
     for r in rows:
         ms = f"{r['ms_per_step']:8.2f}" if r["works"] else f"{'-':>8}"
-        lines.append(f"{r['model']:<6} {r['precision']:<9} {'works' if r['works'] else 'error':<8} {ms}  {r['error']}")
+        lines.append(f"{r['model']:<11} {r['precision']:<9} {'works' if r['works'] else 'error':<8} {ms}  {r['error']}")
     return "\n".join(lines)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
+import socket
 import subprocess
 from datetime import timedelta
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -16,6 +17,13 @@ from .config import TrainConfig, ConfigError
 from .precision import Precision
 
 TENSORBOARD_PROJECT = "tensorboard"  # event files go to RUN/tensorboard/
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def local_world_size() -> int:

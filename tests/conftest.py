@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from distseq.runtime import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--max-steps", "6", "--log-every", "2", "--eval-every", "3", "--eval-size", "256", "--no-progress"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_env(**extra) -> dict:

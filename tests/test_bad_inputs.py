@@ -91,6 +91,8 @@ CASES = [
     ("config missing", ["--config", T + "/none.yaml"], setup_nothing, 2, "--config: cannot read"),
     ("config wrong type", ["--config", T + "/c.json"], a_file("c.json", '{"optim": {"lr": "fast"}}'), 2,
      "--lr: must be a finite number > 0 (got 'fast')"),
+    ("profile steps past the end", ["--profile-steps", "2:9"], setup_nothing, 2,
+     "--profile-steps: expected 0 <= A < B <= --max-steps 6 (got '2:9')"),
     ("data file missing", ["--data-files", T + "/none.jsonl"], setup_nothing, 2, "--data-files: no such file"),
     ("data column missing", ["--data-files", T + "/d.jsonl", "--label-column", "y"],
      a_file("d.jsonl", '{"sequence": [0.1], "label": 1}\n'), 2, "--label-column: column 'y' is not in"),

@@ -1,8 +1,6 @@
 """The command line: help explains every option; a bad value is one line naming the option, exit 2."""
 
 import dataclasses
-import json
-import math
 
 import pytest
 
@@ -47,6 +45,9 @@ BAD_OPTIONS = [
     (["--data-files", "/no/such/file.jsonl"], "--data-files"),
     (["--samples-per-example", "0"], "--samples-per-example"),
     (["--eval-size", "0"], "--eval-size"),
+    (["--profile-steps", "5:2"], "--profile-steps"),
+    (["--profile-steps", "10:2000"], "--profile-steps"),
+    (["--profile-steps", "7"], "--profile-steps"),
 ]
 
 
@@ -102,18 +103,3 @@ def test_help_explains_every_option(capsys):
 def test_top_level_help_lists_commands():
     proc = run_distseq(["--help"])
     assert proc.returncode == 0 and "train" in proc.stdout and "accelerate launch" in proc.stdout
-
-
-def test_bench_stream_quick_writes_every_key(tmp_path):
-    proc = run_distseq(["bench", "stream", "--quick", "--out", str(tmp_path)], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "stream.json").read_text())
-    for key in ("stream_ratio", "seek_ratio", "raw_samples_per_sec", "stream_samples_per_sec",
-                "naive_samples_per_sec", "verify_data_overhead"):
-        assert isinstance(result[key], float) and math.isfinite(result[key]), key
-    for key in ("raw_samples_per_sec", "stream_samples_per_sec", "naive_samples_per_sec", "seek_ratio"):
-        assert result[key] > 0
-    assert 0 < result["stream_ratio"] < 5 and 0 <= result["verify_data_overhead"] < 1
-    assert set(result["tasks"]) == {"sum-sign", "parity", "adding", "copy"}
-    assert all(t["stream_ratio"] > 0 for t in result["tasks"].values())
-    assert "stream_ratio=" in proc.stdout and "seek_ratio=" in proc.stdout

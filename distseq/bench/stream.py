@@ -1,10 +1,10 @@
-"""Benchmarks that report ratios measured in one run on this machine (never absolute goals).
+"""The stream suite: the data pipeline against raw ``torch.randn`` on this machine, in one run.
 
-``distseq bench stream --out DIR`` compares, per process, the samples/s of
+It compares, per process, the samples/s of
   (a) raw ``torch.randn`` of the same shape in blocks (the reference),
   (b) the distseq stream through ``datasets`` + DataLoader with 0 and 2 workers,
   (c) a naive ``datasets`` generator yielding one sample per example (a short run, for the record),
-and the time to the first batch at stream position 0 and 10^12. Writes ``DIR/stream.json``.
+and the time to the first batch at stream position 0 and 10^12, and the cost of ``--verify-data``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Dict, Iterator
 
 import torch
 
-from .config import DataConfig
-from .data import Layout, SampleSource, micro_batches, train_loader
-from .metrics import write_json
-from .tasks import TASKS, TaskSpec
+from ..config import DataConfig
+from ..data import Layout, SampleSource, micro_batches, train_loader
+from ..tasks import TASKS, TaskSpec
 
 SEEK_POSITION = 10**12
 
@@ -76,9 +74,9 @@ def verify_data_overhead(steps: int, repeats: int) -> Dict[str, float]:
     measured step time. ``verify_data_overhead_end_to_end``: median wall time with it on vs off,
     alternated; a ~1% effect is below this figure's noise on a shared machine.
     """
-    from .accounting import Digest
-    from .config import preset
-    from .train import train
+    from ..accounting import Digest
+    from ..config import preset
+    from ..train import train
 
     seconds = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +107,13 @@ def verify_data_overhead(steps: int, repeats: int) -> Dict[str, float]:
             "verify_data_ms_per_step": 1000 * per_step}
 
 
-def stream_benchmark(out_dir: str, seconds: float = 2.0, seq_len: int = 10, micro_batch: int = 256,
+def stream_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
+    if quick:
+        return stream_benchmark(seconds=0.2, verify_steps=20, repeats=1, log=log)
+    return stream_benchmark(log=log)
+
+
+def stream_benchmark(seconds: float = 2.0, seq_len: int = 10, micro_batch: int = 256,
                      verify_steps: int = 300, repeats: int = 3, log: Callable[[str], None] = print) -> Dict:
     spec = TaskSpec(seq_len, seq_len)
     block = DataConfig().block_size  # the reference draws blocks of the size the stream draws
@@ -149,8 +153,6 @@ def stream_benchmark(out_dir: str, seconds: float = 2.0, seq_len: int = 10, micr
         "tasks": tasks,
         "torch_threads": torch.get_num_threads(),
     }
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out_dir) / "stream.json", result)
     log(stream_table(result))
     return result
 

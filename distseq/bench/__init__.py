@@ -1,0 +1,107 @@
+"""``distseq bench``: ratios measured in one run on this machine, a table, ``bench.json`` and a report.
+
+Every figure compares distseq with a raw reference measured in the same invocation (a plain PyTorch
+loop, one process, raw ``torch.randn``, the original example's script), so a shared or noisy machine
+moves both sides. Each suite runs in a process of its own (``suite.py``); this module runs them in
+order, collects the headline keys into ``OUT/bench.json`` and writes the report (``report.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Sequence
+
+from tqdm.auto import tqdm
+
+from ..metrics import write_json
+
+SUITE_NAMES = ("overhead", "scaling", "stream", "accuracy", "precision", "profile")
+
+# what each suite contributes to the top level of bench.json
+HEADLINES = {
+    "overhead": ("overhead_ratio",),
+    "scaling": ("scaling_2proc", "scaling_efficiency"),
+    "stream": ("stream_ratio", "seek_ratio"),
+    "accuracy": ("time_to_99_s", "seed_recipe_seconds", "seed_recipe_accuracy"),
+    "precision": ("precision_table",),
+    "profile": ("step_time_shares",),
+}
+
+# (comparison, goal) for the ratios that have one
+GOALS = {
+    "overhead_ratio": (">=", 0.95),
+    "scaling_2proc": (">=", 1.7),
+    "stream_ratio": (">=", 0.5),
+    "seek_ratio": ("<=", 1.1),
+}
+
+
+class BenchError(RuntimeError):
+    """A suite failed; the message names it."""
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> Dict:
+    import accelerate
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU: {cpu_name()}"
+    return {"cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def goal_met(key: str, value) -> bool:
+    comparison, goal = GOALS[key]
+    return value >= goal if comparison == ">=" else value <= goal
+
+
+def collect(results: Dict[str, dict], quick: bool) -> Dict:
+    bench: Dict = {"quick": quick, "suites_run": list(results), "machine": machine()}
+    for name, result in results.items():
+        for key in HEADLINES[name]:
+            bench[key] = result[key]
+    bench["goals"] = {key: {"comparison": comparison, "goal": goal, "met": goal_met(key, bench[key])}
+                      for key, (comparison, goal) in GOALS.items() if key in bench}
+    bench["peak_rss_mb"] = {name: result["peak_rss_mb"] for name, result in results.items()}
+    cuda = {name: result["peak_cuda_memory_mb"] for name, result in results.items() if "peak_cuda_memory_mb" in result}
+    if cuda:
+        bench["peak_cuda_memory_mb"] = cuda
+    bench["suites"] = results
+    return bench
+
+
+def run_bench(out_dir: str, suites: Sequence[str], quick: bool, log: Callable[[str], None] = print) -> Dict:
+    """Run ``suites`` one process each, then write bench.json, the table and the report."""
+    from .report import summary_table, write_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in tqdm(suites, desc="bench", unit="suite"):
+        log(f"distseq bench: {name}{' (quick)' if quick else ''}")
+        command = [sys.executable, "-m", "distseq.bench.suite", name, str(out)] + (["--quick"] if quick else [])
+        returncode = subprocess.run(command).returncode
+        if returncode != 0:
+            raise BenchError(f"suite {name!r} failed (exit {returncode}); its output is above")
+        results[name] = json.loads((out / f"{name}.json").read_text())
+    bench = collect(results, quick)
+    write_json(out / "bench.json", bench)
+    log(summary_table(bench))
+    write_report(out, bench, log)
+    return bench

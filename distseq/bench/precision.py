@@ -1,0 +1,26 @@
+"""The precision suite: which model kind runs under which precision on this device, and how fast.
+
+The probe of ``distseq probe`` (one forward+backward per step, no optimizer) at the overhead config's
+size (hidden 256, seq 32, batch 256), for every model kind.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from ..config import MODELS
+from ..precision import format_probe, probe_table
+from ..runtime import local_device, set_cpu_threads
+from .overhead import overhead_config
+
+
+def precision_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
+    set_cpu_threads()
+    device = local_device()
+    cfg = overhead_config(1, "unused")
+    rows = probe_table(cfg, device, kinds=MODELS, repeats=2 if quick else 10)
+    for row in rows:
+        row["steps_per_sec"] = 1000.0 / row["ms_per_step"] if row["works"] else None
+    log(format_probe(rows, device))
+    return {"precision_table": rows, "device": str(device), "hidden_size": cfg.model.hidden_size,
+            "seq_len": cfg.data.seq_len, "batch": cfg.train.global_batch_size}

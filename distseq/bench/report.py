@@ -1,0 +1,240 @@
+"""The bench report: a text table always; PNG plots and ``report.md`` embedding them with matplotlib.
+
+matplotlib is the optional ``bench`` extra. Without it the table and ``report.md`` (tables only) are
+still written and the message says how to get the plots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+PLOTS_HINT = "plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), then run distseq bench again"
+
+
+def ordered_shares(shares: Dict[str, float]) -> Dict[str, float]:
+    """The step's phases in step order (JSON files sort their keys)."""
+    from ..profiling import PHASES
+
+    return {phase: shares[phase] for phase in (*PHASES, "other") if phase in shares}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "not reached"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def headline_rows(bench: Dict) -> List[tuple]:
+    """(figure, value, goal, what it compares) for each headline ratio present."""
+    from . import GOALS
+
+    rows = []
+    described = {
+        "overhead_ratio": "distseq train steps/s / plain PyTorch loop (LSTM h256, seq 32, batch 256, fp32)",
+        "scaling_2proc": "samples/s on 2 processes / 1 process (gloo, 1 thread each, same micro-batch)",
+        "scaling_efficiency": "scaling_2proc / 2",
+        "stream_ratio": "stream samples/s / raw torch.randn (sum-sign, seq 10)",
+        "seek_ratio": "first batch at sample 10^12 / at 0",
+        "time_to_99_s": "training seconds of the default preset to 0.99 held-out accuracy",
+        "seed_recipe_seconds": "training seconds of the original recipe (10 epochs, plain script)",
+        "seed_recipe_accuracy": "its held-out accuracy",
+    }
+    for key, text in described.items():
+        if key in bench:
+            goal = ""
+            if key in GOALS:
+                comparison, target = GOALS[key]
+                goal = f"{comparison} {target} ({'met' if bench['goals'][key]['met'] else 'MISSED'})"
+            rows.append((key, _fmt(bench[key]), goal, text))
+    return rows
+
+
+def summary_table(bench: Dict) -> str:
+    lines = [f"distseq bench on {bench['machine']['device']}, {bench['machine']['cpu_count']} CPUs"
+             + (" (quick: short measurements, for a smoke test)" if bench["quick"] else "")]
+    lines += [f"  {key:<22} {value:>12}  {goal:<18} {text}" for key, value, goal, text in headline_rows(bench)]
+    if "step_time_shares" in bench:
+        lines.append("  step time (profile)    " + "  ".join(f"{k}={100 * v:.1f}%" for k, v in ordered_shares(bench["step_time_shares"]).items()))
+    if "precision_table" in bench:
+        cells = [f"{r['model']}/{r['precision']}=" + (f"{r['steps_per_sec']:.1f}" if r["works"] else "x")
+                 for r in bench["precision_table"]]
+        lines.append("  precision (steps/s)    " + "  ".join(cells))
+    lines.append("  peak RSS (MB)          " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_rss_mb"].items()))
+    if "peak_cuda_memory_mb" in bench:
+        lines.append("  peak CUDA memory (MB)  " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_cuda_memory_mb"].items()))
+    return "\n".join(lines)
+
+
+def _plot_overhead(plt, s: Dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = ["plain PyTorch loop", "distseq train"]
+    values = [s["plain_steps_per_sec"], s["distseq_steps_per_sec"]]
+    ax.bar(names, values, color=["#999999", "#1f77b4"])
+    for i, key in enumerate(("plain", "distseq")):
+        ax.plot([i] * len(s["repeats"][key]), s["repeats"][key], "k.", label="repeats" if i == 0 else None)
+    ax.set_ylabel("optimizer steps/s (median)")
+    ax.set_title(f"overhead_ratio = {s['overhead_ratio']:.3f} (goal >= 0.95)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_scaling(plt, s: Dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    one, two = s["samples_per_sec"]["1"], s["samples_per_sec"]["2"]
+    ax.bar(["1 process", "2 processes"], [one, two], color=["#999999", "#1f77b4"])
+    ax.axhline(2 * one, color="k", linestyle="--", linewidth=1, label="ideal (2x)")
+    ax.set_ylim(0, 2.25 * one)
+    ax.set_ylabel("samples/s (median)")
+    ax.set_title(f"scaling_2proc = {s['scaling_2proc']:.2f} (goal >= 1.7)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_accuracy(plt, s: Dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([p["train_seconds"] for p in s["default_curve"]], [p["accuracy"] for p in s["default_curve"]],
+            "-o", markersize=3, label=f"distseq default preset ({s['default_precision']})")
+    ax.plot([p["train_seconds"] for p in s["seed_recipe_curve"]], [p["accuracy"] for p in s["seed_recipe_curve"]],
+            "-s", markersize=3, label="original recipe (plain script, per epoch)")
+    ax.axhline(0.99, color="k", linestyle="--", linewidth=1, label="0.99")
+    ax.set_xlabel("training seconds (evaluation not counted)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0.5, 1.0)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_precision(plt, rows: List[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    kinds = list(dict.fromkeys(r["model"] for r in rows))
+    precisions = list(dict.fromkeys(r["precision"] for r in rows))
+    width = 0.8 / len(precisions)
+    for j, precision in enumerate(precisions):
+        values = [next((r["steps_per_sec"] or 0.0) for r in rows if r["model"] == k and r["precision"] == precision)
+                  for k in kinds]
+        ax.bar([i + j * width for i in range(len(kinds))], values, width, label={"no": "fp32"}.get(precision, precision))
+    ax.set_xticks([i + width * (len(precisions) - 1) / 2 for i in range(len(kinds))], kinds)
+    ax.set_ylabel("forward+backward steps/s (0 = does not run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_shares(plt, shares: Dict[str, float], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    left = 0.0
+    for name, share in shares.items():
+        ax.barh([0], [100 * share], left=left, label=f"{name} {100 * share:.1f}%")
+        left += 100 * share
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_title("% of step time (overhead config, torch.profiler)", fontsize=10)
+    ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _plot_memory(plt, memory: Dict[str, float], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(list(memory), list(memory.values()), color="#1f77b4")
+    ax.set_ylabel("peak RSS per process (MB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
+    """The PNGs for the suites that ran, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    suites, written = bench["suites"], []
+    plots = [
+        ("overhead.png", "overhead", lambda p: _plot_overhead(plt, suites["overhead"], p)),
+        ("scaling.png", "scaling", lambda p: _plot_scaling(plt, suites["scaling"], p)),
+        ("time_to_accuracy.png", "accuracy", lambda p: _plot_accuracy(plt, suites["accuracy"], p)),
+        ("precision.png", "precision", lambda p: _plot_precision(plt, bench["precision_table"], p)),
+        ("step_time.png", "profile", lambda p: _plot_shares(plt, ordered_shares(bench["step_time_shares"]), p)),
+        ("memory.png", None, lambda p: _plot_memory(plt, bench["peak_rss_mb"], p)),
+    ]
+    for filename, suite, draw in plots:
+        if suite is None or suite in suites:
+            draw(out / filename)
+            plt.close("all")
+            written.append(filename)
+    return written
+
+
+def details(suites: Dict) -> List[str]:
+    """How each headline figure was measured, with both sides of each ratio."""
+    lines = ["", "## How each figure was measured", ""]
+    if "overhead" in suites:
+        o = suites["overhead"]
+        lines.append(f"- **overhead**: `distseq train` {o['distseq_steps_per_sec']:.2f} steps/s vs a hand-written loop "
+                     f"{o['plain_steps_per_sec']:.2f} steps/s (medians of {len(o['repeats']['plain'])} alternating "
+                     f"repeats of {o['steps']} steps, {o['torch_threads']} threads; same model, stream, AdamW, "
+                     "schedule and clipping; evaluation and checkpoint writes not counted).")
+    if "scaling" in suites:
+        c = suites["scaling"]
+        lines.append(f"- **scaling**: 1 process {c['samples_per_sec']['1']:,.0f} samples/s, 2 processes "
+                     f"{c['samples_per_sec']['2']:,.0f} samples/s (torchrun, gloo, 1 thread each, micro-batch "
+                     f"{c['micro_batch_per_rank']} per rank, medians of {len(c['repeats']['1'])} alternating repeats "
+                     f"of {c['steps']} steps; CPU even on a GPU machine).")
+    if "accuracy" in suites:
+        a = suites["accuracy"]
+        lines.append(f"- **time to accuracy**: the default preset ({a['default_precision']}) evaluated every 50 steps on "
+                     f"held-out data, final accuracy {a['default_final_accuracy']:.4f} after "
+                     f"{a['default_train_seconds']:.2f} s of training; the original recipe as a plain script "
+                     f"(Sigmoid + BCELoss, label shape fixed), evaluated after each of its 10 epochs.")
+    if "stream" in suites:
+        from .stream import stream_table
+
+        lines += ["- **stream**:", "", "```", stream_table(suites["stream"]), "```"]
+    return lines
+
+
+def report_markdown(bench: Dict, plots: Optional[List[str]]) -> str:
+    m = bench["machine"]
+    lines = ["# distseq bench report", "",
+             f"{m['date']} on {m['device']}, {m['cpu_count']} CPUs, torch {m['torch']}, accelerate {m['accelerate']}"
+             + (" -- **quick mode: short measurements, not for comparison**" if bench["quick"] else ""), "",
+             "Every ratio compares distseq with a reference measured in the same run on the same machine.", "",
+             "| figure | value | goal | compares |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{key}` | {value} | {goal} | {text} |" for key, value, goal, text in headline_rows(bench)]
+    lines += details(bench["suites"])
+    if "step_time_shares" in bench:
+        lines += ["", "## Where a step's time goes (overhead config, torch.profiler)", "",
+                  "| phase | share |", "| --- | --- |"]
+        lines += [f"| {k} | {100 * v:.1f}% |" for k, v in ordered_shares(bench["step_time_shares"]).items()]
+    if "precision_table" in bench:
+        lines += ["", "## Precision on this device (forward+backward, hidden 256, seq 32, batch 256)", "",
+                  "| model | precision | runs | steps/s | note |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['precision']} | {'yes' if r['works'] else 'no'} | "
+                  f"{r['steps_per_sec']:.1f} | |" if r["works"] else
+                  f"| {r['model']} | {r['precision']} | no | - | {r['error']} |" for r in bench["precision_table"]]
+    lines += ["", "## Peak resident memory per process (MB)", "", "| suite | MB |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in bench["peak_rss_mb"].items()]
+    for k, v in bench.get("peak_cuda_memory_mb", {}).items():
+        lines.append(f"| {k} (CUDA) | {v:.0f} |")
+    lines += ["", "## Plots", ""]
+    if plots is None:
+        lines.append(PLOTS_HINT)
+    else:
+        lines += [f"![{name[:-4]}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, bench: Dict, log: Callable[[str], None] = print) -> None:
+    plots = write_plots(out, bench)
+    (out / "report.md").write_text(report_markdown(bench, plots))
+    if plots is None:
+        log(f"distseq bench: wrote {out / 'bench.json'} and {out / 'report.md'} (tables only); {PLOTS_HINT}")
+    else:
+        log(f"distseq bench: wrote {out / 'bench.json'}, {out / 'report.md'} and {len(plots)} plots in {out}")

@@ -1,0 +1,44 @@
+"""One benchmark suite in a process of its own: ``python -m distseq.bench.suite NAME OUT_DIR [--quick]``.
+
+A fresh process per suite keeps the suites from disturbing one another (threads, allocator, the
+accelerate state) and makes its peak resident memory its own. Writes ``OUT_DIR/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+from ..metrics import peak_memory, write_json
+from .accuracy import accuracy_suite
+from .overhead import overhead_suite, profile_suite
+from .precision import precision_suite
+from .scaling import scaling_suite
+from .stream import stream_suite
+
+SUITES = {
+    "overhead": overhead_suite,
+    "scaling": scaling_suite,
+    "stream": stream_suite,
+    "accuracy": accuracy_suite,
+    "precision": precision_suite,
+    "profile": profile_suite,
+}
+
+
+def main(argv=None) -> int:
+    name, out_dir, *flags = argv if argv is not None else sys.argv[1:]
+    result = SUITES[name](quick="--quick" in flags, log=lambda line: print(line, flush=True))
+    memory = peak_memory()
+    # the largest of this process and every process it started (torchrun ranks, the plain script)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result["peak_rss_mb"] = max(memory["peak_rss_mb"], children)
+    if "peak_cuda_memory_mb" in memory:
+        result["peak_cuda_memory_mb"] = memory["peak_cuda_memory_mb"]
+    write_json(Path(out_dir) / f"{name}.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

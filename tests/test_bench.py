@@ -1,0 +1,128 @@
+"""``distseq bench --quick`` runs every suite end to end and writes every key with a sane type and range.
+
+Speed is never asserted here (benchmarks are not timed tests); the figures themselves are in the
+closing notes and in a full ``distseq bench`` run's report.
+"""
+
+import builtins
+import json
+import math
+
+import pytest
+
+from conftest import assert_ok, run_distseq, summary
+from distseq.bench import GOALS, SUITE_NAMES
+from distseq.bench.report import PLOTS_HINT, write_report
+
+PLOTS = {"overhead.png", "scaling.png", "time_to_accuracy.png", "precision.png", "step_time.png", "memory.png"}
+
+
+def finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = run_distseq(["bench", "--quick", "--out", str(out)], timeout=600)
+    assert_ok(proc)
+    return out, proc
+
+
+def test_bench_quick_writes_every_key(quick_bench):
+    out, proc = quick_bench
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["quick"] is True and bench["suites_run"] == list(SUITE_NAMES)
+    assert {f"{name}.json" for name in SUITE_NAMES} <= {p.name for p in out.iterdir()}
+
+    assert 0.2 < bench["overhead_ratio"] < 5
+    assert 0.5 < bench["scaling_2proc"] < 4 and bench["scaling_efficiency"] == pytest.approx(bench["scaling_2proc"] / 2)
+    assert 0 < bench["stream_ratio"] < 5 and 0 < bench["seek_ratio"] < 10
+    assert finite(bench["time_to_99_s"]) and 0 < bench["time_to_99_s"] < 300
+    assert finite(bench["seed_recipe_seconds"]) and bench["seed_recipe_seconds"] > 0
+    assert 0.85 <= bench["seed_recipe_accuracy"] <= 1.0  # the original recipe, bug fixed, learns the task
+    for key in ("overhead_ratio", "scaling_2proc", "scaling_efficiency", "stream_ratio", "seek_ratio"):
+        assert finite(bench[key]), key
+    assert set(bench["goals"]) == set(GOALS)
+    assert all(isinstance(g["met"], bool) for g in bench["goals"].values())
+
+    shares = bench["step_time_shares"]
+    assert set(shares) == {"data", "forward_backward", "optimizer", "logging", "other"}
+    assert all(0 <= v <= 1 for v in shares.values()) and sum(shares.values()) == pytest.approx(1, abs=0.02)
+    assert shares["forward_backward"] > 0.3  # an LSTM of hidden 256 spends its step in the model
+
+    table = bench["precision_table"]
+    assert {(r["model"], r["precision"]) for r in table} == {
+        (m, p) for m in ("rnn", "gru", "lstm", "transformer") for p in ("no", "bf16", "fp16")}
+    for row in table:
+        assert (row["works"] and row["steps_per_sec"] > 0) or (not row["works"] and row["steps_per_sec"] is None
+                                                               and row["error"])
+    assert all(r["works"] for r in table if r["precision"] == "no")
+
+    assert set(bench["peak_rss_mb"]) == set(SUITE_NAMES) and all(50 < v < 8000 for v in bench["peak_rss_mb"].values())
+
+    suites = bench["suites"]
+    assert suites["scaling"]["samples_per_sec"]["2"] > 0 and suites["scaling"]["samples_per_sec"]["1"] > 0
+    curve = suites["accuracy"]["default_curve"]
+    assert len(curve) == 30 and [p["step"] for p in curve] == list(range(50, 1501, 50))
+    assert all(a["train_seconds"] < b["train_seconds"] for a, b in zip(curve, curve[1:]))
+    assert len(suites["accuracy"]["seed_recipe_curve"]) == 10
+
+    assert "overhead_ratio" in proc.stdout and "stream_ratio=" in proc.stdout
+
+
+def test_bench_quick_report_embeds_its_plots(quick_bench):
+    out, _ = quick_bench
+    assert PLOTS <= {p.name for p in out.glob("*.png")}
+    report = (out / "report.md").read_text()
+    for name in PLOTS:
+        assert f"]({name})" in report
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| `overhead_ratio` |" in report and "| `time_to_99_s` |" in report
+
+
+def test_report_without_matplotlib_says_how_to_get_plots(quick_bench, tmp_path, monkeypatch):
+    out, _ = quick_bench
+    bench = json.loads((out / "bench.json").read_text())
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    messages = []
+    write_report(tmp_path, bench, messages.append)
+    assert not list(tmp_path.glob("*.png"))
+    assert PLOTS_HINT in (tmp_path / "report.md").read_text() and PLOTS_HINT in messages[-1]
+    assert "pip install -e '.[bench]'" in PLOTS_HINT
+
+
+def test_profile_steps_writes_a_trace_and_the_shares(tmp_path):
+    proc = run_distseq(["train", "--run-dir", str(tmp_path), "--max-steps", "8", "--eval-every", "0",
+                        "--eval-size", "256", "--log-every", "4", "--no-progress", "--profile-steps", "2:6"])
+    assert_ok(proc)
+    traces = list((tmp_path / "tensorboard" / "profile").glob("rank0.*.pt.trace.json"))
+    assert len(traces) == 1
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"distseq/data", "distseq/forward_backward", "distseq/optimizer", "distseq/logging"} <= names
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert profile["steps"] == [2, 6] and profile["step_ms"] > 0
+    assert sum(profile["step_time_shares"].values()) == pytest.approx(1, abs=0.02)
+    assert profile["top_operators"] and all(op["calls"] > 0 for op in profile["top_operators"])
+    assert "distseq: profiled steps 3..6" in proc.stdout and "self cpu ms" in proc.stdout
+    assert summary(tmp_path)["profile"]["steps"] == [2, 6]
+
+
+def test_summary_counts_training_time_without_evaluation(tmp_path):
+    assert_ok(run_distseq(["train", "--run-dir", str(tmp_path), "--max-steps", "40", "--eval-every", "10",
+                           "--eval-size", "256", "--no-progress"]))
+    result = summary(tmp_path)
+    history = result["eval_history"]
+    assert [p["step"] for p in history] == [10, 20, 30, 40]
+    assert all(0 < a["train_seconds"] < b["train_seconds"] for a, b in zip(history, history[1:]))
+    assert history[-1]["eval/accuracy"] == result["eval/accuracy"]
+    assert 0 < result["train_seconds"] < result["wall_seconds"]
+    assert result["steps_per_sec"] == pytest.approx(40 / result["train_seconds"])
