@@ -13,7 +13,7 @@ from typing import List
 
 import torch
 
-from .config import TrainConfig, ConfigError, ModelConfig
+from .config import MODELS, TrainConfig, ConfigError, ModelConfig
 from .models import build_model
 from .tasks import TASKS
 
@@ -82,7 +82,7 @@ def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device) ->
     return Precision(requested, f"{requested} as requested (probed forward+backward works)")
 
 
-def probe_table(cfg: TrainConfig, device: torch.device, kinds=("rnn", "gru", "lstm"), repeats: int = 10) -> List[dict]:
+def probe_table(cfg: TrainConfig, device: torch.device, kinds=MODELS, repeats: int = 10) -> List[dict]:
     """Each model kind x precision on ``device``: works or the error, and ms per forward+backward."""
     batch = cfg.train.global_batch_size
     rows = []

@@ -38,11 +38,13 @@ def overhead_config(steps: int, run_dir: str) -> TrainConfig:
 
 def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     """What a user writes by hand for the same training: no harness, the same stream and recipe."""
+    from ..runtime import local_device
     from ..train import lr_factor
 
     torch.manual_seed(cfg.train.seed)
+    device = local_device()  # where distseq trains too
     spec, steps, batch_size = cfg.task_spec(), cfg.train.max_steps, cfg.train.global_batch_size
-    model = build_model(cfg.model, TASKS[cfg.data.task], spec)
+    model = build_model(cfg.model, TASKS[cfg.data.task], spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps))
     source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "train")
@@ -52,8 +54,8 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     started = time.perf_counter()
     for step in range(steps):
         batch = next(batches)
-        logits = model(batch["x"])  # (B,)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["y"])
+        logits = model(batch["x"].to(device, non_blocking=True))  # (B,)
+        loss = F.binary_cross_entropy_with_logits(logits, batch["y"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -61,6 +63,8 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
         scheduler.step()
         if (step + 1) % cfg.log.log_every == 0:
             logged.append(loss.item())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return steps / (time.perf_counter() - started)
 
 

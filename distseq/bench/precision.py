@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from ..config import MODELS
 from ..precision import format_probe, probe_table
 from ..runtime import local_device, set_cpu_threads
 from .overhead import overhead_config
@@ -18,7 +17,7 @@ def precision_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     set_cpu_threads()
     device = local_device()
     cfg = overhead_config(1, "unused")
-    rows = probe_table(cfg, device, kinds=MODELS, repeats=2 if quick else 10)
+    rows = probe_table(cfg, device, repeats=2 if quick else 10)
     for row in rows:
         row["steps_per_sec"] = 1000.0 / row["ms_per_step"] if row["works"] else None
     log(format_probe(rows, device))
