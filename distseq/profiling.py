@@ -51,8 +51,10 @@ class StepProfiler:
         return record_function(SPAN_PREFIX + phase) if self.profiler is not None else contextlib.nullcontext()
 
     def begin(self, step: int) -> None:
-        if step != self.first:
+        """Start at the first step of the range this run reaches (a resumed run may start inside it)."""
+        if self.profiler is not None or self.result is not None or not self.first <= step < self.last:
             return
+        self.first = step
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         self.profiler = profile(activities=activities)
         self.profiler.__enter__()

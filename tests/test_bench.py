@@ -126,3 +126,12 @@ def test_summary_counts_training_time_without_evaluation(tmp_path):
     assert history[-1]["eval/accuracy"] == result["eval/accuracy"]
     assert 0 < result["train_seconds"] < result["wall_seconds"]
     assert result["steps_per_sec"] == pytest.approx(40 / result["train_seconds"])
+
+
+def test_a_run_resumed_inside_the_profiled_range_profiles_from_its_first_step(tmp_path):
+    common = ["train", "--run-dir", str(tmp_path), "--eval-size", "256", "--no-progress"]
+    assert_ok(run_distseq([*common, "--max-steps", "4"]))
+    proc = run_distseq([*common, "--max-steps", "8", "--profile-steps", "2:6"])
+    assert_ok(proc)
+    assert "resuming from" in proc.stdout and "profiled steps 5..6" in proc.stdout
+    assert json.loads((tmp_path / "profile.json").read_text())["steps"] == [4, 6]
