@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from .tasks import TASKS, TaskSpec
 
@@ -251,8 +251,7 @@ class TrainConfig:
         if t.start_step and self.checkpoint.resume != "never":
             raise ConfigError("--start-step", "starts a fresh run; add --resume never (a checkpoint sets the step itself)")
         _at_least("--log-every", self.log.log_every, 1)
-        if self.log.profile_steps is not None:
-            self._validate_profile_steps()
+        self.profile_range()
         per_step = world_size * t.grad_accum_steps
         if t.global_batch_size % per_step:
             raise ConfigError(
@@ -266,14 +265,17 @@ class TrainConfig:
             raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
         return self
 
-
-    def _validate_profile_steps(self) -> None:
+    def profile_range(self) -> Optional[Tuple[int, int]]:
+        """``--profile-steps A:B`` as (A, B), None when absent; ConfigError unless 0 <= A < B <= --max-steps."""
         text, max_steps = self.log.profile_steps, self.train.max_steps
+        if text is None:
+            return None
         first, sep, last = str(text).partition(":")
         if not (sep and first.strip().isdigit() and last.strip().isdigit()):
             raise ConfigError("--profile-steps", f"expected A:B with integers 0 <= A < B <= --max-steps (got {text!r})")
         if not int(first) < int(last) <= max_steps:
             raise ConfigError("--profile-steps", f"expected 0 <= A < B <= --max-steps {max_steps} (got {text!r})")
+        return int(first), int(last)
 
     def _validate_data_files(self) -> None:
         from .files import check_columns, resolve_files  # reads the first row: only when files are used

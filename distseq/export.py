@@ -45,17 +45,19 @@ def model_from_checkpoint(path: Path) -> Tuple[nn.Module, TrainConfig, dict]:
 
 
 def export(checkpoint: Path, out_dir: Path) -> Path:
+    from .metrics import write_json  # here, not at the top: load_model must not import accelerate
+
     _, cfg, meta = model_from_checkpoint(checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(checkpoint) / "model.safetensors", out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps({
+    write_json(out_dir / "config.json", {
         "format_version": EXPORT_VERSION,
         "model": cfg.to_dict()["model"],
         "data": {name: getattr(cfg.data, name) for name in TASK_FIELDS},
         "distseq_version": metadata.version("distseq"),
         "step": meta["step"],
-    }, indent=2) + "\n")
+    })
     return out_dir
 
 

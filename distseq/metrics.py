@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -31,6 +32,27 @@ class Throughput:
         }
         self.reset(step, samples)
         return out
+
+
+class TrainingClock:
+    """Seconds spent training: wall time since the start, less the pauses (evaluation, checkpoint writes)."""
+
+    def __init__(self):
+        self.started, self.paused = time.perf_counter(), 0.0
+
+    def wall_seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def train_seconds(self) -> float:
+        return self.wall_seconds() - self.paused
+
+    @contextlib.contextmanager
+    def pause(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - began
 
 
 def peak_memory() -> Dict[str, float]:
@@ -65,16 +87,19 @@ def log_line(step: int, max_steps: int, scalars: Dict[str, float]) -> str:
     return " ".join(fields)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def summary(

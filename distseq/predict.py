@@ -7,7 +7,6 @@ output is left half-written (``--output`` is written to a temporary file and ren
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,6 +15,7 @@ import torch
 
 from .config import TrainConfig
 from .files import DataFileError, sequence_to_tensor
+from .metrics import write_text_atomically
 from .tasks import TASKS
 
 BATCH = 1024
@@ -82,7 +82,4 @@ def write_lines(rows: List[dict], output: Optional[str]) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    tmp = f"{output}.tmp"
-    with open(tmp, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, output)
+    write_text_atomically(Path(output), text)

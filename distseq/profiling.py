@@ -22,12 +22,6 @@ SPAN_PREFIX = "distseq/"
 TOP_OPERATORS = 12
 
 
-def parse_steps(text: str) -> Tuple[int, int]:
-    """``"A:B"`` -> (A, B); the caller validates the range against --max-steps."""
-    first, _, last = text.partition(":")
-    return int(first), int(last)
-
-
 class StepProfiler:
     """Profiles the optimizer steps whose 0-based index is in [first, last) on every rank.
 
@@ -35,8 +29,8 @@ class StepProfiler:
     On the last profiled step the trace is exported and ``report()`` holds the figures.
     """
 
-    def __init__(self, steps: Optional[str], run_dir: Path, rank: int, device: torch.device):
-        self.first, self.last = parse_steps(steps) if steps else (-1, -1)
+    def __init__(self, steps: Optional[Tuple[int, int]], run_dir: Path, rank: int, device: torch.device):
+        self.first, self.last = steps or (-1, -1)
         self.trace_dir = run_dir / "tensorboard" / "profile"
         self.rank, self.device = rank, device
         self.profiler: Optional[profile] = None

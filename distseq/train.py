@@ -2,7 +2,8 @@
 
 Counted in optimizer steps. Each step consumes ``grad_accum_steps`` micro-batches per rank inside
 ``accelerator.accumulate``; losses and accuracies stay on the device and are reduced across ranks
-only on log steps (the only place ``.item()`` is called).
+only on log steps. The one read every step is two flags all ranks agree on (a non-finite loss or
+gradient, a preemption signal), so every rank takes the same branch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -19,19 +19,19 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .accounting import Accounting, DataAccountingError
+from .accounting import Accounting
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, read_meta, save_checkpoint, select_checkpoint
 from .config import TrainConfig, ConfigError, OptimConfig
 from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batches, train_loader
 from .evaluation import EVAL_BATCH, evaluate, forward
 from .files import DataFileError, FileFeed, FileStream, resolve_files
-from .metrics import Throughput, log_line, start_tracking, summary, write_json
+from .metrics import Throughput, TrainingClock, log_line, start_tracking, summary, write_json
 from .models import build_model
 from .profiling import StepProfiler, format_profile
 from .precision import resolve_precision
 from .runtime import (Preemption, build_accelerator, check_world_size, local_device, print0, request_requeue,
                       set_cpu_threads)
-from .tasks import TASKS, Batch, Task
+from .tasks import TASKS
 
 def lr_factor(cfg: OptimConfig, max_steps: int):
     """Linear warmup to 1, then constant or cosine down to ``min_lr_ratio``."""
@@ -154,17 +154,12 @@ def train(cfg: TrainConfig) -> dict:
     eval_metrics: Dict[str, float] = {}
     eval_history: List[dict] = []  # (step, training seconds, metrics) of every evaluation: accuracy over time
     skipped_steps = 0
-    profiler = StepProfiler(cfg.log.profile_steps, run_dir, rank, device)
+    profiler = StepProfiler(cfg.profile_range(), run_dir, rank, device)
     checkpoint: Optional[Path] = resume_from
     meter = Throughput(start, start * layout.global_batch)
     bar = tqdm(total=t.max_steps, initial=start, desc="train",
                disable=not (accelerator.is_main_process and cfg.log.progress))
-    started = time.perf_counter()
-    paused = 0.0  # seconds spent evaluating and checkpointing, which are not training time
-
-    def train_seconds() -> float:
-        return time.perf_counter() - started - paused
-
+    clock = TrainingClock()  # evaluation and checkpoint writes pause it: they are not training time
     check_grads = precision.name != "fp16"  # under fp16 the grad scaler owns overflow: it skips those steps itself
 
     def log(done: int) -> None:
@@ -184,27 +179,37 @@ def train(cfg: TrainConfig) -> dict:
         if accelerator.is_main_process:
             bar.write(log_line(done, t.max_steps, scalars))
 
+    def optimizer_step(step_loss: torch.Tensor, done: int):
+        """Clip, agree with every rank on non-finite values and preemption, then step unless non-finite."""
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+        bad = ~torch.isfinite(step_loss) | (~torch.isfinite(grad_norm) if check_grads else False)
+        nonfinite, stop = agree(accelerator, torch.stack(
+            [bad.float(), torch.tensor(float(preemption.received), device=device)]))
+        if nonfinite and t.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without "
+                                 f"saving (--on-nonfinite skip skips such steps)")
+        if not nonfinite:
+            optimizer.step()
+        return nonfinite, stop, grad_norm
+
     def evaluate_and_log(done: int) -> Dict[str, float]:
-        nonlocal paused
-        at, began = train_seconds(), time.perf_counter()
-        metrics = evaluate(accelerator, model, task, eval_set, d.eval_size, spec.variable)
-        accelerator.log(metrics, step=done)
-        if accelerator.is_main_process:
-            bar.write(log_line(done, t.max_steps, metrics))
+        at = clock.train_seconds()
+        with clock.pause():
+            metrics = evaluate(accelerator, model, task, eval_set, d.eval_size, spec.variable)
+            accelerator.log(metrics, step=done)
+            if accelerator.is_main_process:
+                bar.write(log_line(done, t.max_steps, metrics))
         eval_history.append({"step": done, "train_seconds": at, **metrics})
-        paused += time.perf_counter() - began
         return metrics
 
     def save(done: int) -> Path:
-        nonlocal paused
-        began = time.perf_counter()
-        path = save_checkpoint(accelerator, model, optimizer, scheduler, step=done, samples=done * layout.global_batch,
-                               config=config, keep_last=cfg.checkpoint.keep_last, data_state=feed.state_dict())
-        paused += time.perf_counter() - began
-        return path
+        with clock.pause():
+            return save_checkpoint(accelerator, model, optimizer, scheduler, step=done,
+                                   samples=done * layout.global_batch, config=config,
+                                   keep_last=cfg.checkpoint.keep_last, data_state=feed.state_dict())
 
     def result(done: int, status: str) -> dict:
-        seconds = train_seconds()
+        seconds = clock.train_seconds()
         extra = {"checkpoint": str(checkpoint), "micro_batch": layout.micro_batch,
                  "global_batch": layout.global_batch, "start_step": start, "skipped_steps": skipped_steps,
                  "status": status, "resumed_from": str(resume_from) if resume_from else None,
@@ -216,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
             extra["data_accounting"] = accounting.report()
         out = summary(
             step=done, samples=done * layout.global_batch,
-            trained_samples=(done - start) * layout.global_batch, wall_seconds=time.perf_counter() - started,
+            trained_samples=(done - start) * layout.global_batch, wall_seconds=clock.wall_seconds(),
             eval_metrics=eval_metrics, precision=precision.name, accelerator=accelerator, model=cfg.model.kind,
             task=d.task, extra=extra,
         )
@@ -248,15 +253,7 @@ def train(cfg: TrainConfig) -> dict:
                         step_correct += task.correct(logits.detach(), y).sum()
                     with profiler.span("optimizer"):
                         if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                            bad = ~torch.isfinite(step_loss) | (~torch.isfinite(grad_norm) if check_grads else False)
-                            nonfinite, stop = agree(accelerator, torch.stack(
-                                [bad.float(), torch.tensor(float(preemption.received), device=device)]))
-                            if nonfinite and t.on_nonfinite == "stop":
-                                raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without "
-                                                     f"saving (--on-nonfinite skip skips such steps)")
-                            if not nonfinite:
-                                optimizer.step()
+                            nonfinite, stop, grad_norm = optimizer_step(step_loss, done)
                         optimizer.zero_grad(set_to_none=True)
             with profiler.span("optimizer"):
                 scheduler.step()

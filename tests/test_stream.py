@@ -161,7 +161,7 @@ def test_digest_detects_lost_and_repeated_samples():
 def test_accounting_stops_on_a_lost_sample():
     from accelerate import Accelerator
 
-    from distseq.train import Accounting, DataAccountingError
+    from distseq.accounting import Accounting, DataAccountingError
 
     accelerator = Accelerator(cpu=True)
     accounting = Accounting(checked_until=0, world_size=1)

@@ -53,7 +53,6 @@ def scaling_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
         for repeat in range(repeats):
             for world in (1, 2):
                 result = run_processes(world, steps, Path(tmp) / f"{world}-{repeat}")
-                assert result["world_size"] == world, result["world_size"]
                 rates[str(world)].append(result["steps_per_sec"] * result["global_batch"])
                 memory[str(world)] = max(memory.get(str(world), 0.0), result["peak_rss_mb"])
             log(f"  scaling repeat {repeat + 1}/{repeats}: 1 process {rates['1'][-1]:,.0f} samples/s, "
