@@ -4,23 +4,31 @@
     cfg = TrainConfig()                      # or distseq.preset("seed")
     cfg.model.kind, cfg.train.max_steps = "gru", 300
     summary = train(cfg)                     # in-process; returns summary.json's content
+
+Names are imported on first use, so ``import distseq`` (and the command line's start) stays light.
 """
 
-from .config import TrainConfig, preset
+__all__ = ["TrainConfig", "preset", "train", "load_model"]
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train in this process (any launcher's rank, a notebook, a test); returns the run summary."""
-    from .train import train as _train
+def train(cfg) -> dict:
+    """Train in this process (any launcher's rank, a notebook, a test); returns the run summary.
+    Callable any number of times in one interpreter."""
+    from .loop import train as run
 
-    return _train(cfg)
+    return run(cfg)
 
 
 def load_model(directory):
     """Rebuild an exported model for inference: no trainer, no accelerate (see ``distseq export``)."""
-    from .export import load_model as _load
+    from .export import load_model as load
 
-    return _load(directory)
+    return load(directory)
 
 
-__all__ = ["TrainConfig", "preset", "train", "load_model"]
+def __getattr__(name):
+    if name in ("TrainConfig", "preset"):
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'distseq' has no attribute {name!r}")

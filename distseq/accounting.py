@@ -17,11 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from .errors import DataAccountingError
+
 MASK64 = (1 << 64) - 1
-
-
-class DataAccountingError(RuntimeError):
-    """The samples consumed across ranks are not exactly the expected range."""
 
 
 def index_hash(index: np.ndarray) -> np.ndarray:

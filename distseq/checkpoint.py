@@ -2,18 +2,22 @@
 
 A directory whose name is ``step-N`` is complete by construction: every rank writes its own files
 into ``.tmp-step-N``, each file is fsynced, the main process lists every file with its sha256 in
-``meta.json`` after a barrier, and only then renames the directory. Older checkpoints are deleted
-only after the new one is complete. Loading verifies every hash first and reads tensors with
-safetensors or ``torch.load(weights_only=True)``: nothing in a checkpoint executes code.
+``meta.json`` after all ranks agree their writes succeeded, and only then renames the directory.
+Older checkpoints are renamed out of the ``step-N`` namespace before they are deleted, and only after
+the new one is complete. A checkpoint is verified (every hash) once when it is selected; loading
+reads tensors with safetensors or ``torch.load(weights_only=True)``: nothing in it executes code.
 
-Files: ``model.safetensors`` and ``trainer_state.pt`` (optimizer + scheduler, identical on every
-rank) from the main process; ``rng-rank{r}.pt`` (torch RNG states) and, for --data-files,
-``data-rank{r}.json`` (the rank's ``datasets`` state) from each rank; ``meta.json``.
+Files: ``model.safetensors`` and ``trainer_state.pt`` (optimizer state) from the main process;
+``rng-rank{r}.pt`` (torch RNG states) and, for --data-files, ``data-rank{r}.json`` (the rank's
+``datasets`` state) from each rank; ``meta.json`` (step, samples, world size, the resolved config,
+the run's progress so far: training seconds, evaluations, skipped steps, changes of options).
+The learning-rate schedule is not stored: it is a function of the step and the options.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -21,17 +25,18 @@ import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors, save as save_safetensors
 
 from .data import derive_seed
+from .errors import CheckpointError, RunIOError
 from .failpoints import failpoint
-from .metrics import write_json
+from .io import write_json
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -43,30 +48,41 @@ IDENTITY = {
     "model": ("kind", "hidden_size", "num_layers", "bidirectional", "num_heads", "positions"),
     "train": ("global_batch_size", "seed"),
 }
+RETRIES = 5  # a reader re-selects this often when --keep-last of a running job deletes under it
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which and why."""
-
-
-def checkpoint_dir(run_dir: str, step: int) -> Path:
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
-def _fsync(path: Path) -> None:
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write and fsync; an OSError (no space, no permission, read-only) names the file."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def versions() -> dict:
@@ -80,67 +96,122 @@ def rng_state() -> dict:
     return state
 
 
+def _any_rank(accelerator: Accelerator, failed: bool) -> bool:
+    """True on every rank when ``failed`` is true on any (one all-reduce; none on one process)."""
+    if accelerator.num_processes == 1:
+        return failed
+    flag = torch.tensor(float(failed), device=accelerator.device)
+    return bool(accelerator.reduce(flag, "max").item())
+
+
+def _io_failure(error: OSError) -> str:
+    return f"cannot write {error.filename or 'a checkpoint file'}: {error.strerror or error}"
+
+
 def save_checkpoint(
     accelerator: Accelerator,
+    run_dir: Path,
     model,
     optimizer,
-    scheduler,
     *,
     step: int,
     samples: int,
     config: dict,
+    progress: dict,
     keep_last: int = 0,
     data_state: Optional[dict] = None,
+    previous: Optional[Path] = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically on every rank's behalf; returns its directory."""
-    final = checkpoint_dir(config["train"]["run_dir"], step)
+    """Write the checkpoint of ``step`` atomically on every rank's behalf; returns its directory.
+
+    A failed write on any rank (no space, no permission, read-only file system) removes the
+    temporary directory and raises RunIOError on every rank, naming the file and ``previous``, the
+    newest complete checkpoint, which is untouched.
+    """
+    final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     rank = accelerator.process_index
+    kept = f"kept {previous}" if previous else "no earlier checkpoint of this run exists"
+    problem = ""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that died half-way
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as error:
+            problem = _io_failure(error)
+    if _any_rank(accelerator, bool(problem)):
+        raise RunIOError(f"{problem or 'the main process could not create the checkpoint directory'}; {kept}")
 
-    mine = [tmp / f"rng-rank{rank}.pt"]
-    torch.save(rng_state(), mine[0])
-    failpoint("checkpoint-partial", step)
-    if data_state is not None:
-        mine.append(tmp / f"data-rank{rank}.json")
-        mine[-1].write_text(json.dumps(data_state))
     full_state = accelerator.get_state_dict(model)  # every rank: a collective gather under FSDP
+    files: Dict[str, bytes] = {f"rng-rank{rank}.pt": _torch_bytes(rng_state())}
+    if data_state is not None:
+        files[f"data-rank{rank}.json"] = json.dumps(data_state).encode()
     if accelerator.is_main_process:
-        weights = {k: v.detach().cpu().contiguous() for k, v in full_state.items()}
-        save_file(weights, tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-        mine += [tmp / "model.safetensors", tmp / "trainer_state.pt"]
-    for path in mine:
-        _fsync(path)
-    accelerator.wait_for_everyone()
+        files["model.safetensors"] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in full_state.items()})
+        files["trainer_state.pt"] = _torch_bytes({"optimizer": optimizer.state_dict()})
+    try:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+            failpoint("checkpoint-partial", step)
+    except OSError as error:
+        problem = _io_failure(error)
+    if _any_rank(accelerator, bool(problem)):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunIOError(f"{problem or 'another process could not write its checkpoint files'}; {kept}")
 
     if accelerator.is_main_process:
-        files = sorted(p.name for p in tmp.iterdir())
-        write_json(tmp / "meta.json", {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "samples": samples,
-            "world_size": accelerator.num_processes,
-            "config": config,
-            "versions": versions(),
-            "sha256": {name: sha256(tmp / name) for name in files},
-        })
-        _fsync(tmp)
-        failpoint("checkpoint-before-rename", step)
-        _replace_dir(tmp, final)
-        _fsync(final.parent)
-        if keep_last:
-            for old in list_checkpoints(final.parent.parent)[:-keep_last]:
-                shutil.rmtree(old)
+        try:
+            names = sorted(p.name for p in tmp.iterdir())
+            hashes = {name: sha256_bytes(files[name]) if name in files else sha256_file(tmp / name) for name in names}
+            write_json(tmp / "meta.json", {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "samples": samples,
+                "world_size": accelerator.num_processes,
+                "config": config,
+                "progress": progress,
+                "versions": versions(),
+                "sha256": hashes,
+            })
+            _fsync_dir(tmp)
+            failpoint("checkpoint-before-rename", step)
+            _replace_dir(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as error:
+            problem = _io_failure(error)
+            shutil.rmtree(tmp, ignore_errors=True)
+    if _any_rank(accelerator, bool(problem)):
+        raise RunIOError(f"{problem or 'the main process could not complete the checkpoint'}; {kept}")
+    if accelerator.is_main_process and keep_last:
+        apply_retention(Path(run_dir), step, keep_last)
     accelerator.wait_for_everyone()
     return final
 
 
+def apply_retention(run_dir: Path, step: int, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``step``. Each older one is first renamed out of
+    the ``step-N`` namespace, so an interrupted deletion never leaves a partial ``step-N``."""
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) <= step][:-keep_last]
+    for old in older:
+        doomed = old.with_name(f".deleting-{old.name}")
+        try:
+            os.replace(old, doomed)
+        except OSError:
+            continue  # deleted by someone else, or not ours to delete: retention is best effort
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` (a fresh run into an old run dir) is swapped out first."""
+    """Rename ``src`` to ``dst``; an existing ``dst`` (the same step written again) is swapped out first."""
     if dst.exists():
         stale = dst.with_name(f".old-{dst.name}")
         shutil.rmtree(stale, ignore_errors=True)
@@ -156,18 +227,21 @@ def list_checkpoints(run_dir: Path) -> List[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
 
 
-def read_meta(path: Path) -> dict:
-    """meta.json of a checkpoint after checking its format and every file's sha256."""
+def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, bytes]]:
+    """meta.json of a checkpoint after checking its format and every file's sha256, and the bytes of
+    the files named in ``keep`` as they were verified (a reader never reads a file twice, so a
+    checkpoint deleted after verification is still read whole)."""
+    path = Path(path)
     meta_file = path / "meta.json"
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
     try:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} has no meta.json (incomplete)") from None
+        raise CheckpointError(_vanished(path) if not path.is_dir() else f"{path} has no meta.json (incomplete)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{meta_file} is not valid JSON") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict) or "step" not in meta:
@@ -175,44 +249,68 @@ def read_meta(path: Path) -> dict:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}; this distseq reads version {FORMAT_VERSION}")
+    kept: Dict[str, bytes] = {}
     for name, expected in meta["sha256"].items():
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path} is missing {name}")
-        if sha256(file) != expected:
+        try:
+            if name in keep:
+                kept[name] = file.read_bytes()
+                actual = sha256_bytes(kept[name])
+            else:
+                actual = sha256_file(file)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointError(_vanished(path) if not path.is_dir() else f"{path} is missing {name}") from None
+        if actual != expected:
             raise CheckpointError(f"{file} does not match its sha256 in meta.json (damaged)")
-    return meta
+    return meta, kept
 
 
-def select_checkpoint(accelerator: Accelerator, run_dir: str, resume: str, log: Callable[[str], None]) -> Optional[Path]:
-    """The checkpoint to resume from, chosen on the main process and shared with every rank.
+def _vanished(path: Path) -> str:
+    return f"{path} was deleted while being read (by --keep-last of a running job?); choose a newer checkpoint"
+
+
+def select_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str, log: Callable[[str], None]
+                      ) -> Tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint to resume from and its verified meta.json, chosen on the main process and shared
+    with every rank.
 
     ``never``: none. ``auto``: the newest under RUN/checkpoints whose manifest verifies (damaged ones
-    are reported and skipped). A path: that checkpoint, or a CheckpointError.
+    are reported and skipped; one deleted under the reader is looked for again). A path: that
+    checkpoint, or a CheckpointError.
     """
-    choice: List[Optional[str]] = [None]
-    error: List[str] = [""]
+    choice: List = [None, None, ""]  # path, meta, error
     if accelerator.is_main_process and resume != "never":
-        if resume == "auto":
-            for candidate in reversed(list_checkpoints(Path(run_dir))):
-                try:
-                    read_meta(candidate)
-                except CheckpointError as problem:
-                    log(f"distseq: skipping checkpoint: {problem}")
-                    continue
-                choice[0] = str(candidate)
-                break
-        else:
-            try:
-                read_meta(Path(resume))
-                choice[0] = resume
-            except CheckpointError as problem:
-                error[0] = str(problem)
+        try:
+            path, meta, _ = newest_verified(run_dir, log) if resume == "auto" else (Path(resume), *read_meta(Path(resume)))
+            choice[:2] = (str(path) if path else None), meta
+        except CheckpointError as problem:
+            choice[2] = str(problem)
     broadcast_object_list(choice)
-    broadcast_object_list(error)
-    if error[0]:
-        raise CheckpointError(error[0])
-    return Path(choice[0]) if choice[0] else None
+    if choice[2]:
+        raise CheckpointError(choice[2])
+    return (Path(choice[0]) if choice[0] else None), choice[1]
+
+
+def newest_verified(run_dir: Path, log: Callable[[str], None], keep: Tuple[str, ...] = ()
+                    ) -> Tuple[Optional[Path], Optional[dict], Dict[str, bytes]]:
+    """The newest checkpoint of ``run_dir`` that verifies, its meta and the ``keep`` files' bytes.
+
+    A candidate that disappears while it is read (a running job's --keep-last) is not damage: the
+    listing is read again, up to RETRIES times."""
+    for _ in range(RETRIES):
+        vanished = False
+        for candidate in reversed(list_checkpoints(Path(run_dir))):
+            try:
+                meta, kept = read_meta(candidate, keep)
+                return candidate, meta, kept
+            except CheckpointError as problem:
+                if not candidate.is_dir():
+                    vanished = True
+                    break
+                log(f"distseq: skipping checkpoint: {problem}")
+        if not vanished:
+            return None, None, {}
+    raise CheckpointError(f"the checkpoints of {run_dir} kept being deleted while being read; try again")
 
 
 def check_compatible(meta: dict, config: dict, path: Path) -> None:
@@ -226,32 +324,44 @@ def check_compatible(meta: dict, config: dict, path: Path) -> None:
                                       f"(resume with the same value, or --resume never in a new --run-dir)")
 
 
+def changed_options(meta: dict, config: dict) -> Dict[str, list]:
+    """``{"section.field": [then, now]}`` for every option that differs from the checkpoint's config."""
+    changes = {}
+    for section, values in config.items():
+        for name, now in values.items():
+            then = meta["config"].get(section, {}).get(name, now)
+            if then != now and name not in ("resume", "overwrite", "run_dir"):  # where and how it started, not how it trains
+                changes[f"{section}.{name}"] = [then, now]
+    return changes
+
+
 @dataclass
 class Restored:
     step: int
     samples: int
     world_size: int
     data_state: Optional[dict]
+    progress: dict
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, model, optimizer, scheduler) -> Restored:
-    """Restore weights, optimizer, scheduler and (same rank count) this rank's RNG from ``path``."""
-    meta = json.loads((path / "meta.json").read_text())  # verified by select_checkpoint
+def load_checkpoint(accelerator: Accelerator, path: Path, meta: dict, model, optimizer) -> Restored:
+    """Restore weights, optimizer and (same rank count) this rank's RNG from ``path``, verified already
+    by ``select_checkpoint`` (``meta`` is its meta.json)."""
     try:
-        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+        accelerator.unwrap_model(model).load_state_dict(load_safetensors((path / "model.safetensors").read_bytes()))
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, SafetensorError, KeyError, ValueError) as error:
+    except (RuntimeError, SafetensorError, KeyError, ValueError, OSError) as error:
         raise CheckpointError(f"{path}: cannot load: {str(error).splitlines()[0]}") from None
     rank = accelerator.process_index
     rng_file, data_file = path / f"rng-rank{rank}.pt", path / f"data-rank{rank}.json"
-    if meta["world_size"] == accelerator.num_processes:
+    same_world = meta["world_size"] == accelerator.num_processes
+    if same_world:
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     else:  # a different rank count: per-rank RNG cannot carry over; derive a fresh one per (step, rank)
         torch.manual_seed(derive_seed(meta["config"]["train"]["seed"], meta["step"], rank))
-    data_state = json.loads(data_file.read_text()) if data_file.is_file() and meta["world_size"] == accelerator.num_processes else None
-    return Restored(meta["step"], meta["samples"], meta["world_size"], data_state)
+    data_state = json.loads(data_file.read_text()) if data_file.is_file() and same_world else None
+    return Restored(meta["step"], meta["samples"], meta["world_size"], data_state, meta.get("progress") or {})

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import os
-import sys
-from pathlib import Path
-from typing import List, Optional
+if __name__ == "__main__":  # `python -m distseq.cli`; the `distseq` script starts in entry.py
+    from distseq.entry import stop_quietly_until_handled
 
-from .config import PRESETS, SECTIONS, TrainConfig, ConfigError, apply_mapping, option_name, preset, read_config_file
-from .accounting import DataAccountingError
-from .bench import SUITE_NAMES
-from .files import DataFileError
+    stop_quietly_until_handled()  # before the heavy imports: a signal during start-up is one line, not a traceback
 
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a job that stopped on request
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import List, Optional  # noqa: E402
+
+from .bench import SUITE_NAMES  # noqa: E402
+from .config import PRESETS, SECTIONS, TrainConfig, apply_mapping, option_name, preset, read_config_file  # noqa: E402
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, DistseqError, Stopped  # noqa: E402
+from .io import check_output_dir, check_output_file, write_json  # noqa: E402
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str}
 
@@ -44,7 +46,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             choices = f.metadata.get("choices")
             common = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS)
             help_text = f.metadata["help"] + f" (default preset: {default})"
-            if f.type == "bool":
+            if f.type in ("bool", "Optional[bool]"):
                 group.add_argument(option_name(f), action=argparse.BooleanOptionalAction, help=help_text, **common)
             else:
                 metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the newest intact one)")
     evaluate.add_argument("--eval-size", type=int, help="held-out samples (default: the run's --eval-size)")
     evaluate.add_argument("--data-files", help="evaluate on these parquet/jsonl files instead (the run's columns)")
+    evaluate.add_argument("--output", metavar="FILE", help="write the result here (default: RUN/eval.json)")
 
     predict = commands.add_parser(
         "predict", help="predictions of a checkpoint as JSON lines",
@@ -151,80 +154,113 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .runtime import is_collective_failure
-    from .train import NonFiniteError, Preempted, train
-
     try:
-        if args.command == "train":
-            cfg = config_from_args(args)
-            if args.print_config:
-                cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-                print(json.dumps(cfg.to_dict(), indent=2))
-                return 0
-            train(cfg)
-        elif args.command == "eval":
-            from .evaluation import eval_command
-
-            if args.eval_size is not None and args.eval_size < 1:
-                raise ConfigError("--eval-size", f"must be an integer >= 1 (got {args.eval_size})")
-            eval_command(args.run_dir, args.checkpoint, args.eval_size, args.data_files)
-        elif args.command == "predict":
-            from .export import model_from_checkpoint
-            from .predict import predictions, random_inputs, read_inputs, write_lines
-
-            model, cfg, _ = model_from_checkpoint(Path(args.checkpoint))
-            if args.random is not None:
-                if args.random < 1:
-                    raise ConfigError("--random", f"must be an integer >= 1 (got {args.random})")
-                x, lengths, labels = random_inputs(args.random, cfg)
-            else:
-                (x, lengths), labels = read_inputs(args.input, args.sequence_column, cfg), None
-            write_lines(predictions(model, x, lengths, cfg, labels), args.output)
-        elif args.command == "export":
-            from .export import export
-
-            print(f"distseq: exported to {export(Path(args.checkpoint), Path(args.out))}")
-        elif args.command == "probe":
-            from .precision import format_probe, probe_table
-            from .runtime import local_device
-
-            cfg = preset(args.preset)
-            for name, section in (("seq_len", cfg.data), ("hidden_size", cfg.model), ("global_batch_size", cfg.train)):
-                if getattr(args, name) is not None:
-                    setattr(section, name, getattr(args, name))
-            cfg.validate()
-            rows = probe_table(cfg, local_device())
-            print(format_probe(rows, local_device()))
-            if args.json:
-                Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-        elif args.command == "bench":
-            from .bench import BenchError, run_bench
-
-            unknown = [name for name in args.suites if name not in SUITE_NAMES]
-            if unknown:
-                raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITE_NAMES)})")
-            try:
-                run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
-            except BenchError as error:
-                _fail(f"distseq bench: error: {error}", code=1)
-    except ConfigError as error:
-        _fail(f"distseq {args.command}: error: {error}")
-    except DataFileError as error:  # met by the rank that read the row: it says so
-        _fail(f"distseq {args.command}: error: {error}", every_rank=True)
-    except CheckpointError as error:
-        _fail(f"distseq {args.command}: error: {error}")
-    except (DataAccountingError, NonFiniteError) as error:  # every rank stops together on an agreed verdict
-        _fail(f"distseq {args.command}: error: {error}", code=1)
-    except Preempted:
-        return EXIT_PREEMPTED  # the checkpoint is saved and was announced; the job may be requeued
+        return _run(args)
+    except DistseqError as error:
+        if isinstance(error, Stopped) and error.step is not None:
+            return error.exit_code  # saved, and the line saying so was printed
+        _fail(f"distseq {args.command}: error: {error}", code=error.exit_code, every_rank=error.every_rank)
+    except KeyboardInterrupt:  # a SIGINT before the run's own handling began (imports, argument checks)
+        _fail(f"distseq {args.command}: interrupted (SIGINT); nothing was saved", code=EXIT_INTERRUPTED)
+    except MemoryError:
+        _fail(f"distseq {args.command}: error: out of memory; choose smaller sizes (--hidden-size, "
+              f"--global-batch-size, --eval-size, --block-size)", code=EXIT_FAILURE, every_rank=True)
+    except OSError as error:  # a file the checks above could not foresee (a disk filling up mid-run, ...)
+        where = f"{error.filename}: " if error.filename else ""
+        _fail(f"distseq {args.command}: error: {where}{error.strerror or error}", code=EXIT_FAILURE, every_rank=True)
     except RuntimeError as error:
+        from .runtime import is_collective_failure
+
+        if _is_out_of_memory(error):
+            _fail(f"distseq {args.command}: error: out of memory ({str(error).splitlines()[0][:200]}); choose "
+                  f"smaller sizes (--hidden-size, --global-batch-size, --eval-size)", code=EXIT_FAILURE, every_rank=True)
         if not is_collective_failure(error):
             raise
         # a peer died or a collective timed out (--dist-timeout-s): say so in one line instead of hanging
         _fail(f"distseq {args.command}: error: lost contact with another process: {str(error).splitlines()[0][:300]}",
-              code=1, every_rank=True)
+              code=EXIT_FAILURE, every_rank=True)
     return 0
+
+
+def _is_out_of_memory(error: RuntimeError) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """One subcommand; every output path is checked before any work starts."""
+    if args.command == "train":
+        from .loop import train
+
+        cfg = config_from_args(args)
+        if args.print_config:
+            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        train(cfg)
+    elif args.command == "eval":
+        from .evaluation import eval_command
+
+        if args.eval_size is not None:
+            _positive("--eval-size", args.eval_size)
+        output = check_output_file("--output", args.output or Path(args.run_dir) / "eval.json")
+        eval_command(args.run_dir, args.checkpoint, args.eval_size, args.data_files, output)
+    elif args.command == "predict":
+        from .export import model_from_checkpoint
+        from .predict import predictions, random_inputs, read_inputs, write_lines
+
+        if args.random is not None:
+            _positive("--random", args.random, high=MAX_PREDICT)
+        if args.output:
+            check_output_file("--output", args.output)
+        model, cfg, _ = model_from_checkpoint(Path(args.checkpoint))
+        if args.random is not None:
+            x, lengths, labels = random_inputs(args.random, cfg)
+        else:
+            (x, lengths), labels = read_inputs(args.input, args.sequence_column, cfg), None
+        write_lines(predictions(model, x, lengths, cfg, labels), args.output)
+    elif args.command == "export":
+        from .export import export
+
+        check_output_dir("--out", args.out)
+        print(f"distseq: exported to {export(Path(args.checkpoint), Path(args.out))}")
+    elif args.command == "probe":
+        from .precision import format_probe, probe_table
+        from .runtime import local_device
+
+        cfg = preset(args.preset)
+        for name, section in (("seq_len", cfg.data), ("hidden_size", cfg.model), ("global_batch_size", cfg.train)):
+            if getattr(args, name) is not None:
+                setattr(section, name, getattr(args, name))
+        cfg.validate()
+        if args.json:
+            check_output_file("--json", args.json)
+        rows = probe_table(cfg, local_device())
+        print(format_probe(rows, local_device()))
+        if args.json:
+            write_json(Path(args.json), rows)
+    elif args.command == "bench":
+        from .bench import BenchError, run_bench
+
+        unknown = [name for name in args.suites if name not in SUITE_NAMES]
+        if unknown:
+            raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITE_NAMES)})")
+        check_output_dir("--out", args.out)
+        try:
+            run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
+        except BenchError as error:
+            _fail(f"distseq bench: error: {error}", code=EXIT_FAILURE)
+    return 0
+
+
+MAX_PREDICT = 10**7  # --random N: held-out samples generated at once
+
+
+def _positive(option: str, value: int, high: int = 2**62) -> None:
+    if not 1 <= value <= high:
+        raise ConfigError(option, f"must be an integer >= 1" + (f" and <= {high}" if value > high else "")
+                          + f" (got {value})")
 
 
 if __name__ == "__main__":

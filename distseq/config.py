@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
+from .errors import ConfigError
 from .tasks import TASKS, TaskSpec
 
 MODELS = ("rnn", "gru", "lstm", "transformer")
@@ -22,14 +23,6 @@ POSITIONS = ("sinusoidal", "learned")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 ON_NONFINITE = ("stop", "skip")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value. ``option`` is the command-line spelling of the field."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option = option
 
 
 def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tuple = ()) -> Any:
@@ -128,7 +121,11 @@ class LoopConfig:
         None, "fail at start unless the launch produced exactly this many processes (catches launchers that "
         "silently start fewer)"
     )
-    requeue: bool = _opt(False, "under SLURM, after saving on SIGTERM/SIGUSR1, ask SLURM to requeue the job")
+    max_skipped_fraction: float = _opt(
+        0.1, "under --on-nonfinite skip, stop (exit 1, one line) once more than this fraction of --max-steps "
+        "was skipped: a run that mostly skips is not training"
+    )
+    requeue: bool = _opt(False, "under SLURM, after saving on SIGTERM/SIGUSR1/SIGHUP, ask SLURM to requeue the job")
 
 
 @dataclass
@@ -138,14 +135,22 @@ class CheckpointConfig:
     resume: str = _opt(
         "auto",
         "auto = continue from the newest intact checkpoint in --run-dir (damaged ones are reported and skipped); "
-        "never = start fresh; or the path of a checkpoint directory",
+        "never = start fresh (refused when --run-dir holds an earlier run, unless --overwrite); or the path of a "
+        "checkpoint directory",
+    )
+    overwrite: bool = _opt(
+        False, "start fresh in a --run-dir that holds an earlier run: its contents are first moved aside, in one "
+        "atomic rename, to RUN.replaced-<time> beside it (nothing is deleted)"
     )
 
 
 @dataclass
 class LogConfig:
     log_every: int = _opt(50, "print one log line and write TensorBoard scalars every N optimizer steps")
-    progress: bool = _opt(True, "show a progress bar on the main process")
+    progress: Optional[bool] = _opt(
+        None, "show a progress bar on the main process; absent = only when stdout and stderr are terminals (log "
+        "files get plain lines)"
+    )
     profile_steps: Optional[str] = _opt(
         None,
         "A:B = record a torch.profiler trace of optimizer steps A+1..B into RUN/tensorboard/profile/, print the "
@@ -188,24 +193,26 @@ class TrainConfig:
         return self.train.global_batch_size // (world_size * self.train.grad_accum_steps)
 
     def validate(self, world_size: int = 1) -> "TrainConfig":
-        """Check every value; raise ConfigError naming the option and what is allowed."""
+        """Check every value, whatever its source (command line, config file, Python); raise ConfigError
+        naming the option and what is allowed. Types first, then ranges, then combinations."""
         for section in SECTIONS:
             sub = getattr(self, section)
             for f in dataclasses.fields(sub):
+                value = _check_type(f, getattr(sub, f.name))
+                setattr(sub, f.name, value)
                 choices = f.metadata.get("choices")
-                value = getattr(sub, f.name)
                 if choices and value not in choices:
                     raise ConfigError(option_name(f), f"invalid choice {value!r} (choose from {', '.join(choices)})")
         d, m, o, t = self.data, self.model, self.optim, self.train
-        _at_least("--seq-len", d.seq_len, 1)
+        _in_range("--seq-len", d.seq_len, 1, MAX_SEQ_LEN)
         if d.min_seq_len is not None:
-            _at_least("--min-seq-len", d.min_seq_len, 2 if d.task == "adding" else 1)
+            _in_range("--min-seq-len", d.min_seq_len, 2 if d.task == "adding" else 1, MAX_SEQ_LEN)
             if d.min_seq_len > d.seq_len:
                 raise ConfigError("--min-seq-len", f"{d.min_seq_len} is longer than --seq-len {d.seq_len}")
         if d.task == "adding":
-            _at_least("--seq-len", d.seq_len, 2)
-        _at_least("--vocab-size", d.vocab_size, 2)
-        _at_least("--copy-len", d.copy_len, 1)
+            _in_range("--seq-len", d.seq_len, 2, MAX_SEQ_LEN)
+        _in_range("--vocab-size", d.vocab_size, 2, MAX_VOCAB)
+        _in_range("--copy-len", d.copy_len, 1, MAX_SEQ_LEN)
         if d.task == "copy":
             if d.seq_len < 2 * d.copy_len + 1:
                 raise ConfigError(
@@ -214,44 +221,57 @@ class TrainConfig:
             if d.min_seq_len not in (None, d.seq_len):
                 raise ConfigError("--min-seq-len", "the copy task has a fixed length; leave --min-seq-len out")
         if d.dataset_size is not None:
-            _at_least("--dataset-size", d.dataset_size, 1)
-        _at_least("--block-size", d.block_size, 1)
-        _at_least("--samples-per-example", d.samples_per_example, 1)
-        _at_least("--num-workers", d.num_workers, 0)
-        _at_least("--eval-size", d.eval_size, 1)
-        _at_least("--hidden-size", m.hidden_size, 1)
-        _at_least("--num-layers", m.num_layers, 1)
-        _at_least("--num-heads", m.num_heads, 1)
-        if not (isinstance(m.dropout, (int, float)) and 0.0 <= m.dropout < 1.0):
+            _in_range("--dataset-size", d.dataset_size, 1, MAX_POSITION)
+        _in_range("--block-size", d.block_size, 1, MAX_POSITION)
+        _in_range("--samples-per-example", d.samples_per_example, 1, MAX_POSITION)
+        _in_range("--num-workers", d.num_workers, 0, MAX_WORKERS)
+        _in_range("--eval-size", d.eval_size, 1, MAX_POSITION)
+        _in_range("--hidden-size", m.hidden_size, 1, MAX_WIDTH)
+        _in_range("--num-layers", m.num_layers, 1, MAX_LAYERS)
+        _in_range("--num-heads", m.num_heads, 1, MAX_WIDTH)
+        if not 0.0 <= m.dropout < 1.0:
             raise ConfigError("--dropout", f"must be in [0, 1) (got {m.dropout!r})")
         if m.kind == "transformer" and m.hidden_size % m.num_heads:
             raise ConfigError("--num-heads", f"{m.num_heads} does not divide --hidden-size {m.hidden_size}")
         if m.kind == "transformer" and m.bidirectional:
             raise ConfigError("--bidirectional", "applies to rnn, gru and lstm; the transformer sees both directions")
-        _positive_float("--lr", o.lr)
-        _non_negative_float("--weight-decay", o.weight_decay)
-        _at_least("--warmup-steps", o.warmup_steps, 0)
-        _non_negative_float("--grad-clip", o.grad_clip)
+        _finite("--lr", o.lr, above=0.0)
+        _finite("--weight-decay", o.weight_decay, at_least=0.0)
+        _in_range("--warmup-steps", o.warmup_steps, 0, MAX_POSITION)
+        _finite("--grad-clip", o.grad_clip, at_least=0.0)
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise ConfigError("--min-lr-ratio", f"must be between 0 and 1 (got {o.min_lr_ratio})")
-        _at_least("--max-steps", t.max_steps, 1)
-        _at_least("--start-step", t.start_step, 0)
+        _in_range("--max-steps", t.max_steps, 1, MAX_POSITION)
+        _in_range("--start-step", t.start_step, 0, MAX_POSITION)
         if t.start_step >= t.max_steps:
             raise ConfigError("--start-step", f"must be below --max-steps {t.max_steps} (got {t.start_step})")
-        _at_least("--global-batch-size", t.global_batch_size, 1)
-        _at_least("--grad-accum-steps", t.grad_accum_steps, 1)
-        _at_least("--eval-every", t.eval_every, 0)
-        _at_least("--checkpoint-every", self.checkpoint.checkpoint_every, 0)
-        _at_least("--keep-last", self.checkpoint.keep_last, 0)
-        _at_least("--dist-timeout-s", t.dist_timeout_s, 1)
+        _in_range("--global-batch-size", t.global_batch_size, 1, MAX_POSITION)
+        _in_range("--grad-accum-steps", t.grad_accum_steps, 1, MAX_POSITION)
+        if t.max_steps * t.global_batch_size > MAX_POSITION:
+            raise ConfigError("--max-steps", f"--max-steps x --global-batch-size = {t.max_steps * t.global_batch_size} "
+                                             f"samples; stream positions must stay below 2^62")
+        _in_range("--seed", t.seed, 0, MAX_SEED)
+        _in_range("--eval-every", t.eval_every, 0, MAX_POSITION)
+        _in_range("--dist-timeout-s", t.dist_timeout_s, 1, MAX_TIMEOUT_S)
         if t.expect_world_size is not None:
-            _at_least("--expect-world-size", t.expect_world_size, 1)
-        if self.checkpoint.resume not in ("auto", "never") and not Path(self.checkpoint.resume).is_dir():
-            raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {self.checkpoint.resume})")
-        if t.start_step and self.checkpoint.resume != "never":
+            _in_range("--expect-world-size", t.expect_world_size, 1, MAX_WORLD)
+        if not 0.0 <= t.max_skipped_fraction <= 1.0:
+            raise ConfigError("--max-skipped-fraction", f"must be between 0 and 1 (got {t.max_skipped_fraction})")
+        c = self.checkpoint
+        _in_range("--checkpoint-every", c.checkpoint_every, 0, MAX_POSITION)
+        _in_range("--keep-last", c.keep_last, 0, MAX_POSITION)
+        if not c.resume:
+            raise ConfigError("--resume", "expected auto, never or a checkpoint directory (got an empty string)")
+        if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
+            raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {c.resume})")
+        if c.overwrite and c.resume not in ("auto", "never"):
+            raise ConfigError("--overwrite", "starts fresh; it cannot be combined with --resume PATH")
+        if t.start_step and c.resume == "auto" and not c.overwrite:
             raise ConfigError("--start-step", "starts a fresh run; add --resume never (a checkpoint sets the step itself)")
-        _at_least("--log-every", self.log.log_every, 1)
+        _in_range("--log-every", self.log.log_every, 1, MAX_POSITION)
         self.profile_range()
+        if not t.run_dir.strip():
+            raise ConfigError("--run-dir", "must not be empty")
         per_step = world_size * t.grad_accum_steps
         if t.global_batch_size % per_step:
             raise ConfigError(
@@ -259,11 +279,20 @@ class TrainConfig:
                 f"{t.global_batch_size} is not divisible by processes x --grad-accum-steps = "
                 f"{world_size} x {t.grad_accum_steps} = {per_step}",
             )
+        features = self.task_features()
+        for option, samples in (("--block-size", d.block_size), ("--samples-per-example", d.samples_per_example),
+                                ("--eval-size", -(-d.eval_size // world_size)),  # each rank's share at once
+                                ("--global-batch-size", self.micro_batch_size(world_size))):
+            _fits_in_memory(option, samples, d.seq_len, features)
         if d.data_files is not None:
             self._validate_data_files()
         if Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
             raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
         return self
+
+    def task_features(self) -> int:
+        """F, the numbers per time step of the configured task's input."""
+        return TASKS[self.data.task].num_features(self.task_spec())
 
     def profile_range(self) -> Optional[Tuple[int, int]]:
         """``--profile-steps A:B`` as (A, B), None when absent; ConfigError unless 0 <= A < B <= --max-steps."""
@@ -278,7 +307,7 @@ class TrainConfig:
         return int(first), int(last)
 
     def _validate_data_files(self) -> None:
-        from .files import check_columns, resolve_files  # reads the first row: only when files are used
+        from .files import check_files, resolve_files  # reads the first row: only when files are used
 
         d = self.data
         conflicts = {
@@ -291,7 +320,7 @@ class TrainConfig:
                 raise ConfigError(option, "does not apply with --data-files; leave it out")
         if TASKS[d.task].head == "per-step":
             raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
-        check_columns(resolve_files(d.data_files), d.sequence_column, d.label_column)
+        check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
 
 
 def _did_you_mean(name: str, choices) -> str:
@@ -327,32 +356,89 @@ def apply_mapping(cfg: TrainConfig, mapping: dict, source: str) -> TrainConfig:
             raise ConfigError("--config", f"{source}: unknown section {section!r}{_did_you_mean(section, SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError("--config", f"{source}: section {section!r} must be a mapping of fields")
-        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
         for name, value in values.items():
-            if name not in names:
-                raise ConfigError("--config", f"{source}: unknown key {section}.{name}{_did_you_mean(name, names)}")
+            if name not in fields:
+                raise ConfigError("--config", f"{source}: unknown key {section}.{name}{_did_you_mean(name, fields)}")
+            if fields[name].type in ("float", "Optional[float]") and isinstance(value, str):
+                value = _yaml_float(value)
             setattr(getattr(cfg, section), name, value)
     return cfg
 
 
-def _at_least(option: str, value: int, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(option, f"must be an integer >= {low} (got {value!r})")
+# Bounds that keep every value inside what the code can represent or this kind of machine can hold;
+# beyond them a value is a typo, and an error beats an overflow deep inside torch.
+MAX_POSITION = 2**62  # stream positions are int64
+MAX_SEED = 2**63 - 1
+MAX_SEQ_LEN = 2**20
+MAX_VOCAB = 2**24
+MAX_WIDTH = 2**16
+MAX_LAYERS = 1024
+MAX_WORKERS = 256
+MAX_WORLD = 2**20
+MAX_TIMEOUT_S = 365 * 24 * 3600
+MAX_TENSOR_BYTES = 8 * 2**30  # one block, example, micro-batch or evaluation set of float32 inputs
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
-def _positive_float(option: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ConfigError(option, f"must be a finite number > 0 (got {value!r})")
+def _check_type(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` if it has the field's type (an int is a valid float; None only where optional)."""
+    kind = f.type
+    optional = kind.startswith("Optional[")
+    base = kind[len("Optional["):-1] if optional else kind
+    if value is None and optional:
+        return value
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[base]
+    if not ok:
+        absent = " or absent" if optional else ""
+        raise ConfigError(option_name(f), f"must be {_TYPE_NAMES[base]}{absent} (got {value!r})")
+    return float(value) if base == "float" else value
 
 
-def _non_negative_float(option: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ConfigError(option, f"must be a finite number >= 0 (got {value!r})")
+def _in_range(option: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ConfigError(option, f"must be an integer >= {low}" + (f" and <= {high}" if value > high else "")
+                          + f" (got {value!r})")
+
+
+def _finite(option: str, value: float, *, above: Optional[float] = None, at_least: Optional[float] = None) -> None:
+    if above is not None and not (math.isfinite(value) and value > above):
+        raise ConfigError(option, f"must be a finite number > {above:g} (got {value!r})")
+    if at_least is not None and not (math.isfinite(value) and value >= at_least):
+        raise ConfigError(option, f"must be a finite number >= {at_least:g} (got {value!r})")
+
+
+def _fits_in_memory(option: str, samples: int, seq_len: int, features: int) -> None:
+    size = samples * seq_len * features * 4
+    if size > MAX_TENSOR_BYTES:
+        raise ConfigError(option, f"{samples} samples x {seq_len} steps x {features} features of float32 take "
+                                  f"{size / 2**30:.0f} GiB at once (limit {MAX_TENSOR_BYTES // 2**30} GiB); choose "
+                                  f"a smaller value")
+
+
+def _yaml_float(text: str):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a float field takes it as the number it spells."""
+    try:
+        return float(text)
+    except ValueError:
+        return text  # left for validate() to report with the option's name
 
 
 def option_name(f: dataclasses.Field) -> str:
     """The command-line spelling of a field: ``hidden_size`` -> ``--hidden-size``."""
     return "--" + f.metadata.get("option", f.name).replace("_", "-")
+
+
+def option_for(key: str) -> str:
+    """The command-line spelling of ``"section.field"``."""
+    section, name = key.split(".")
+    return next(option_name(f) for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
 
 
 def _seed_preset() -> TrainConfig:

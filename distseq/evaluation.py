@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from accelerate import Accelerator
 
-from .accounting import DataAccountingError
+from .errors import DataAccountingError
 from .tasks import Batch, Task
 
 EVAL_BATCH = 1024  # held-out samples per forward pass
@@ -49,21 +49,41 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
 
 
 def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[int],
-                 data_files: Optional[str]) -> dict:
-    """``distseq eval``: the newest intact (or the given) checkpoint on held-out data; writes RUN/eval.json."""
-    from .checkpoint import CheckpointError, select_checkpoint
+                 data_files: Optional[str], output: Path) -> dict:
+    """``distseq eval``: the newest intact (or the given) checkpoint on held-out data; writes ``output``.
+
+    A reader: it takes no lock and never fails because a running job's --keep-last deleted a
+    checkpoint under it (the main process reads the weights once, as verified, and shares them)."""
+    from accelerate.utils import broadcast_object_list
+
+    from .checkpoint import newest_verified, read_meta
     from .data import SampleSource, eval_batches
-    from .export import model_from_checkpoint
+    from .errors import CheckpointError
+    from .export import WEIGHTS, model_from_checkpoint
     from .files import FileStream, file_eval_batches, resolve_files
-    from .metrics import write_json
-    from .runtime import print0
+    from .io import write_json
+    from .runtime import fresh_accelerator, print0
     from .tasks import TASKS
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    path = select_checkpoint(accelerator, run_dir, checkpoint or "auto", lambda line: print0(accelerator, line))
-    if path is None:
-        raise CheckpointError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
-    model, cfg, meta = model_from_checkpoint(path)
+    accelerator = fresh_accelerator()
+    chosen: list = [None, None, ""]  # path, (meta, files), error
+    if accelerator.is_main_process:
+        try:
+            if checkpoint:
+                chosen[:2] = checkpoint, read_meta(Path(checkpoint), keep=(WEIGHTS,))
+            else:
+                path, meta, files = newest_verified(Path(run_dir), lambda line: print0(accelerator, line), (WEIGHTS,))
+                if path is None:
+                    raise CheckpointError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
+                chosen[:2] = str(path), (meta, files)
+        except CheckpointError as error:
+            chosen[2] = str(error)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen)
+    if chosen[2]:
+        raise CheckpointError(chosen[2])
+    path = Path(chosen[0])
+    model, cfg, meta = model_from_checkpoint(path, chosen[1])
     model.to(accelerator.device)
     task, spec = TASKS[cfg.data.task], cfg.task_spec()
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -88,6 +108,6 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
         "data": data_files or "held-out stream",
     }
     if accelerator.is_main_process:
-        write_json(Path(run_dir) / "eval.json", result)
+        write_json(output, result)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()), flush=True)
     return result

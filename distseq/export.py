@@ -7,12 +7,11 @@ its shape, distseq version, step). ``load_model`` needs neither the trainer nor 
 from __future__ import annotations
 
 import json
-import shutil
 from importlib import metadata
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors, load_file
 from torch import nn
 
 from .config import TrainConfig, apply_mapping
@@ -26,31 +25,40 @@ def config_of(sections: dict) -> TrainConfig:
     return apply_mapping(TrainConfig(), sections, "saved config")
 
 
-def build_from(cfg: TrainConfig, weights: Path) -> nn.Module:
+def build_from(cfg: TrainConfig, weights: dict) -> nn.Module:
     from .models import build_model
     from .tasks import TASKS
 
     model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec())
-    model.load_state_dict(load_file(weights))
+    model.load_state_dict(weights)
     return model.eval()
 
 
-def model_from_checkpoint(path: Path) -> Tuple[nn.Module, TrainConfig, dict]:
-    """The model of a verified checkpoint directory, its config and its meta.json."""
+WEIGHTS = "model.safetensors"
+
+
+def model_from_checkpoint(path: Path, verified: Optional[Tuple[dict, Dict[str, bytes]]] = None
+                          ) -> Tuple[nn.Module, TrainConfig, dict]:
+    """The model of a checkpoint directory, its config and its meta.json. The weights are read once,
+    as verified, so a checkpoint deleted right after (a running job's --keep-last) still loads."""
     from .checkpoint import read_meta
 
-    meta = read_meta(Path(path))
+    meta, files = verified or read_meta(Path(path), keep=(WEIGHTS,))
     cfg = config_of(meta["config"])
-    return build_from(cfg, Path(path) / "model.safetensors"), cfg, meta
+    return build_from(cfg, load_safetensors(files[WEIGHTS])), cfg, meta
 
 
 def export(checkpoint: Path, out_dir: Path) -> Path:
-    from .metrics import write_json  # here, not at the top: load_model must not import accelerate
+    from .io import write_json
 
-    _, cfg, meta = model_from_checkpoint(checkpoint)
+    from .checkpoint import read_meta
+    from .io import write_bytes_atomically
+
+    meta, files = read_meta(Path(checkpoint), keep=(WEIGHTS,))
+    _, cfg, _ = model_from_checkpoint(checkpoint, (meta, files))  # proves the weights load
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(checkpoint) / "model.safetensors", out_dir / "model.safetensors")
+    write_bytes_atomically(out_dir / WEIGHTS, files[WEIGHTS])
     write_json(out_dir / "config.json", {
         "format_version": EXPORT_VERSION,
         "model": cfg.to_dict()["model"],
@@ -65,6 +73,6 @@ def load_model(directory) -> nn.Module:
     """The exported model in eval mode; ``model.distseq_config`` holds its config.json."""
     directory = Path(directory)
     saved = json.loads((directory / "config.json").read_text())
-    model = build_from(config_of({"model": saved["model"], "data": saved["data"]}), directory / "model.safetensors")
+    model = build_from(config_of({"model": saved["model"], "data": saved["data"]}), load_file(directory / WEIGHTS))
     model.distseq_config = saved
     return model

@@ -1,4 +1,4 @@
-"""Failpoints: named places where a crash test can make this process die by SIGKILL.
+"""Failpoints: named places where a test can make this process die by SIGKILL, or pause it.
 
 ``DISTSEQ_FAILPOINT=name`` (or ``name@step``) kills the process the moment it reaches that place, so
 tests can prove recovery from a crash at an exact, otherwise unreachable instant (half-way through a
@@ -14,3 +14,13 @@ def failpoint(name: str, step: Optional[int] = None) -> None:
     target = os.environ.get("DISTSEQ_FAILPOINT")
     if target and target in (name, f"{name}@{step}"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(name: str) -> None:
+    """``DISTSEQ_PAUSE=name`` stops here for a minute after printing ``distseq: paused at name``, so a
+    test can send a signal at exactly this moment (e.g. during start-up). Unset, one lookup."""
+    if os.environ.get("DISTSEQ_PAUSE") == name:
+        import time
+
+        print(f"distseq: paused at {name}", flush=True)
+        time.sleep(60)

@@ -26,14 +26,10 @@ from accelerate import Accelerator
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from .config import ConfigError
+from .errors import ConfigError, DataFileError
 from .tasks import Batch, Task, TaskSpec
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class DataFileError(ValueError):
-    """A row that cannot be used; the message names the file and the row."""
 
 
 def resolve_files(pattern: str) -> List[str]:
@@ -83,8 +79,28 @@ def _file_rows(files: List[str], data_format: str) -> Iterator[dict]:
             raise _parse_error(path, error) from None
 
 
-def check_columns(files: List[str], sequence_column: str, label_column: str) -> None:
-    """The first row of the first file must have both columns; say which exist if not."""
+def _has_rows(path: str) -> bool:
+    """Whether a file holds at least one row: parquet from its footer, JSON lines from the first
+    non-blank byte (cheap for any size)."""
+    if _format([path]) == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows > 0
+        except Exception as error:  # not a parquet file: one line naming it
+            raise ConfigError("--data-files", f"{path} is not a readable parquet file: {str(error).splitlines()[0]}") from None
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 16), b""):
+            if chunk.strip():
+                return True
+    return False
+
+
+def check_files(files: List[str], sequence_column: str, label_column: str) -> None:
+    """Every file has rows, and the first row of the first file has both columns (say which exist if not)."""
+    for path in files:
+        if not _has_rows(path):
+            raise ConfigError("--data-files", f"{path} has no rows (every file of --data-files must hold some)")
     try:
         with _quiet_datasets():
             first = next(iter(load_dataset(_format(files), data_files=files[:1], streaming=True, split="train")))

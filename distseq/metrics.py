@@ -15,16 +15,18 @@ from .runtime import TENSORBOARD_PROJECT
 
 
 class Throughput:
-    """Samples/s and ms/step over the window since the previous log step."""
+    """Samples/s and ms/step over the window since the previous log step, in training time only
+    (the clock leaves out evaluation and checkpoint writes)."""
 
-    def __init__(self, step: int, samples: int):
+    def __init__(self, step: int, samples: int, clock: "TrainingClock"):
+        self.clock = clock
         self.reset(step, samples)
 
     def reset(self, step: int, samples: int) -> None:
-        self.step, self.samples, self.time = step, samples, time.perf_counter()
+        self.step, self.samples, self.time = step, samples, self.clock.train_seconds()
 
     def window(self, step: int, samples: int) -> Dict[str, float]:
-        seconds = max(time.perf_counter() - self.time, 1e-9)
+        seconds = max(self.clock.train_seconds() - self.time, 1e-9)
         steps = max(step - self.step, 1)
         out = {
             "perf/samples_per_sec": (samples - self.samples) / seconds,
@@ -35,16 +37,18 @@ class Throughput:
 
 
 class TrainingClock:
-    """Seconds spent training: wall time since the start, less the pauses (evaluation, checkpoint writes)."""
+    """Seconds spent training: wall time since the start, less the pauses (evaluation, checkpoint
+    writes). A resumed run starts from the seconds its checkpoint recorded."""
 
-    def __init__(self):
+    def __init__(self, train_before: float = 0.0, wall_before: float = 0.0):
         self.started, self.paused = time.perf_counter(), 0.0
+        self.train_before, self.wall_before = train_before, wall_before
 
     def wall_seconds(self) -> float:
-        return time.perf_counter() - self.started
+        return self.wall_before + time.perf_counter() - self.started
 
     def train_seconds(self) -> float:
-        return self.wall_seconds() - self.paused
+        return self.train_before + time.perf_counter() - self.started - self.paused
 
     @contextlib.contextmanager
     def pause(self):
@@ -85,21 +89,6 @@ def log_line(step: int, max_steps: int, scalars: Dict[str, float]) -> str:
     for key, value in scalars.items():
         fields.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     return " ".join(fields)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def summary(

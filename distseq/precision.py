@@ -13,7 +13,8 @@ from typing import List
 
 import torch
 
-from .config import MODELS, TrainConfig, ConfigError, ModelConfig
+from .config import MODELS, TrainConfig, ModelConfig
+from .errors import ConfigError
 from .models import build_model
 from .tasks import TASKS
 

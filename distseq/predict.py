@@ -15,7 +15,7 @@ import torch
 
 from .config import TrainConfig
 from .files import DataFileError, sequence_to_tensor
-from .metrics import write_text_atomically
+from .io import write_text_atomically
 from .tasks import TASKS
 
 BATCH = 1024

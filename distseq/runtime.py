@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from datetime import timedelta
 from typing import Optional
 
@@ -13,7 +14,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-from .config import TrainConfig, ConfigError
+from .config import TrainConfig
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, Stopped
 from .precision import Precision
 
 TENSORBOARD_PROJECT = "tensorboard"  # event files go to RUN/tensorboard/
@@ -42,10 +44,20 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def build_accelerator(cfg: TrainConfig, precision: Precision) -> Accelerator:
+def fresh_accelerator(**kwargs) -> Accelerator:
+    """An Accelerator built from these settings alone. accelerate keeps one state per process and
+    refuses other settings later (another precision); an earlier run or eval in this interpreter (a
+    notebook, a test, distseq.train called again) must not decide this one's."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     # cpu=True on a machine without CUDA: otherwise accelerate leaves every launched rank training alone.
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
+    return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def build_accelerator(cfg: TrainConfig, precision: Precision) -> Accelerator:
+    return fresh_accelerator(
         mixed_precision=precision.name,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="tensorboard",
@@ -72,32 +84,67 @@ def check_world_size(accelerator: Accelerator, expected: Optional[int]) -> None:
         raise ConfigError("--expect-world-size", f"asked for {expected} processes, the launch produced {got}{hint}")
 
 
+def show_progress(requested: Optional[bool]) -> bool:
+    """--progress / --no-progress, else a bar only where a person watches: stdout and stderr are
+    terminals. A log file (sbatch, nohup, a pipe) gets plain lines, never bar frames."""
+    if requested is not None:
+        return requested
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def print0(accelerator: Accelerator, *args) -> None:
     """print on the main process only (to the sys.stdout of the moment, which notebooks and tests swap)."""
     if accelerator.is_main_process:
         print(*args, flush=True)
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop acts on it at the next step boundary, on every rank together."""
+class StopSignals:
+    """SIGINT, SIGTERM, SIGUSR1 and SIGHUP, from start-up to the end of a run.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    During start-up a signal stops the process at once (``Stopped``: nothing was saved yet). Once the
+    loop runs it only sets ``received``; every rank agrees on it at the next step boundary, saves and
+    exits (130 for SIGINT, 143 for the others, which schedulers send before a preemption; SIGHUP is a
+    lost terminal or a batch system's notice). A second SIGINT exits at once: checkpoints are written
+    atomically, so the newest complete one stays intact. A signal that the process inherited as ignored
+    (``nohup``, a background job of a non-interactive shell) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
     def __init__(self):
-        self.received = 0  # the signal number, 0 while none arrived
+        self.received = 0  # the first signal's number, 0 while none arrived
+        self.in_loop = False
         self._previous = {}
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> "StopSignals":
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self.in_loop:
+            raise Stopped(f"{name} during start-up: stopped before training; nothing was saved", exit_code(signum))
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            print(f"distseq: second SIGINT: exiting now without saving (the newest complete checkpoint is intact)",
+                  file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        self.received = self.received or signum
+
+
+def exit_code(signum: int) -> int:
+    """130 for an interrupt (SIGINT), 143 for a request to stop (SIGTERM, SIGUSR1, SIGHUP)."""
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(int(signum)).name
 
 
 def request_requeue() -> str:

@@ -31,6 +31,19 @@ def run_distseq(args, *, timeout: float = 240, env=None) -> subprocess.Completed
     )
 
 
+def run_main(args, capsys) -> subprocess.CompletedProcess:
+    """``distseq ARGS`` in this process (no interpreter start: seconds faster than ``run_distseq``)."""
+    from distseq.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def accelerate_launch(launch_args, args, *, timeout: float = 240) -> subprocess.CompletedProcess:
     """``accelerate launch LAUNCH_ARGS -m distseq.cli ARGS``: real processes, gloo on loopback."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "distseq.cli", *args]

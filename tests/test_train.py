@@ -11,7 +11,7 @@ from conftest import TINY, assert_ok, run_distseq, scalars, summary
 from distseq.config import PRESETS, preset
 from distseq.precision import cpu_has_native_bf16
 from distseq.tasks import TASKS
-from distseq.train import train
+from distseq.loop import train
 
 SUMMARY_KEYS = {"step", "samples", "wall_seconds", "samples_per_sec", "eval/accuracy", "eval/loss", "precision",
                 "world_size", "model", "task", "backend", "distributed_type"}

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Sequence
 
 from tqdm.auto import tqdm
 
-from ..metrics import write_json
+from ..io import write_json
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "accuracy", "precision", "profile")
 

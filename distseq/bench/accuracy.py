@@ -24,7 +24,7 @@ def first_time_at(history: list, target: float) -> Optional[float]:
 
 def accuracy_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     from ..config import preset
-    from ..train import train
+    from ..loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = preset("default")

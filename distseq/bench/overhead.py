@@ -39,14 +39,13 @@ def overhead_config(steps: int, run_dir: str) -> TrainConfig:
 def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     """What a user writes by hand for the same training: no harness, the same stream and recipe."""
     from ..runtime import local_device
-    from ..train import lr_factor
+    from ..optim import build_optimizer
 
     torch.manual_seed(cfg.train.seed)
     device = local_device()  # where distseq trains too
     spec, steps, batch_size = cfg.task_spec(), cfg.train.max_steps, cfg.train.global_batch_size
     model = build_model(cfg.model, TASKS[cfg.data.task], spec).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps))
+    optimizer, scheduler = build_optimizer(model, cfg.optim, steps)  # the function distseq train uses
     source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "train")
     loader = train_loader(source, Layout(batch_size, 1, 1), 0, 0, steps, cfg.data.samples_per_example, 0)
     batches = micro_batches(loader, batch_size)
@@ -70,7 +69,7 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
 
 def overhead_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     from ..runtime import set_cpu_threads
-    from ..train import train
+    from ..loop import train
 
     set_cpu_threads()  # the thread count train() uses, for the plain loop too
     steps, repeats = (10, 3) if quick else (100, 3)
@@ -91,7 +90,7 @@ def overhead_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
 
 def profile_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     """One profiled ``distseq train`` of the overhead config: the share of step time per phase."""
-    from ..train import train
+    from ..loop import train
 
     steps, window = (12, "2:12") if quick else (100, "20:70")
     with tempfile.TemporaryDirectory() as tmp:

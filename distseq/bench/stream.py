@@ -76,7 +76,7 @@ def verify_data_overhead(steps: int, repeats: int) -> Dict[str, float]:
     """
     from ..accounting import Digest
     from ..config import preset
-    from ..train import train
+    from ..loop import train
 
     seconds = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,8 @@ import resource
 import sys
 from pathlib import Path
 
-from ..metrics import peak_memory, write_json
+from ..io import write_json
+from ..metrics import peak_memory
 from .accuracy import accuracy_suite
 from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite

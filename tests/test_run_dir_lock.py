@@ -1,0 +1,135 @@
+"""One run per run dir (an OS lock); readers never take it and never fail because --keep-last deleted under them."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
+from distseq.checkpoint import newest_verified, read_meta
+from distseq.errors import CheckpointError, ConfigError
+from distseq.export import model_from_checkpoint
+from distseq.io import RunDirLock
+
+LONG = ["train", "--hidden-size", "8", "--global-batch-size", "16", "--max-steps", "100000", "--log-every", "5",
+        "--eval-every", "0", "--eval-size", "64", "--checkpoint-every", "1", "--keep-last", "1", "--no-progress",
+        "--precision", "no"]
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+
+
+def wait_for(proc, prefix):
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"never printed {prefix!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_readers_still_work(tmp_path):
+    run = tmp_path / "run"
+    writer = start([*LONG, "--run-dir", str(run)])
+    try:
+        wait_for(writer, "step=10/")
+        second = run_distseq([*LONG, "--max-steps", "20", "--run-dir", str(run)], timeout=60)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"distseq train: error: --run-dir: {run} is in use by another distseq run (host {socket.gethostname()}, "
+            f"pid {writer.pid}, since " + second.stderr.split("since ")[1].split(")")[0]
+            + "); wait for it to end or choose another --run-dir"]
+        # readers, while the writer saves a checkpoint every step and keeps only the newest
+        for attempt in range(3):
+            evaluated = run_distseq(["eval", "--run-dir", str(run), "--output", str(tmp_path / f"eval{attempt}.json"),
+                                     "--eval-size", "64"], timeout=120)
+            assert_ok(evaluated)
+            assert json.loads((tmp_path / f"eval{attempt}.json").read_text())["samples"] == 64
+        exported = run_distseq(["export", "--checkpoint", str(newest_verified(run, print)[0]),
+                                "--out", str(tmp_path / "exported")], timeout=120)
+        # the checkpoint may be gone by the time export starts: then one line says so; never a traceback
+        if exported.returncode:
+            assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1, exported.stderr
+            assert "was deleted while being read" in exported.stderr or "is not a checkpoint" in exported.stderr
+        else:
+            assert (tmp_path / "exported" / "model.safetensors").is_file()
+    finally:
+        writer.send_signal(signal.SIGTERM)
+        writer.communicate(timeout=60)
+    assert writer.returncode == 143
+    assert summary(run)["status"] == "preempted"
+    assert (run / ".lock").read_text() == ""  # released: no stale holder named
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    run = tmp_path / "run"
+    writer = start([*LONG, "--run-dir", str(run)])
+    wait_for(writer, "step=5/")
+    writer.kill()
+    writer.communicate(timeout=60)
+    assert "pid" in (run / ".lock").read_text()  # the killed holder never released it by hand...
+    RunDirLock(run).acquire().release()  # ...but the OS did
+
+
+def test_the_lock_excludes_a_second_holder_in_the_same_process(tmp_path):
+    first = RunDirLock(tmp_path).acquire()
+    with pytest.raises(ConfigError, match=f"in use by another distseq run \\(host .*, pid {os.getpid()}, since"):
+        RunDirLock(tmp_path).acquire()
+    first.release()
+    RunDirLock(tmp_path).acquire().release()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert_ok(run_distseq([*LONG, "--max-steps", "3", "--keep-last", "0", "--run-dir", str(run)]))
+    return run
+
+
+def test_a_reader_keeps_what_it_verified_when_the_checkpoint_is_deleted(finished, tmp_path):
+    import shutil
+
+    path = tmp_path / "step-00000003"
+    shutil.copytree(finished / "checkpoints" / "step-00000003", path)
+    verified = read_meta(path, keep=("model.safetensors",))
+    shutil.rmtree(path)  # --keep-last of a running job, right after verification
+    model, cfg, meta = model_from_checkpoint(path, verified)
+    assert meta["step"] == 3 and cfg.model.hidden_size == 8
+    assert model(torch.zeros(1, 10, 1), None).shape == (1,)
+
+
+def test_a_checkpoint_deleted_before_it_is_read_is_one_line(finished, tmp_path):
+    gone = tmp_path / "step-00000003"
+    with pytest.raises(CheckpointError, match="is not a checkpoint directory"):
+        read_meta(gone)
+    proc = run_distseq(["export", "--checkpoint", str(gone), "--out", str(tmp_path / "out")])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"distseq export: error: {gone} is not a checkpoint directory"]
+
+
+def test_newest_verified_looks_again_when_the_newest_vanishes(finished, tmp_path, monkeypatch):
+    import shutil
+
+    import distseq.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    real = ckpt.read_meta
+    calls = []
+
+    def deleting_read_meta(path, keep=()):
+        calls.append(path.name)
+        if path.name == "step-00000003" and len(calls) == 1:
+            shutil.rmtree(path)  # deleted between listing and reading
+        return real(path, keep)
+
+    monkeypatch.setattr(ckpt, "read_meta", deleting_read_meta)
+    logged = []
+    path, meta, _ = newest_verified(run, logged.append)
+    assert path.name == "step-00000002" and meta["step"] == 2
+    assert calls == ["step-00000003", "step-00000002"] and logged == []  # vanished is not damaged
