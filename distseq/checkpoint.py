@@ -36,7 +36,7 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from .data import derive_seed
 from .errors import CheckpointError, RunIOError
 from .failpoints import failpoint
-from .io import write_json
+from .io import write_durably, write_json
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -61,14 +61,6 @@ def step_of(path: Path) -> int:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write and fsync; an OSError (no space, no permission, read-only) names the file."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -151,7 +143,7 @@ def save_checkpoint(
         files["trainer_state.pt"] = _torch_bytes({"optimizer": optimizer.state_dict()})
     try:
         for name, data in files.items():
-            _write_file(tmp / name, data)
+            write_durably(tmp / name, data)
             failpoint("checkpoint-partial", step)
     except OSError as error:
         problem = _io_failure(error)
@@ -222,6 +214,22 @@ def _replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def clear_debris(run_dir: Path) -> None:
+    """Remove what interrupted saves and deletions left (called under the run-dir lock, before a run):
+    ``.tmp-step-N`` (an incomplete save) and ``.deleting-step-N`` (retention cut short). A
+    ``.old-step-N`` is a complete checkpoint caught in the middle of being replaced: it goes back to
+    ``step-N`` if that name is free, else it is the stale copy and is removed."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        name = path.name
+        if name.startswith(".old-step-") and not (root / name[len(".old-"):]).exists():
+            os.replace(path, root / name[len(".old-"):])
+        elif name.startswith((".tmp-step-", ".deleting-step-", ".old-step-")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def list_checkpoints(run_dir: Path) -> List[Path]:
     """Complete checkpoint directories (by name), oldest first."""
     root = Path(run_dir) / "checkpoints"
@@ -246,6 +254,11 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
         raise CheckpointError(f"{meta_file} is not valid JSON") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict) or "step" not in meta:
         raise CheckpointError(f"{meta_file} lacks step or sha256")
+    config = meta.get("config")
+    if (not isinstance(meta["step"], int) or not isinstance(meta.get("samples"), int)
+            or not isinstance(meta.get("world_size"), int) or not isinstance(config, dict)
+            or not all(isinstance(config.get(section), dict) for section in ("data", "model", "optim", "train"))):
+        raise CheckpointError(f"{meta_file} lacks an integer step, samples, world_size or the config sections (damaged)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}; this distseq reads version {FORMAT_VERSION}")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python -m distseq.cli`; the `distseq` script starts in entry.py
-    from distseq.entry import stop_quietly_until_handled
+    from distseq.entry import install
 
-    stop_quietly_until_handled()  # before the heavy imports: a signal during start-up is one line, not a traceback
+    install()  # before the heavy imports: a signal during start-up is one line, not a traceback
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -212,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.random is not None:
             _positive("--random", args.random, high=MAX_PREDICT)
-        if args.output:
+        if args.output is not None:
             check_output_file("--output", args.output)
         model, cfg, _ = model_from_checkpoint(Path(args.checkpoint))
         if args.random is not None:
@@ -224,6 +224,8 @@ def _run(args: argparse.Namespace) -> int:
         from .export import export
 
         check_output_dir("--out", args.out)
+        if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+            raise ConfigError("--out", "must differ from --checkpoint (the export would overwrite the checkpoint's files)")
         print(f"distseq: exported to {export(Path(args.checkpoint), Path(args.out))}")
     elif args.command == "probe":
         from .precision import format_probe, probe_table
@@ -234,23 +236,20 @@ def _run(args: argparse.Namespace) -> int:
             if getattr(args, name) is not None:
                 setattr(section, name, getattr(args, name))
         cfg.validate()
-        if args.json:
+        if args.json is not None:
             check_output_file("--json", args.json)
         rows = probe_table(cfg, local_device())
         print(format_probe(rows, local_device()))
         if args.json:
             write_json(Path(args.json), rows)
     elif args.command == "bench":
-        from .bench import BenchError, run_bench
+        from .bench import run_bench
 
         unknown = [name for name in args.suites if name not in SUITE_NAMES]
         if unknown:
             raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITE_NAMES)})")
         check_output_dir("--out", args.out)
-        try:
-            run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
-        except BenchError as error:
-            _fail(f"distseq bench: error: {error}", code=EXIT_FAILURE)
+        run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
     return 0
 
 
@@ -264,4 +263,6 @@ def _positive(option: str, value: int, high: int = 2**62) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from distseq.entry import run
+
+    sys.exit(run(main))

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -33,7 +35,7 @@ def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tupl
     return field(default=default, metadata=metadata)
 
 
-@dataclass
+@dataclass(slots=True)  # a misspelt attribute is an AttributeError, not silently ignored
 class DataConfig:
     task: str = _opt("sum-sign", "synthetic task that defines inputs and labels", choices=tuple(TASKS))
     seq_len: int = _opt(10, "time steps per sequence (the padded length when lengths vary)")
@@ -68,7 +70,7 @@ class DataConfig:
     label_column: str = _opt("label", "column of --data-files holding each label")
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     kind: str = _opt("lstm", "sequence model", option="model", choices=MODELS)
     hidden_size: int = _opt(64, "hidden units per recurrent layer; the transformer's model width")
@@ -79,7 +81,7 @@ class ModelConfig:
     positions: str = _opt("sinusoidal", "transformer position encoding", choices=POSITIONS)
 
 
-@dataclass
+@dataclass(slots=True)
 class OptimConfig:
     lr: float = _opt(3e-3, "peak learning rate of Adam(W)")
     weight_decay: float = _opt(0.0, "decoupled weight decay (AdamW); 0 = plain Adam")
@@ -89,7 +91,7 @@ class OptimConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this value; 0 = no clipping")
 
 
-@dataclass
+@dataclass(slots=True)
 class LoopConfig:
     run_dir: str = _opt("runs/default", "directory for TensorBoard logs, checkpoints and summary.json")
     max_steps: int = _opt(1500, "optimizer steps to train (the stream is counted in steps, not epochs)")
@@ -128,7 +130,7 @@ class LoopConfig:
     requeue: bool = _opt(False, "under SLURM, after saving on SIGTERM/SIGUSR1/SIGHUP, ask SLURM to requeue the job")
 
 
-@dataclass
+@dataclass(slots=True)
 class CheckpointConfig:
     checkpoint_every: int = _opt(500, "save a checkpoint every N optimizer steps (and at the end); 0 = only at the end")
     keep_last: int = _opt(3, "keep the newest K checkpoints, deleting older ones only after a new one is complete; 0 = all")
@@ -144,7 +146,7 @@ class CheckpointConfig:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class LogConfig:
     log_every: int = _opt(50, "print one log line and write TensorBoard scalars every N optimizer steps")
     progress: Optional[bool] = _opt(
@@ -168,7 +170,7 @@ SECTIONS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -195,6 +197,11 @@ class TrainConfig:
     def validate(self, world_size: int = 1) -> "TrainConfig":
         """Check every value, whatever its source (command line, config file, Python); raise ConfigError
         naming the option and what is allowed. Types first, then ranges, then combinations."""
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ConfigError("WORLD_SIZE", f"the number of processes must be an integer >= 1 (got {world_size!r})")
+        for section, cls in SECTIONS.items():
+            if not isinstance(getattr(self, section), cls):
+                raise ConfigError(section, f"must be a {cls.__name__} (got {getattr(self, section)!r})")
         for section in SECTIONS:
             sub = getattr(self, section)
             for f in dataclasses.fields(sub):
@@ -222,6 +229,9 @@ class TrainConfig:
                 raise ConfigError("--min-seq-len", "the copy task has a fixed length; leave --min-seq-len out")
         if d.dataset_size is not None:
             _in_range("--dataset-size", d.dataset_size, 1, MAX_POSITION)
+            if d.dataset_size // d.block_size > MAX_BLOCKS:  # each epoch's block order is one permutation
+                raise ConfigError("--dataset-size", f"{d.dataset_size} samples are more than {MAX_BLOCKS} blocks of "
+                                                    f"--block-size {d.block_size}; choose a larger --block-size")
         _in_range("--block-size", d.block_size, 1, MAX_POSITION)
         _in_range("--samples-per-example", d.samples_per_example, 1, MAX_POSITION)
         _in_range("--num-workers", d.num_workers, 0, MAX_WORKERS)
@@ -266,7 +276,7 @@ class TrainConfig:
             raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {c.resume})")
         if c.overwrite and c.resume not in ("auto", "never"):
             raise ConfigError("--overwrite", "starts fresh; it cannot be combined with --resume PATH")
-        if t.start_step and c.resume == "auto" and not c.overwrite:
+        if t.start_step and c.resume != "never" and not c.overwrite:
             raise ConfigError("--start-step", "starts a fresh run; add --resume never (a checkpoint sets the step itself)")
         _in_range("--log-every", self.log.log_every, 1, MAX_POSITION)
         self.profile_range()
@@ -300,7 +310,8 @@ class TrainConfig:
         if text is None:
             return None
         first, sep, last = str(text).partition(":")
-        if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+        if not (sep and first.strip().isascii() and first.strip().isdecimal() and last.strip().isascii()
+                and last.strip().isdecimal()):
             raise ConfigError("--profile-steps", f"expected A:B with integers 0 <= A < B <= --max-steps (got {text!r})")
         if not int(first) < int(last) <= max_steps:
             raise ConfigError("--profile-steps", f"expected 0 <= A < B <= --max-steps {max_steps} (got {text!r})")
@@ -323,17 +334,23 @@ class TrainConfig:
         check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
 
 
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
+def _did_you_mean(name, choices) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
 
 
 def read_config_file(path: str) -> dict:
     """A config file's sections as a dict: JSON (.json) or YAML (anything else)."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise ConfigError("--config", f"{path} is not a regular file")
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError("--config", f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB: not a config file")
         text = Path(path).read_text()
     except OSError as error:
         raise ConfigError("--config", f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("--config", f"cannot read {path}: not UTF-8 text") from None
     try:
         if path.endswith(".json"):
             loaded = json.loads(text)
@@ -377,7 +394,10 @@ MAX_LAYERS = 1024
 MAX_WORKERS = 256
 MAX_WORLD = 2**20
 MAX_TIMEOUT_S = 365 * 24 * 3600
+MAX_BLOCKS = 2**30  # blocks in one epoch of a finite --dataset-size
 MAX_TENSOR_BYTES = 8 * 2**30  # one block, example, micro-batch or evaluation set of float32 inputs
+
+MAX_CONFIG_BYTES = 2**20
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
@@ -389,6 +409,10 @@ def _check_type(f: dataclasses.Field, value: Any) -> Any:
     base = kind[len("Optional["):-1] if optional else kind
     if value is None and optional:
         return value
+    if base == "str" and isinstance(value, os.PathLike):  # pathlib.Path from Python
+        value = os.fspath(value)
+    if base in ("int", "float") and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers from Python
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
@@ -397,7 +421,9 @@ def _check_type(f: dataclasses.Field, value: Any) -> Any:
     }[base]
     if not ok:
         absent = " or absent" if optional else ""
-        raise ConfigError(option_name(f), f"must be {_TYPE_NAMES[base]}{absent} (got {value!r})")
+        hint = " (YAML reads yes/no/on/off as booleans and 1:3 as a number: quote it)" if (
+            base == "str" and isinstance(value, (bool, int))) else ""
+        raise ConfigError(option_name(f), f"must be {_TYPE_NAMES[base]}{absent} (got {value!r}){hint}")
     return float(value) if base == "float" else value
 
 

@@ -1,6 +1,6 @@
 """The stream: seekable synthetic samples, sharded exactly across ranks and DataLoader workers.
 
-Invariants (DESIGN.md, proven in tests/test_stream.py):
+Invariants (docs/design.md, proven in tests/test_stream.py and tests/test_multiprocess.py):
 
 1. Sample ``i`` is a pure function of (task, seq_len, seed, block_size, split, i). Block ``k`` holds
    samples ``[k*K, (k+1)*K)`` drawn at once by a ``torch.Generator`` seeded from (seed, split, k), so

@@ -63,12 +63,6 @@ class RunIOError(DistseqError, OSError):
     names the file and says what was kept."""
 
 
-class LostContactError(DistseqError, RuntimeError):
-    """A peer died or a collective timed out (--dist-timeout-s)."""
-
-    every_rank = True
-
-
 class Stopped(DistseqError):
     """The run stopped on a signal: saved at ``step`` (or nothing, during start-up)."""
 

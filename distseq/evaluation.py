@@ -89,6 +89,13 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     rank, world = accelerator.process_index, accelerator.num_processes
     started = time.perf_counter()
     if data_files:
+        from .errors import ConfigError
+        from .files import check_files
+
+        if task.head == "per-step":
+            raise ConfigError("--data-files", f"needs one label per sequence; this checkpoint's task {cfg.data.task} "
+                                              f"has one per step")
+        check_files(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column)
         stream = FileStream(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column, task, spec,
                             rank, world, EVAL_BATCH)
         batches, expected = file_eval_batches(stream, accelerator, EVAL_BATCH), None

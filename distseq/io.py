@@ -31,18 +31,39 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path = Path(os.path.realpath(path))  # a symlink's target is replaced, never the link
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: write into it, never rename over it
+        write_durably(path, data)
+        return
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise named(error, path) from None
+    try:
+        write_durably(Path(tmp), data, name_as=path, fd=fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_durably(path: Path, data: bytes, name_as: Optional[Path] = None, fd: Optional[int] = None) -> None:
+    """Write and fsync ``path`` (or the open ``fd``); an OSError (no space, no permission, read-only
+    file system) names ``name_as`` or ``path``, which a failed write() or fsync() does not do itself."""
+    try:
+        with (os.fdopen(fd, "wb") if fd is not None else open(path, "wb")) as handle:
+            handle.write(data)
+            handle.flush()
+            if fd is not None or path.is_file():  # a device or a pipe has nothing to sync
+                os.fsync(handle.fileno())
+    except OSError as error:
+        raise named(error, name_as or path) from None
+
+
+def named(error: OSError, path: Path) -> OSError:
+    """``error`` naming ``path`` (the file the operator knows), with its errno and text."""
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def strict_json(payload: Any) -> Any:
@@ -89,9 +110,15 @@ def _probe_write(option: str, directory: Path, target: Path) -> None:
         raise ConfigError(option, f"cannot write to {target}: {error.strerror or error}") from None
 
 
+def _not_empty(option: str, path) -> Path:
+    if not str(path).strip():
+        raise ConfigError(option, "must not be empty")
+    return Path(path)
+
+
 def check_output_dir(option: str, path: str | os.PathLike) -> Path:
     """``path`` is, or can be created as, a writable directory. Creates nothing."""
-    target = Path(path)
+    target = _not_empty(option, path)
     if target.exists() and not target.is_dir():
         raise ConfigError(option, f"{target} exists and is not a directory")
     existing = _nearest_existing(target)
@@ -103,7 +130,7 @@ def check_output_dir(option: str, path: str | os.PathLike) -> Path:
 
 def check_output_file(option: str, path: str | os.PathLike) -> Path:
     """``path`` can be written as a file: not a directory, in an existing writable directory."""
-    target = Path(path)
+    target = _not_empty(option, path)
     if target.is_dir():
         raise ConfigError(option, f"{target} is a directory; give a file name")
     if not target.parent.is_dir():

@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, precision, signals: StopS
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, task, spec)
     optimizer, scheduler = build_optimizer(model, cfg.optim, t.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader is never prepared (DESIGN inv. 4)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader is never prepared (docs/design.md, invariant 4)
 
     start, data_state, progress = t.start_step, None, Progress(first_step=t.start_step)
     resume = "never" if run.moved_aside else cfg.checkpoint.resume
@@ -266,7 +266,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, precision, signals: StopS
         return out
 
     done = start
-    signals.in_loop = True
+    signals.begin_loop()
     for step in range(start, t.max_steps):
         profiler.begin(step)
         with profiler.span("data"):
@@ -322,6 +322,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, precision, signals: StopS
         if is_eval_step:
             eval_metrics = evaluate_and_log(done)
         every = cfg.checkpoint.checkpoint_every
+        if stop:
+            pause_point("stopping")
         if done == t.max_steps or (every and done % every == 0) or stop:
             checkpoint = save(done)
         if stop:

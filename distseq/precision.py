@@ -96,9 +96,9 @@ def probe_table(cfg: TrainConfig, device: torch.device, kinds=MODELS, repeats: i
                 row["error"] = "not on CPU (accelerate ignores fp16 there)"
                 rows.append(row)
                 continue
-            model = build_model(probe_cfg.model, TASKS[cfg.data.task], cfg.task_spec()).to(device)
-            x, lengths = _inputs(cfg, batch, device)
             try:
+                model = build_model(probe_cfg.model, TASKS[cfg.data.task], cfg.task_spec()).to(device)
+                x, lengths = _inputs(cfg, batch, device)
                 _step(model, x, lengths, precision, device)  # warm-up, and the check itself
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -108,8 +108,8 @@ def probe_table(cfg: TrainConfig, device: torch.device, kinds=MODELS, repeats: i
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 row.update(works=True, ms_per_step=1000 * (time.perf_counter() - started) / repeats)
-            except RuntimeError as error:
-                row["error"] = str(error).splitlines()[0][:120]
+            except (RuntimeError, AssertionError, ValueError) as error:  # a shape this kind cannot take, memory
+                row["error"] = (str(error).splitlines() or [type(error).__name__])[0][:120]
             rows.append(row)
     return rows
 

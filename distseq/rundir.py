@@ -21,7 +21,7 @@ from typing import List, Optional
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from .checkpoint import list_checkpoints, step_of
+from .checkpoint import clear_debris, list_checkpoints, step_of
 from .config import TrainConfig
 from .errors import ConfigError, DistseqError
 from .io import LOCK_NAME, RunDirLock, check_output_dir
@@ -92,6 +92,7 @@ def _prepare(cfg: TrainConfig) -> RunDir:
             if later:
                 raise ConfigError("--resume", f"{path} holds checkpoints past {c.resume} (newest {later[-1].name}) "
                                               f"from another history; resume into a new --run-dir")
+        clear_debris(path)
     except BaseException:
         lock.release()
         raise

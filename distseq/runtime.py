@@ -116,6 +116,13 @@ class StopSignals:
         self.in_loop = False
         self._previous = {}
 
+    def begin_loop(self) -> None:
+        """From here a signal is acted on at the next step boundary (saved), not at once."""
+        from . import entry
+
+        self.in_loop = True
+        entry.training_started()
+
     def __enter__(self) -> "StopSignals":
         for sig in self.SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:

@@ -1,4 +1,4 @@
-"""The stream's invariants (DESIGN.md), checked in one process; multi-process runs are in test_multiprocess."""
+"""The stream's invariants (docs/design.md), checked in one process; multi-process runs are in test_multiprocess."""
 
 import time
 import tracemalloc

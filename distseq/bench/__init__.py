@@ -19,6 +19,7 @@ from typing import Callable, Dict, Sequence
 
 from tqdm.auto import tqdm
 
+from ..errors import DistseqError
 from ..io import write_json
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "accuracy", "precision", "profile")
@@ -42,8 +43,8 @@ GOALS = {
 }
 
 
-class BenchError(RuntimeError):
-    """A suite failed; the message names it."""
+class BenchError(DistseqError):
+    """A suite failed; the message names it (exit 1)."""
 
 
 def cpu_name() -> str:

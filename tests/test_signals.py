@@ -1,0 +1,203 @@
+"""Stop signals from a terminal or a scheduler: SIGINT, SIGHUP, a second SIGINT, an inherited SIG_IGN,
+and a signal before training starts (at the start-up pause point, during the imports).
+
+Every process is real and gets the signal from outside. A background job of a non-interactive shell
+starts with SIGINT ignored (POSIX) and distseq keeps an inherited SIG_IGN, so each child here first
+restores the default disposition of the signal it will receive (``preexec_fn``), as a terminal would.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
+from distseq.checkpoint import read_meta
+from distseq.io import RunDirLock
+
+STEPS, GLOBAL_BATCH = 40, 64
+BASE = ["train", "--max-steps", str(STEPS), "--checkpoint-every", "5", "--keep-last", "3", "--log-every", "5",
+        "--eval-every", "0", "--eval-size", "64", "--global-batch-size", str(GLOBAL_BATCH), "--hidden-size", "16",
+        "--no-progress", "--precision", "no"]  # the same run as test_recovery.py's reference
+SHORT = ["train", "--max-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-size", "64",
+         "--global-batch-size", "64", "--hidden-size", "16", "--no-progress", "--precision", "no"]
+
+
+def weights(run_dir, step=STEPS):
+    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted-and-resumed run must match bit for bit."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert_ok(run_distseq([*BASE, "--run-dir", str(run_dir)]))
+    return weights(run_dir)
+
+
+def disposition(**handlers):
+    """A preexec_fn that sets the child's signal dispositions, e.g. ``SIGINT=signal.SIG_DFL``."""
+    def apply():
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
+    return apply
+
+
+def popen(args, preexec_fn=None, **env):
+    return subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cpu_env(**env), cwd=REPO, preexec_fn=preexec_fn)
+
+
+def wait_for_line(proc, prefix):
+    """Read proc's stdout up to (and including) the first line starting with ``prefix``; the lines read."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    out, err = proc.communicate(timeout=60)
+    pytest.fail(f"no line starting with {prefix!r}; exit {proc.returncode}\nstdout:\n{''.join(seen)}{out}\n"
+                f"stderr:\n{err[-3000:]}")
+
+
+def finish(proc, seen=()):
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, "".join(seen) + out, err
+
+
+def step_dirs(run_dir):
+    return sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
+
+
+def test_sigint_saves_exits_130_and_resumes_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "--run-dir", str(run_dir)]
+    proc = popen(args, preexec_fn=disposition(SIGINT=signal.SIG_DFL))
+    seen = wait_for_line(proc, "step=15/")
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc, seen)
+    assert code == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    result = summary(run_dir)
+    step = result["step"]
+    assert result["status"] == "interrupted" and 15 <= step < STEPS
+    saved = run_dir / "checkpoints" / f"step-{step:08d}"
+    assert f"distseq: SIGINT: saved {saved} at step {step}; exiting 130\n" in out
+    assert read_meta(saved)[0]["step"] == step
+    assert err == "", err  # a requested stop is not an error
+
+    restarted = run_distseq(args)
+    assert_ok(restarted)
+    assert f"distseq: resuming from {saved} (step {step}," in restarted.stdout
+    assert summary(run_dir)["status"] == "complete"
+    assert_bit_identical(weights(run_dir), reference)
+
+
+def test_second_sigint_exits_at_once_keeping_the_newest_checkpoint(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*BASE, "--run-dir", str(run_dir)]
+    # DISTSEQ_PAUSE holds the process at the step boundary where the first SIGINT is acted on
+    proc = popen(args, preexec_fn=disposition(SIGINT=signal.SIG_DFL), DISTSEQ_PAUSE="stopping")
+    seen = wait_for_line(proc, "step=15/")
+    proc.send_signal(signal.SIGINT)
+    seen += wait_for_line(proc, "distseq: paused at stopping")
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code, out, err = finish(proc, seen)
+    assert time.monotonic() - sent < 5  # at once: no save, no teardown
+    assert code == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    assert err.strip().splitlines() == [
+        "distseq: second SIGINT: exiting now without saving (the newest complete checkpoint is intact)"], err
+    assert "Traceback" not in err
+    complete = step_dirs(run_dir)
+    # step 10 was saved before the signals (`step=15/` is logged just before step 15's own save)
+    assert complete and int(complete[-1].name[5:]) >= 10, complete
+    for path in complete:
+        meta, _ = read_meta(path)  # every hash verifies: nothing half-written under a step-N name
+        assert meta["step"] == int(path.name[5:])
+
+    restarted = run_distseq(args)
+    assert_ok(restarted)
+    assert f"distseq: resuming from {complete[-1]} " in restarted.stdout
+    assert_bit_identical(weights(run_dir), reference)
+    # the save the second SIGINT cut short (at an off-interval step, e.g. 16) leaves no debris behind
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "a resumed run kept the interrupted save's .tmp-step-*"
+
+
+def test_sighup_saves_and_exits_143_like_sigterm(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = popen([*BASE, "--run-dir", str(run_dir)], preexec_fn=disposition(SIGHUP=signal.SIG_DFL))
+    seen = wait_for_line(proc, "step=15/")
+    proc.send_signal(signal.SIGHUP)
+    code, out, err = finish(proc, seen)
+    assert code == 143, f"stdout:\n{out}\nstderr:\n{err}"
+    result = summary(run_dir)
+    step = result["step"]
+    assert result["status"] == "preempted" and 15 <= step < STEPS
+    saved = run_dir / "checkpoints" / f"step-{step:08d}"
+    assert f"distseq: SIGHUP: saved {saved} at step {step}; exiting 143\n" in out
+    assert read_meta(saved)[0]["step"] == step
+    assert err == "", err
+
+
+def test_inherited_sig_ign_for_sigint_is_respected(tmp_path):
+    """``nohup``-style: SIGINT was ignored when the process started, so it trains on to the end."""
+    run_dir = tmp_path / "run"
+    args = [*SHORT, "--max-steps", "10", "--run-dir", str(run_dir)]
+    proc = popen(args, preexec_fn=disposition(SIGINT=signal.SIG_IGN))
+    seen = wait_for_line(proc, "step=3/")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # a second one does not exit either
+    code, out, err = finish(proc, seen)
+    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    result = summary(run_dir)
+    assert result["status"] == "complete" and result["step"] == 10
+    assert "SIGINT" not in out + err
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_startup_stops_at_once_saving_nothing(signum, code, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SHORT, "--run-dir", str(run_dir)]
+    proc = popen(args, preexec_fn=disposition(**{signum.name: signal.SIG_DFL}), DISTSEQ_PAUSE="startup")
+    seen = wait_for_line(proc, "distseq: paused at startup")
+    started = time.monotonic()
+    proc.send_signal(signum)
+    returncode, out, err = finish(proc, seen)
+    assert time.monotonic() - started < 30  # not the pause point's minute
+    assert returncode == code, f"stdout:\n{out}\nstderr:\n{err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"{signum.name} during start-up" in lines[0] and "nothing was saved" in lines[0], lines[0]
+    assert not step_dirs(run_dir) and not list(run_dir.rglob("step-*"))
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing but the (released) lock file
+    RunDirLock(run_dir).acquire().release()  # free: acquire() raises while another process holds it
+
+    if signum == signal.SIGTERM:  # and a second run on the same --run-dir starts at once (once: ~5 s)
+        again = run_distseq(args)
+        assert_ok(again)
+        assert summary(run_dir)["status"] == "complete" and summary(run_dir)["step"] == 2
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_imports_is_one_line_not_a_traceback(signum, code, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = popen([*SHORT, "--run-dir", str(run_dir)], preexec_fn=disposition(**{signum.name: signal.SIG_DFL}))
+    time.sleep(1.0)  # `import torch` and accelerate take seconds: this lands in them
+    proc.send_signal(signum)
+    returncode, out, err = finish(proc)
+    assert returncode == code, f"stdout:\n{out}\nstderr:\n{err}"
+    assert "Traceback" not in err, err
+    assert err.strip(), "no message on stderr"
+    assert "nothing was saved" in err.strip().splitlines()[-1], err
+    assert not list(run_dir.rglob("step-*"))
