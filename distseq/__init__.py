@@ -8,15 +8,16 @@
 Names are imported on first use, so ``import distseq`` (and the command line's start) stays light.
 """
 
-__all__ = ["TrainConfig", "preset", "train", "load_model"]
+__all__ = ["TrainConfig", "preset", "train", "load_model", "register_task", "register_model"]
 
 
-def train(cfg) -> dict:
+def train(cfg, model=None) -> dict:
     """Train in this process (any launcher's rank, a notebook, a test); returns the run summary.
+    ``model``: an ``nn.Module`` of your own, ``model(x, lengths) -> logits`` for the task's head.
     Callable any number of times in one interpreter."""
     from .loop import train as run
 
-    return run(cfg)
+    return run(cfg, model)
 
 
 def load_model(directory):
@@ -31,4 +32,12 @@ def __getattr__(name):
         from . import config
 
         return getattr(config, name)
+    if name == "register_task":
+        from .tasks import register_task
+
+        return register_task
+    if name == "register_model":
+        from .models import register_model
+
+        return register_model
     raise AttributeError(f"module 'distseq' has no attribute {name!r}")

@@ -37,6 +37,7 @@ from .data import derive_seed
 from .errors import CheckpointError, RunIOError
 from .failpoints import failpoint
 from .io import write_durably, write_json
+from .registry import PLUGINS
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -150,7 +151,9 @@ def save_checkpoint(
     if _any_rank(accelerator, bool(problem)):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RunIOError(f"{problem or 'another process could not write its checkpoint files'}; {kept}")
+        error = RunIOError(f"{problem or 'another process could not write its checkpoint files'}; {kept}")
+        error.every_rank = bool(problem)  # the rank that met it names the file itself
+        raise error
 
     if accelerator.is_main_process:
         try:
@@ -163,6 +166,7 @@ def save_checkpoint(
                 "world_size": accelerator.num_processes,
                 "config": config,
                 "progress": progress,
+                "plugins": list(PLUGINS),  # what eval, predict, export and load_model import again
                 "versions": versions(),
                 "sha256": hashes,
             })
@@ -252,6 +256,8 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
         raise CheckpointError(_vanished(path) if not path.is_dir() else f"{path} has no meta.json (incomplete)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{meta_file} is not valid JSON") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {meta_file}: {error.strerror or error}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), dict) or "step" not in meta:
         raise CheckpointError(f"{meta_file} lacks step or sha256")
     config = meta.get("config")
@@ -273,6 +279,8 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
                 actual = sha256_file(file)
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointError(_vanished(path) if not path.is_dir() else f"{path} is missing {name}") from None
+        except OSError as error:
+            raise CheckpointError(f"cannot read {file}: {error.strerror or error}") from None
         if actual != expected:
             raise CheckpointError(f"{file} does not match its sha256 in meta.json (damaged)")
     return meta, kept
@@ -343,9 +351,38 @@ def changed_options(meta: dict, config: dict) -> Dict[str, list]:
     for section, values in config.items():
         for name, now in values.items():
             then = meta["config"].get(section, {}).get(name, now)
-            if then != now and name not in ("resume", "overwrite", "run_dir"):  # where and how it started, not how it trains
+            if then != now and name not in ("resume", "overwrite", "run_dir", "start_step"):  # how it started
                 changes[f"{section}.{name}"] = [then, now]
     return changes
+
+
+class CheckpointManager:
+    """Owns RUN/checkpoints for a run: the checkpoint it resumes from (verified once), whether a step
+    saves (every --checkpoint-every steps, the last step, a stop), the atomic save and --keep-last."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, every: int, keep_last: int, max_steps: int):
+        self.accelerator, self.run_dir, self.every, self.keep_last = accelerator, Path(run_dir), every, keep_last
+        self.max_steps = max_steps
+        self.newest: Optional[Path] = None  # the newest complete checkpoint of this run's history
+
+    def select(self, resume: str, log: Callable[[str], None]) -> Tuple[Optional[Path], Optional[dict]]:
+        path, meta = select_checkpoint(self.accelerator, self.run_dir, resume, log)
+        self.newest = path
+        return path, meta
+
+    def due(self, done: int, stopping: bool = False) -> bool:
+        return done == self.max_steps or bool(self.every and done % self.every == 0) or stopping
+
+    def save(self, done: int, model, optimizer, *, samples: int, config: dict, progress: dict,
+             data_state: Optional[dict]) -> Path:
+        self.newest = save_checkpoint(self.accelerator, self.run_dir, model, optimizer, step=done, samples=samples,
+                                      config=config, progress=progress, keep_last=self.keep_last,
+                                      data_state=data_state, previous=self.newest)
+        return self.newest
+
+    def kept(self) -> str:
+        """What an error message says survives."""
+        return f"kept {self.newest}" if self.newest else "no checkpoint was written yet"
 
 
 @dataclass

@@ -17,8 +17,10 @@ from typing import List, Optional  # noqa: E402
 
 from .bench import SUITE_NAMES  # noqa: E402
 from .config import PRESETS, SECTIONS, TrainConfig, apply_mapping, option_name, preset, read_config_file  # noqa: E402
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, DistseqError, Stopped  # noqa: E402
+from .errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, DistseqError,  # noqa: E402
+                     StartupStopped, Stopped, TaskContractError)
 from .io import check_output_dir, check_output_file, write_json  # noqa: E402
+from .registry import MODELS, TASKS, import_plugins  # noqa: E402
 
 _TYPES = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str}
 
@@ -43,7 +45,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{section} options")
         for f in dataclasses.fields(cls):
             default = getattr(getattr(defaults, section), f.name)
-            choices = f.metadata.get("choices")
+            registry = {"task": TASKS, "model": MODELS}.get(f.metadata.get("registry"))
+            choices = tuple(registry) if registry is not None else f.metadata.get("choices")
             common = dict(dest=f"{section}.{f.name}", default=argparse.SUPPRESS)
             help_text = f.metadata["help"] + f" (default preset: {default})"
             if f.type in ("bool", "Optional[bool]"):
@@ -88,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every figure is a ratio against a reference measured in the same run: overhead (distseq train vs a "
         "plain PyTorch loop), scaling (2 CPU processes vs 1), stream (the data pipeline vs raw torch.randn), "
         "accuracy (time to 0.99 vs the original example's recipe), precision (probe of every model kind), "
-        "profile (where a step's time goes). The full run takes about 10 minutes on 2 cores.",
+        "profile (where a step's time goes). The full run takes about 4 minutes on 2 cores.",
     )
     bench.add_argument("suites", nargs="*", metavar="SUITE",
                        help="suites to run, from: " + ", ".join(SUITE_NAMES) + " (default: all)")
@@ -137,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("--global-batch-size", int, None)):
         probe.add_argument(option, type=kind, default=default, help="override the preset's value")
     probe.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
+    check = commands.add_parser(
+        "check-task", help="prove a task keeps the stream contract (built-in or a plugin's)",
+        description="Check that a registered task is a pure, vectorised, seekable function of (seed, block, "
+        "position): the same samples for the same indices across calls and processes, any position reachable "
+        "in O(1), each global batch the same on 1, 2 and 3 ranks, labels consistent with inputs (where the task "
+        "can recompute them), dtypes and shapes as its head declares. One line per property; a failure names "
+        "the property and the index, exit 1.",
+    )
+    check.add_argument("task", metavar="TASK", help="a registered task name (--import a plugin for your own)")
+    for option, kind in (("--seq-len", int), ("--min-seq-len", int), ("--vocab-size", int), ("--copy-len", int),
+                         ("--block-size", int), ("--seed", int)):
+        check.add_argument(option, type=kind, help="override the default configuration's value")
+    for sub in commands.choices.values():
+        _add_import_option(sub)
     return parser
 
 
@@ -152,7 +169,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _imports_in(argv: List[str]) -> List[str]:
+    """The --import values anywhere in ``argv``: plugins must register before the parser lists names."""
+    specs = []
+    for i, arg in enumerate(argv):
+        if arg == "--import" and i + 1 < len(argv):
+            specs.append(argv[i + 1])
+        elif arg.startswith("--import="):
+            specs.append(arg.split("=", 1)[1])
+    return specs
+
+
+def _add_import_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a plugin first (a module name or a .py file) that registers tasks or models "
+                        "with distseq.register_task / register_model; repeatable. Modules of the 'distseq.plugins' "
+                        "entry-point group are imported too")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        import_plugins(_imports_in(argv))
+    except ConfigError as error:
+        command = next((a for a in argv if not a.startswith("-")), "")
+        _fail(f"distseq {command}: error: {error}".replace("  ", " "))
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
@@ -160,6 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(error, Stopped) and error.step is not None:
             return error.exit_code  # saved, and the line saying so was printed
         _fail(f"distseq {args.command}: error: {error}", code=error.exit_code, every_rank=error.every_rank)
+    except StartupStopped as stop:
+        _fail(f"distseq {args.command}: {stop}", code=stop.exit_code)
     except KeyboardInterrupt:  # a SIGINT before the run's own handling began (imports, argument checks)
         _fail(f"distseq {args.command}: interrupted (SIGINT); nothing was saved", code=EXIT_INTERRUPTED)
     except MemoryError:
@@ -190,67 +233,102 @@ def _is_out_of_memory(error: RuntimeError) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     """One subcommand; every output path is checked before any work starts."""
-    if args.command == "train":
-        from .loop import train
-
-        cfg = config_from_args(args)
-        if args.print_config:
-            cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-            print(json.dumps(cfg.to_dict(), indent=2))
-            return 0
-        train(cfg)
-    elif args.command == "eval":
-        from .evaluation import eval_command
-
-        if args.eval_size is not None:
-            _positive("--eval-size", args.eval_size)
-        output = check_output_file("--output", args.output or Path(args.run_dir) / "eval.json")
-        eval_command(args.run_dir, args.checkpoint, args.eval_size, args.data_files, output)
-    elif args.command == "predict":
-        from .export import model_from_checkpoint
-        from .predict import predictions, random_inputs, read_inputs, write_lines
-
-        if args.random is not None:
-            _positive("--random", args.random, high=MAX_PREDICT)
-        if args.output is not None:
-            check_output_file("--output", args.output)
-        model, cfg, _ = model_from_checkpoint(Path(args.checkpoint))
-        if args.random is not None:
-            x, lengths, labels = random_inputs(args.random, cfg)
-        else:
-            (x, lengths), labels = read_inputs(args.input, args.sequence_column, cfg), None
-        write_lines(predictions(model, x, lengths, cfg, labels), args.output)
-    elif args.command == "export":
-        from .export import export
-
-        check_output_dir("--out", args.out)
-        if Path(args.out).resolve() == Path(args.checkpoint).resolve():
-            raise ConfigError("--out", "must differ from --checkpoint (the export would overwrite the checkpoint's files)")
-        print(f"distseq: exported to {export(Path(args.checkpoint), Path(args.out))}")
-    elif args.command == "probe":
-        from .precision import format_probe, probe_table
-        from .runtime import local_device
-
-        cfg = preset(args.preset)
-        for name, section in (("seq_len", cfg.data), ("hidden_size", cfg.model), ("global_batch_size", cfg.train)):
-            if getattr(args, name) is not None:
-                setattr(section, name, getattr(args, name))
-        cfg.validate()
-        if args.json is not None:
-            check_output_file("--json", args.json)
-        rows = probe_table(cfg, local_device())
-        print(format_probe(rows, local_device()))
-        if args.json:
-            write_json(Path(args.json), rows)
-    elif args.command == "bench":
-        from .bench import run_bench
-
-        unknown = [name for name in args.suites if name not in SUITE_NAMES]
-        if unknown:
-            raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITE_NAMES)})")
-        check_output_dir("--out", args.out)
-        run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
+    COMMANDS[args.command](args)
     return 0
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .loop import train
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    train(cfg)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import eval_command
+
+    if args.eval_size is not None:
+        _positive("--eval-size", args.eval_size)
+    output = check_output_file("--output", args.output or Path(args.run_dir) / "eval.json")
+    eval_command(args.run_dir, args.checkpoint, args.eval_size, args.data_files, output)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .export import model_from_checkpoint
+    from .predict import predictions, random_inputs, read_inputs, write_lines
+
+    if args.random is not None:
+        _positive("--random", args.random, high=MAX_PREDICT)
+    if args.output is not None:
+        check_output_file("--output", args.output)
+    model, cfg, _ = model_from_checkpoint(Path(args.checkpoint))
+    if args.random is not None:
+        x, lengths, labels = random_inputs(args.random, cfg)
+    else:
+        (x, lengths), labels = read_inputs(args.input, args.sequence_column, cfg), None
+    write_lines(predictions(model, x, lengths, cfg, labels), args.output)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    check_output_dir("--out", args.out)
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise ConfigError("--out", "must differ from --checkpoint (the export would overwrite the checkpoint's files)")
+    print(f"distseq: exported to {export(Path(args.checkpoint), Path(args.out))}")
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from .precision import format_probe, probe_table
+    from .runtime import local_device
+
+    cfg = preset(args.preset)
+    for name, section in (("seq_len", cfg.data), ("hidden_size", cfg.model), ("global_batch_size", cfg.train)):
+        if getattr(args, name) is not None:
+            setattr(section, name, getattr(args, name))
+    cfg.validate()
+    if args.json is not None:
+        check_output_file("--json", args.json)
+    rows = probe_table(cfg, local_device())
+    print(format_probe(rows, local_device()))
+    if args.json:
+        write_json(Path(args.json), rows)
+
+
+def _check_task(args: argparse.Namespace) -> None:
+    from .checktask import check_task, format_findings
+
+    cfg = TrainConfig()
+    cfg.data.task = args.task
+    for name in ("seq_len", "min_seq_len", "vocab_size", "copy_len", "block_size"):
+        if getattr(args, name) is not None:
+            setattr(cfg.data, name, getattr(args, name))
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    cfg.validate()
+    findings = check_task(cfg, args.imports)
+    print(format_findings(args.task, findings))
+    failed = [f for f in findings if not f.ok]
+    if failed:
+        raise TaskContractError(f"task {args.task!r} breaks the stream contract: {failed[0].name}: {failed[0].detail}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    unknown = [name for name in args.suites if name not in SUITE_NAMES]
+    if unknown:
+        raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITE_NAMES)})")
+    check_output_dir("--out", args.out)
+    run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "export": _export, "probe": _probe,
+            "check-task": _check_task, "bench": _bench}
 
 
 MAX_PREDICT = 10**7  # --random N: held-out samples generated at once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import numbers
@@ -18,18 +19,20 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from .errors import ConfigError
-from .tasks import TASKS, TaskSpec
+from .registry import MODELS, TASKS
+from .tasks import TaskSpec
 
-MODELS = ("rnn", "gru", "lstm", "transformer")
 POSITIONS = ("sinusoidal", "learned")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 ON_NONFINITE = ("stop", "skip")
 
 
-def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tuple = ()) -> Any:
-    """A documented field. ``option`` overrides the CLI name derived from the field name."""
-    metadata = {"help": help, "choices": choices}
+def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tuple = (),
+         registry: Optional[str] = None) -> Any:
+    """A documented field. ``option`` overrides the CLI name derived from the field name; ``registry``
+    names the registry ("task" or "model") whose names are its choices, known only at run time."""
+    metadata = {"help": help, "choices": choices, "registry": registry}
     if option:
         metadata["option"] = option
     return field(default=default, metadata=metadata)
@@ -37,7 +40,8 @@ def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tupl
 
 @dataclass(slots=True)  # a misspelt attribute is an AttributeError, not silently ignored
 class DataConfig:
-    task: str = _opt("sum-sign", "synthetic task that defines inputs and labels", choices=tuple(TASKS))
+    task: str = _opt("sum-sign", "synthetic task that defines inputs and labels (a registered name)",
+                     registry="task")
     seq_len: int = _opt(10, "time steps per sequence (the padded length when lengths vary)")
     min_seq_len: Optional[int] = _opt(
         None, "shortest sequence; lengths are uniform in [--min-seq-len, --seq-len]; absent = all --seq-len"
@@ -72,7 +76,7 @@ class DataConfig:
 
 @dataclass(slots=True)
 class ModelConfig:
-    kind: str = _opt("lstm", "sequence model", option="model", choices=MODELS)
+    kind: str = _opt("lstm", "sequence model (a registered name)", option="model", registry="model")
     hidden_size: int = _opt(64, "hidden units per recurrent layer; the transformer's model width")
     num_layers: int = _opt(1, "stacked recurrent or transformer layers")
     bidirectional: bool = _opt(False, "run rnn/gru/lstm layers in both directions")
@@ -97,8 +101,9 @@ class LoopConfig:
     max_steps: int = _opt(1500, "optimizer steps to train (the stream is counted in steps, not epochs)")
     start_step: int = _opt(
         0,
-        "first optimizer step: the stream, the schedule and the step counter start there in O(1), e.g. to skip "
-        "past a stretch of data (weights start fresh)",
+        "first optimizer step of a fresh start: the stream, the schedule and the step counter start there in "
+        "O(1), e.g. to skip past a stretch of data (weights start fresh); a checkpoint in --run-dir sets the step "
+        "instead, so a requeued job resumes",
     )
     global_batch_size: int = _opt(
         256, "samples per optimizer step across all processes (= micro-batch x processes x accumulation)"
@@ -158,6 +163,12 @@ class LogConfig:
         "A:B = record a torch.profiler trace of optimizer steps A+1..B into RUN/tensorboard/profile/, print the "
         "top operators and write RUN/profile.json (where step time goes); absent = no profiling",
     )
+    log_with: str = _opt(
+        "tensorboard",
+        "experiment trackers, comma-separated, run through accelerate: exactly these are used (tensorboard,mlflow "
+        "adds MLflow to TensorBoard; mlflow alone drops TensorBoard); none = no tracker. TensorBoard writes "
+        "RUN/tensorboard/; the others write where their own settings say (MLFLOW_TRACKING_URI, WANDB_MODE, ...)",
+    )
 
 
 SECTIONS = {
@@ -213,20 +224,11 @@ class TrainConfig:
         d, m, o, t = self.data, self.model, self.optim, self.train
         _in_range("--seq-len", d.seq_len, 1, MAX_SEQ_LEN)
         if d.min_seq_len is not None:
-            _in_range("--min-seq-len", d.min_seq_len, 2 if d.task == "adding" else 1, MAX_SEQ_LEN)
+            _in_range("--min-seq-len", d.min_seq_len, 1, MAX_SEQ_LEN)
             if d.min_seq_len > d.seq_len:
                 raise ConfigError("--min-seq-len", f"{d.min_seq_len} is longer than --seq-len {d.seq_len}")
-        if d.task == "adding":
-            _in_range("--seq-len", d.seq_len, 2, MAX_SEQ_LEN)
         _in_range("--vocab-size", d.vocab_size, 2, MAX_VOCAB)
         _in_range("--copy-len", d.copy_len, 1, MAX_SEQ_LEN)
-        if d.task == "copy":
-            if d.seq_len < 2 * d.copy_len + 1:
-                raise ConfigError(
-                    "--seq-len", f"the copy task needs --seq-len >= 2 x --copy-len + 1 = {2 * d.copy_len + 1}"
-                )
-            if d.min_seq_len not in (None, d.seq_len):
-                raise ConfigError("--min-seq-len", "the copy task has a fixed length; leave --min-seq-len out")
         if d.dataset_size is not None:
             _in_range("--dataset-size", d.dataset_size, 1, MAX_POSITION)
             if d.dataset_size // d.block_size > MAX_BLOCKS:  # each epoch's block order is one permutation
@@ -241,10 +243,6 @@ class TrainConfig:
         _in_range("--num-heads", m.num_heads, 1, MAX_WIDTH)
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError("--dropout", f"must be in [0, 1) (got {m.dropout!r})")
-        if m.kind == "transformer" and m.hidden_size % m.num_heads:
-            raise ConfigError("--num-heads", f"{m.num_heads} does not divide --hidden-size {m.hidden_size}")
-        if m.kind == "transformer" and m.bidirectional:
-            raise ConfigError("--bidirectional", "applies to rnn, gru and lstm; the transformer sees both directions")
         _finite("--lr", o.lr, above=0.0)
         _finite("--weight-decay", o.weight_decay, at_least=0.0)
         _in_range("--warmup-steps", o.warmup_steps, 0, MAX_POSITION)
@@ -276,10 +274,11 @@ class TrainConfig:
             raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {c.resume})")
         if c.overwrite and c.resume not in ("auto", "never"):
             raise ConfigError("--overwrite", "starts fresh; it cannot be combined with --resume PATH")
-        if t.start_step and c.resume != "never" and not c.overwrite:
-            raise ConfigError("--start-step", "starts a fresh run; add --resume never (a checkpoint sets the step itself)")
+        if t.start_step and c.resume not in ("auto", "never"):
+            raise ConfigError("--start-step", "applies to a fresh start; a checkpoint given to --resume sets the step")
         _in_range("--log-every", self.log.log_every, 1, MAX_POSITION)
         self.profile_range()
+        self.trackers()
         if not t.run_dir.strip():
             raise ConfigError("--run-dir", "must not be empty")
         per_step = world_size * t.grad_accum_steps
@@ -289,6 +288,14 @@ class TrainConfig:
                 f"{t.global_batch_size} is not divisible by processes x --grad-accum-steps = "
                 f"{world_size} x {t.grad_accum_steps} = {per_step}",
             )
+        # what only the chosen task and model know: each registered thing checks its own options
+        for registered in (TASKS.get(d.task), MODELS.get(m.kind)):
+            check = getattr(registered, "validate", None)
+            if isinstance(registered, type) and not isinstance(inspect.getattr_static(registered, "validate", None),
+                                                             (staticmethod, classmethod)):
+                check = None  # an nn.Module's own validate(self, ...) method is not the config hook
+            if check is not None:
+                check(self)
         features = self.task_features()
         for option, samples in (("--block-size", d.block_size), ("--samples-per-example", d.samples_per_example),
                                 ("--eval-size", -(-d.eval_size // world_size)),  # each rank's share at once
@@ -316,6 +323,29 @@ class TrainConfig:
         if not int(first) < int(last) <= max_steps:
             raise ConfigError("--profile-steps", f"expected 0 <= A < B <= --max-steps {max_steps} (got {text!r})")
         return int(first), int(last)
+
+    def trackers(self) -> list:
+        """``--log-with`` as a list of tracker names ([] for none); ConfigError unless each is a tracker
+        accelerate knows (its ``LOGGER_TYPE_TO_CLASS``, custom registered ones included) and accelerate
+        finds its package here: accelerate itself would drop a missing one without a word."""
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        text = self.log.log_with
+        names = list(dict.fromkeys(name.strip() for name in text.split(",")))  # in order, repeats once
+        if names == ["none"]:
+            return []
+        known = sorted(LOGGER_TYPE_TO_CLASS)
+        available = {str(t) for t in get_available_trackers()}
+        for name in names:
+            if name == "none":
+                raise ConfigError("--log-with", f"none means no tracker; it cannot be combined with others "
+                                                f"(got {text!r})")
+            if name not in known:
+                what = f"an empty name in {text!r}" if not name else f"unknown tracker {name!r}"
+                raise ConfigError("--log-with", f"{what} (choose from {', '.join(known)}, or none; comma-separated)")
+            if name not in available and name in _TRACKER_PACKAGES:  # a custom registered tracker is always there
+                raise ConfigError("--log-with", f"{name} is not installed: pip install {_TRACKER_PACKAGES[name]}")
+        return names
 
     def _validate_data_files(self) -> None:
         from .files import check_files, resolve_files  # reads the first row: only when files are used
@@ -400,6 +430,12 @@ MAX_TENSOR_BYTES = 8 * 2**30  # one block, example, micro-batch or evaluation se
 MAX_CONFIG_BYTES = 2**20
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+# accelerate's built-in trackers (utils.LoggerType) and what to install for each
+_TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb", "comet_ml": "comet-ml",
+    "aim": "'aim<4'", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+}
 
 
 def _check_type(f: dataclasses.Field, value: Any) -> Any:

@@ -32,7 +32,8 @@ import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
-from .tasks import TASKS, Batch, TaskSpec
+from .registry import TASKS
+from .tasks import Batch, TaskSpec
 
 MASK64 = (1 << 64) - 1
 SPLIT_KEYS = {"train": 0x7472, "eval": 0x6576}  # held-out data uses its own key: it never overlaps training

@@ -1,4 +1,4 @@
-"""The ``distseq`` command's process-wide signal handling: one line and an exit, never a traceback.
+"""The command line's process-wide signal handling: one line and an exit, never a traceback.
 
 Importing torch and building the run take seconds; a SIGINT, SIGTERM, SIGUSR1 or SIGHUP in that time
 must not end in a 40-line traceback from inside an import. Outside the training loop (whose own
@@ -14,33 +14,40 @@ import signal
 import sys
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
-_stage = {"name": "start-up"}  # "start-up" until a training loop runs, then "after training started"
 _installed = []
 
 
-def _exit_now(signum, frame) -> None:
-    name = signal.Signals(signum).name
-    code = 130 if signum == signal.SIGINT else 143
-    if _stage["name"] == "start-up":
-        line = f"distseq: {name} during start-up: stopped before training; nothing was saved"
-    else:
-        line = f"distseq: {name}: exiting now (the newest complete checkpoint is intact)"
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-    os._exit(code)
+class ExitNow:
+    """The handler: one line, then exit 130 (SIGINT) or 143. The training loop calls
+    ``training_started()`` on the handler it replaces (duck-typed: no import of this module), after
+    which an exit is no longer 'during start-up'."""
+
+    def __init__(self):
+        self.started = False
+
+    def training_started(self) -> None:
+        self.started = True
+
+    def __call__(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.started:
+            line = f"distseq: {name}: exiting now (the newest complete checkpoint is intact)"
+        else:
+            line = f"distseq: {name} during start-up: stopped before training; nothing was saved"
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        os._exit(130 if signum == signal.SIGINT else 143)
+
+
+_exit_now = ExitNow()
 
 
 def install() -> None:
     """One-line exits for the stop signals, except those inherited as ignored."""
     for sig in SIGNALS:
-        if signal.getsignal(sig) is not signal.SIG_IGN:
+        if signal.getsignal(sig) is not signal.SIG_IGN and sig not in _installed:
             signal.signal(sig, _exit_now)
             _installed.append(sig)
-
-
-def training_started() -> None:
-    """From now on an exit outside the loop is not 'during start-up'."""
-    _stage["name"] = "after training started"
 
 
 def _ignore_late_signals() -> None:
@@ -55,11 +62,3 @@ def run(cli_main) -> int:
         return cli_main()
     finally:
         _ignore_late_signals()
-
-
-def main() -> int:
-    """The ``distseq`` console script."""
-    install()  # before importing the command line, which imports torch
-    from .cli import main as cli_main
-
-    return run(cli_main)

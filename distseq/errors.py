@@ -58,13 +58,27 @@ class NonFiniteError(DistseqError, RuntimeError):
     """A NaN/inf loss or gradient under --on-nonfinite stop, or too many skipped steps under skip."""
 
 
+class TaskContractError(DistseqError):
+    """A task breaks the stream contract (``distseq check-task``); the message names the property."""
+
+
 class RunIOError(DistseqError, OSError):
     """Writing the run's files failed (no space, no permission, read-only file system): the message
     names the file and says what was kept."""
 
 
+class StartupStopped(BaseException):
+    """A stop signal during start-up: nothing was saved. A BaseException, like KeyboardInterrupt, so
+    that no ``except Exception`` on the way (a tracker's start, a file check) can turn it into another
+    error; the CLI prints its one line and exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class Stopped(DistseqError):
-    """The run stopped on a signal: saved at ``step`` (or nothing, during start-up)."""
+    """The run stopped on a signal after every rank saved at ``step``."""
 
     def __init__(self, message: str, exit_code: int, step: int | None = None):
         super().__init__(message)

@@ -48,6 +48,34 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
     return {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item(), "eval/samples": loss.numel()}
 
 
+class Evaluator:
+    """Held-out evaluation during training: when (every --eval-every steps and the last), on what (each
+    rank's share of the held-out set) and the record (step, training seconds, metrics in ``history``).
+    Evaluation time is not training time: it pauses the clock."""
+
+    def __init__(self, accelerator: Accelerator, model, task: Task, batches: List[Batch], expected: int,
+                 variable_length: bool, every: int, max_steps: int, clock, history: List[dict], emit):
+        self.accelerator, self.model, self.task, self.batches = accelerator, model, task, batches
+        self.expected, self.variable_length, self.every, self.max_steps = expected, variable_length, every, max_steps
+        self.clock, self.history, self.emit = clock, history, emit
+        self.latest: Dict[str, float] = {}
+
+    def due(self, done: int) -> bool:
+        return done == self.max_steps or bool(self.every and done % self.every == 0)
+
+    def run(self, done: int) -> Dict[str, float]:
+        from .metrics import log_line
+
+        at = self.clock.train_seconds()
+        with self.clock.pause():
+            self.latest = evaluate(self.accelerator, self.model, self.task, self.batches, self.expected,
+                                   self.variable_length)
+            self.accelerator.log(self.latest, step=done)
+            self.emit(log_line(done, self.max_steps, self.latest))
+        self.history.append({"step": done, "train_seconds": at, **self.latest})
+        return self.latest
+
+
 def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[int],
                  data_files: Optional[str], output: Path) -> dict:
     """``distseq eval``: the newest intact (or the given) checkpoint on held-out data; writes ``output``.
@@ -63,7 +91,7 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     from .files import FileStream, file_eval_batches, resolve_files
     from .io import write_json
     from .runtime import fresh_accelerator, print0
-    from .tasks import TASKS
+    from .registry import TASKS
 
     accelerator = fresh_accelerator()
     chosen: list = [None, None, ""]  # path, (meta, files), error

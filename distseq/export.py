@@ -27,10 +27,17 @@ def config_of(sections: dict) -> TrainConfig:
 
 def build_from(cfg: TrainConfig, weights: dict) -> nn.Module:
     from .models import build_model
-    from .tasks import TASKS
+    from .registry import TASKS
+
+    from .errors import CheckpointError
 
     model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec())
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"the weights do not fit --model {cfg.model.kind} for --task {cfg.data.task} "
+                              f"({str(error).splitlines()[0][:120]}); a module given to distseq.train(model=...) "
+                              f"loads back only as a registered model (distseq.register_model)") from None
     return model.eval()
 
 
@@ -43,7 +50,10 @@ def model_from_checkpoint(path: Path, verified: Optional[Tuple[dict, Dict[str, b
     as verified, so a checkpoint deleted right after (a running job's --keep-last) still loads."""
     from .checkpoint import read_meta
 
+    from .registry import import_plugins
+
     meta, files = verified or read_meta(Path(path), keep=(WEIGHTS,))
+    import_plugins(meta.get("plugins", []))  # the run's own tasks and models
     cfg = config_of(meta["config"])
     return build_from(cfg, load_safetensors(files[WEIGHTS])), cfg, meta
 
@@ -64,6 +74,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
         "model": cfg.to_dict()["model"],
         "data": {name: getattr(cfg.data, name) for name in TASK_FIELDS},
         "distseq_version": metadata.version("distseq"),
+        "plugins": meta.get("plugins", []),
         "step": meta["step"],
     })
     return out_dir
@@ -72,7 +83,10 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
 def load_model(directory) -> nn.Module:
     """The exported model in eval mode; ``model.distseq_config`` holds its config.json."""
     directory = Path(directory)
+    from .registry import import_plugins
+
     saved = json.loads((directory / "config.json").read_text())
+    import_plugins(saved.get("plugins", []))
     model = build_from(config_of({"model": saved["model"], "data": saved["data"]}), load_file(directory / WEIGHTS))
     model.distseq_config = saved
     return model

@@ -149,6 +149,12 @@ def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task
         raise DataFileError(f"{where}: {label_column!r} is not a number ({label!r})")
     if task.head == "binary" and label not in (0, 1):
         raise DataFileError(f"{where}: {label_column!r} must be 0 or 1 for --task {task.name} (got {label!r})")
+    if task.head == "classes":
+        classes = task.num_outputs(spec)
+        if label != int(label) or not 0 <= label < classes:
+            raise DataFileError(f"{where}: {label_column!r} must be a class in 0..{classes - 1} for --task "
+                                f"{task.name} (got {label!r})")
+        return x, length, int(label)
     return x, length, float(label)
 
 
@@ -182,7 +188,8 @@ class FileStream:
         if not samples or (len(samples) < self.micro_batch and not partial):
             return None
         xs, lengths, ys = zip(*samples)
-        batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=torch.float32)}  # (b, T, F), (b,)
+        y_type = torch.int64 if self.task.head == "classes" else torch.float32
+        batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=y_type)}  # (b, T, F), (b,)
         batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # a real row (padding rows carry -1)
         if self.spec.variable:
             batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
@@ -228,7 +235,7 @@ def file_eval_batches(stream: FileStream, accelerator: Accelerator, batch_size: 
     template = batches[0] if batches else None
     if template is None:  # a rank without rows still joins every gather
         spec, features = stream.spec, stream.task.num_features(stream.spec)
-        template = {"x": torch.zeros(1, spec.seq_len, features), "y": torch.zeros(1), "index": torch.zeros(1, dtype=torch.int64)}
+        template = {"x": torch.zeros(1, spec.seq_len, features), "y": torch.zeros(1, dtype=torch.int64 if stream.task.head == "classes" else torch.float32), "index": torch.zeros(1, dtype=torch.int64)}
         if spec.variable:
             template["lengths"] = torch.full((1,), spec.seq_len, dtype=torch.int64)
     padded = []

@@ -37,6 +37,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         return
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() would give: readers of a shared run dir can read it
     except OSError as error:
         raise named(error, path) from None
     try:
@@ -46,6 +47,12 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_durably(path: Path, data: bytes, name_as: Optional[Path] = None, fd: Optional[int] = None) -> None:
@@ -133,6 +140,10 @@ def check_output_file(option: str, path: str | os.PathLike) -> Path:
     target = _not_empty(option, path)
     if target.is_dir():
         raise ConfigError(option, f"{target} is a directory; give a file name")
+    if target.exists() and not target.is_file():  # /dev/null, a FIFO: written into, never replaced
+        if not os.access(target, os.W_OK):
+            raise ConfigError(option, f"cannot write to {target}: permission denied")
+        return target
     if not target.parent.is_dir():
         raise ConfigError(option, f"cannot write {target}: directory {target.parent} does not exist")
     _probe_write(option, target.parent, target)
@@ -155,7 +166,9 @@ class RunDirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.fstat(fd).st_ino != os.stat(self.path).st_ino:  # moved aside (--overwrite) while we waited
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
             os.close(fd)
             raise ConfigError("--run-dir", f"{self.path.parent} is in use by another distseq run ({holder}); wait "

@@ -3,15 +3,86 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, Optional
 
+import torch
 from accelerate import Accelerator
+from tqdm.auto import tqdm
 
 from .runtime import TENSORBOARD_PROJECT
+
+
+@dataclass
+class Window:
+    """What happened since the last log step. Loss and correct-count sums stay on the device (read
+    with one sync on log steps); they cover applied steps only, never a skipped one."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    grad_norm: Optional[torch.Tensor] = None
+    applied: int = 0
+    skipped: int = 0
+
+    @classmethod
+    def empty(cls, device: torch.device) -> "Window":
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+
+
+class StepLogger:
+    """The log step: when it comes (every --log-every steps and the last), what it reports (averages
+    over applied steps only, skipped steps, lr, grad norm, throughput in training time) and where (one
+    plain line on the main process, or above the progress bar; the trackers through accelerate)."""
+
+    def __init__(self, accelerator: Accelerator, every: int, max_steps: int, global_batch: int, start: int,
+                 clock: "TrainingClock", show_bar: bool):
+        self.accelerator, self.every, self.max_steps, self.global_batch = accelerator, every, max_steps, global_batch
+        self.window = Window.empty(accelerator.device)
+        self.meter = Throughput(start, start * global_batch, clock)
+        self.bar = tqdm(total=max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process
+                                                                                     and show_bar))
+
+    def record(self, loss: torch.Tensor, correct: torch.Tensor, grad_norm: torch.Tensor, skipped: bool) -> None:
+        self.bar.update(1)
+        if skipped:
+            self.window.skipped += 1
+        else:
+            self.window.loss += loss
+            self.window.correct += correct
+            self.window.grad_norm, self.window.applied = grad_norm, self.window.applied + 1
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.max_steps
+
+    def log(self, done: int, lr: float, skipped_total: int) -> None:
+        window, scalars = self.window, {}
+        if window.applied:  # all ranks agree on `applied`: the same collectives run everywhere
+            totals = self.accelerator.reduce(torch.stack([window.loss, window.correct]), "sum").tolist()
+            samples = window.applied * self.global_batch
+            scalars.update({"train/loss": totals[0] / samples, "train/accuracy": totals[1] / samples})
+        scalars["train/lr"] = lr
+        if window.grad_norm is not None:
+            scalars["train/grad_norm"] = float(window.grad_norm)
+        scalars["train/skipped_steps"] = skipped_total
+        scalars["train/skipped_steps_window"] = window.skipped
+        scalars.update(self.meter.window(done, done * self.global_batch))
+        self.window = Window.empty(self.accelerator.device)
+        self.accelerator.log(scalars, step=done)
+        self.emit(log_line(done, self.max_steps, scalars))
+
+    @property
+    def pending(self) -> bool:
+        """Steps since the last log line."""
+        return self.window.applied + self.window.skipped > 0
+
+    def emit(self, line: str) -> None:
+        """One line from the main process, above the bar when there is one."""
+        if self.accelerator.is_main_process:
+            self.bar.write(line) if not self.bar.disable else print(line, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Throughput:
@@ -77,10 +148,35 @@ def hparams(flat_config: dict) -> dict:
 
 
 def start_tracking(accelerator: Accelerator, flat_config: dict, purge_step: Optional[int] = None) -> None:
-    """TensorBoard under RUN/tensorboard. On resume, ``purge_step`` hides what a killed run logged
-    after its last checkpoint, so the curves continue from the checkpoint without a fold."""
+    """Start --log-with's trackers (accelerate's ``init_trackers``), the flattened config as their
+    hparams/params. TensorBoard under RUN/tensorboard: on resume, ``purge_step`` hides what a killed
+    run logged after its last checkpoint, so the curves continue from the checkpoint without a fold.
+    The others were built by ``runtime.trackers`` (project, run name) and write where their own
+    settings say. One that cannot start (a tracking URI it cannot use, say) is a ConfigError naming
+    --log-with on every rank, not a traceback on the main process while the others train on."""
     kwargs = {"tensorboard": {"purge_step": purge_step}} if purge_step else {}
-    accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config), init_kwargs=kwargs)
+    failure = [""]
+    if accelerator.is_main_process:
+        try:
+            accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config), init_kwargs=kwargs)
+        except Exception as error:
+            names = {tracker.name for tracker in accelerator.trackers}
+            module = type(error).__module__.split(".")[0]
+            lines = str(error).strip().splitlines() or [""]
+            failure[0] = f"{module if module in names else 'a tracker'} could not start: " \
+                         f"{type(error).__name__}: {lines[0]}"
+            for tracker in accelerator.trackers:  # close what started; end_training must not fail on the rest
+                with contextlib.suppress(Exception):
+                    tracker.finish()
+            accelerator.trackers.clear()
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(failure)
+    if failure[0]:
+        from .errors import ConfigError
+
+        raise ConfigError("--log-with", failure[0])
 
 
 def log_line(step: int, max_steps: int, scalars: Dict[str, float]) -> str:

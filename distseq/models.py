@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .config import ModelConfig
+from .errors import ConfigError
+from .registry import MODELS
 from .tasks import Task, TaskSpec
 
 RECURRENT = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
@@ -96,10 +98,50 @@ class TransformerClassifier(nn.Module):
         return _head_output(self.head(pooled))
 
 
+def register_model(name: str):
+    """Decorator for an ``nn.Module`` class (or a function) built as ``build(cfg, task, spec)``: make it
+    available as ``--model NAME``. ``cfg`` is the ModelConfig (hidden_size, num_layers, dropout, ...);
+    ``task.num_features(spec)`` and ``task.num_outputs(spec)`` size it; ``forward(x, lengths=None)``
+    returns logits for ``task.head``: (B,) binary or regression, (B, C) classes, (B, T, C) per-step.
+    An optional ``validate(cfg)`` attribute checks the whole TrainConfig before anything runs."""
+
+    def register(builder):
+        MODELS.add(name, builder)
+        return builder
+
+    return register
+
+
 def build_model(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
-    per_step = task.head == "per-step"
-    if cfg.kind == "transformer":
-        return TransformerClassifier(task.num_features(spec), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
-                                     task.num_outputs(spec), spec.seq_len, cfg.positions, per_step, cfg.dropout)
-    return RecurrentClassifier(cfg.kind, task.num_features(spec), cfg.hidden_size, cfg.num_layers,
-                               task.num_outputs(spec), per_step, cfg.bidirectional, cfg.dropout)
+    """The registered model ``cfg.kind`` for ``task`` (built-in or a plugin's)."""
+    return MODELS.get(cfg.kind)(cfg, task, spec)
+
+
+def _recurrent(kind: str):
+    def build(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
+        return RecurrentClassifier(kind, task.num_features(spec), cfg.hidden_size, cfg.num_layers,
+                                   task.num_outputs(spec), task.head == "per-step", cfg.bidirectional, cfg.dropout)
+
+    return build
+
+
+for _kind in RECURRENT:
+    register_model(_kind)(_recurrent(_kind))
+
+
+@register_model("transformer")
+def transformer(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
+    return TransformerClassifier(task.num_features(spec), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                                 task.num_outputs(spec), spec.seq_len, cfg.positions, task.head == "per-step",
+                                 cfg.dropout)
+
+
+def _transformer_validate(cfg) -> None:
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise ConfigError("--num-heads", f"{m.num_heads} does not divide --hidden-size {m.hidden_size}")
+    if m.bidirectional:
+        raise ConfigError("--bidirectional", "applies to rnn, gru and lstm; the transformer sees both directions")
+
+
+transformer.validate = _transformer_validate

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
+from torch import nn
 
-from .config import MODELS, TrainConfig, ModelConfig
+from .config import TrainConfig, ModelConfig
 from .errors import ConfigError
 from .models import build_model
-from .tasks import TASKS
+from .registry import MODELS, TASKS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,13 +41,18 @@ def _inputs(cfg: TrainConfig, batch: int, device: torch.device):
     return x, lengths
 
 
-def runs_under(precision: str, cfg: TrainConfig, device: torch.device) -> str:
-    """One forward+backward of the configured model under ``precision``; '' if it works, else the error."""
-    model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec()).to(device)
-    try:
-        _step(model, *_inputs(cfg, 2, device), precision, device)
-    except RuntimeError as error:
-        return str(error).splitlines()[0]
+def runs_under(precision: str, cfg: TrainConfig, device: torch.device, model: Optional[nn.Module] = None) -> str:
+    """One forward+backward of ``model`` (default: the configured one, built here) under ``precision``;
+    '' if it works, else the error. The run's own model is probed without a trace: its gradients are
+    cleared and the random state (inputs, dropout) is restored, so training starts exactly as unprobed."""
+    model = (model if model is not None else build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec())).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            _step(model, *_inputs(cfg, 2, device), precision, device)
+        except RuntimeError as error:
+            return str(error).splitlines()[0]
+        finally:
+            model.zero_grad(set_to_none=True)
     return ""
 
 
@@ -54,8 +60,10 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device) -> Precision:
-    """Turn --precision into what actually runs, or raise a ConfigError naming the alternatives."""
+def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device,
+                      model: Optional[nn.Module] = None) -> Precision:
+    """Turn --precision into what actually runs, or raise a ConfigError naming the alternatives.
+    ``model`` is the run's model (probed as it is); absent, the configured one is built."""
     if requested == "no":
         return Precision("no", "fp32 as requested")
     cpu = device.type == "cpu"
@@ -63,19 +71,19 @@ def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device) ->
         if cpu:
             if not cpu_has_native_bf16():
                 return Precision("no", "auto on CPU: fp32 (this CPU has no native bf16)")
-            error = runs_under("bf16", cfg, device)
+            error = runs_under("bf16", cfg, device, model)
             if error:
                 return Precision("no", f"auto on CPU: fp32 ({cfg.model.kind} fails under bf16: {error})")
             return Precision("bf16", "auto on CPU: bf16 (native bf16; probed forward+backward works)")
         for candidate in (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]:
-            if not runs_under(candidate, cfg, device):
+            if not runs_under(candidate, cfg, device, model):
                 return Precision(candidate, f"auto on {device.type}: {candidate} (probed forward+backward works)")
         return Precision("no", f"auto on {device.type}: fp32 (no autocast precision ran {cfg.model.kind})")
     if requested == "fp16" and cpu:
         raise ConfigError("--precision", "fp16 does not run on CPU (accelerate would ignore it); choose --precision no or bf16")
     if requested == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision", "bf16 is not supported by this GPU; choose --precision no or fp16")
-    error = runs_under(requested, cfg, device)
+    error = runs_under(requested, cfg, device, model)
     if error:
         other = "bf16" if requested == "fp16" and not cpu else "no"
         raise ConfigError("--precision", f"{requested} fails for --model {cfg.model.kind} on {device.type} ({error}); "
@@ -83,8 +91,10 @@ def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device) ->
     return Precision(requested, f"{requested} as requested (probed forward+backward works)")
 
 
-def probe_table(cfg: TrainConfig, device: torch.device, kinds=MODELS, repeats: int = 10) -> List[dict]:
-    """Each model kind x precision on ``device``: works or the error, and ms per forward+backward."""
+def probe_table(cfg: TrainConfig, device: torch.device, kinds=None, repeats: int = 10) -> List[dict]:
+    """Each model kind (default: every registered one) x precision on ``device``: works or the error,
+    and ms per forward+backward."""
+    kinds = list(MODELS) if kinds is None else kinds
     batch = cfg.train.global_batch_size
     rows = []
     for kind in kinds:

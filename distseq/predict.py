@@ -15,8 +15,8 @@ import torch
 
 from .config import TrainConfig
 from .files import DataFileError, sequence_to_tensor
-from .io import write_text_atomically
-from .tasks import TASKS
+from .io import strict_json, write_text_atomically
+from .registry import TASKS
 
 BATCH = 1024
 
@@ -68,6 +68,8 @@ def predictions(model, x: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig,
                 row = {"probability": torch.sigmoid(logits).item(), "class": int(logits.item() > 0)}
             elif head == "regression":
                 row = {"value": logits.item()}
+            elif head == "classes":
+                row = {"class": int(logits.argmax(-1)), "probabilities": torch.softmax(logits.float(), -1).tolist()}
             else:
                 row = {"classes": logits.argmax(-1).tolist()}  # per step; the task's labelled steps matter
             if labels is not None:
@@ -78,7 +80,7 @@ def predictions(model, x: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig,
 
 
 def write_lines(rows: List[dict], output: Optional[str]) -> None:
-    text = "".join(json.dumps(row) + "\n" for row in rows)
+    text = "".join(json.dumps(strict_json(row), allow_nan=False) + "\n" for row in rows)
     if output is None:
         sys.stdout.write(text)
         return

@@ -13,6 +13,7 @@ same one-line error on every rank instead of a hang. Rules:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -32,6 +33,15 @@ def earlier_run(run_dir: Path) -> List[str]:
     if not run_dir.is_dir():
         return []
     return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+
+
+def _step_in_meta(checkpoint: Path) -> Optional[int]:
+    """The step a checkpoint directory says it holds (verified later, when it is loaded)."""
+    try:
+        step = json.loads((checkpoint / "meta.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _aside_name(run_dir: Path) -> Path:
@@ -63,7 +73,7 @@ class RunDir:
 def _prepare(cfg: TrainConfig) -> RunDir:
     """On the main process: check, create and lock the run directory; apply --overwrite."""
     c = cfg.checkpoint
-    path = check_output_dir("--run-dir", cfg.train.run_dir)
+    path = Path(os.path.abspath(check_output_dir("--run-dir", cfg.train.run_dir)))  # '.' has no name to move
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -86,7 +96,7 @@ def _prepare(cfg: TrainConfig) -> RunDir:
                 lock.release()  # the old lock file moved aside with the earlier run
             return moved
         if c.resume not in ("auto", "never"):
-            wanted = step_of(Path(c.resume)) if Path(c.resume).name.startswith("step-") else None
+            wanted = _step_in_meta(Path(c.resume))
             later = [p for p in list_checkpoints(path) if wanted is not None and step_of(p) > wanted
                      and p.resolve() != Path(c.resume).resolve()]
             if later:
@@ -106,9 +116,11 @@ def open_run_dir(accelerator: Accelerator, cfg: TrainConfig) -> RunDir:
     if accelerator.is_main_process:
         try:
             prepared = _prepare(cfg)
-        except (DistseqError, OSError) as error:
-            outcome[0] = error if isinstance(error, DistseqError) else ConfigError(
-                "--run-dir", f"cannot prepare {cfg.train.run_dir}: {error.strerror or error}")
+        except DistseqError as error:
+            outcome[0] = error
+        except Exception as error:  # OSError and anything unforeseen: one line on every rank, not a hang
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            outcome[0] = ConfigError("--run-dir", f"cannot prepare {cfg.train.run_dir}: {reason}")
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome)
     if outcome[0] is not None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,10 +16,12 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import TrainConfig
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, Stopped
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, StartupStopped
 from .precision import Precision
 
 TENSORBOARD_PROJECT = "tensorboard"  # event files go to RUN/tensorboard/
+TRACKER_PROJECT = "distseq"  # the MLflow experiment, W&B project, ... of every run (TensorBoard has none)
+_RUN_NAME = {"mlflow": "run_name", "wandb": "name"}  # each tracker's keyword for the run's name
 
 
 def free_port() -> int:
@@ -56,11 +59,31 @@ def fresh_accelerator(**kwargs) -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
 
 
+def trackers(cfg: TrainConfig) -> list:
+    """``--log-with`` for accelerate's ``log_with``. TensorBoard goes by name: accelerate writes it to
+    RUN/tensorboard/ (the project name is its directory) and ``start_tracking`` gives it purge_step.
+    Every other tracker is accelerate's own class, built here under TRACKER_PROJECT and named after
+    the run directory: by name, accelerate would give it TensorBoard's directory as its project."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    run_name = Path(cfg.train.run_dir).resolve().name
+    out = []
+    for name in cfg.trackers():
+        if name == "tensorboard":
+            out.append(name)
+            continue
+        tracker = LOGGER_TYPE_TO_CLASS[name]
+        project = os.environ.get("WANDB_PROJECT", TRACKER_PROJECT) if name == "wandb" else TRACKER_PROJECT
+        where = (cfg.train.run_dir,) if tracker.requires_logging_directory else ()
+        out.append(tracker(project, *where, **({_RUN_NAME[name]: run_name} if name in _RUN_NAME else {})))
+    return out
+
+
 def build_accelerator(cfg: TrainConfig, precision: Precision) -> Accelerator:
     return fresh_accelerator(
         mixed_precision=precision.name,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        log_with="tensorboard",
+        log_with=trackers(cfg) or None,
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
     )
@@ -101,7 +124,7 @@ def print0(accelerator: Accelerator, *args) -> None:
 class StopSignals:
     """SIGINT, SIGTERM, SIGUSR1 and SIGHUP, from start-up to the end of a run.
 
-    During start-up a signal stops the process at once (``Stopped``: nothing was saved yet). Once the
+    During start-up a signal stops the process at once (``StartupStopped``: nothing was saved yet). Once the
     loop runs it only sets ``received``; every rank agrees on it at the next step boundary, saves and
     exits (130 for SIGINT, 143 for the others, which schedulers send before a preemption; SIGHUP is a
     lost terminal or a batch system's notice). A second SIGINT exits at once: checkpoints are written
@@ -117,11 +140,11 @@ class StopSignals:
         self._previous = {}
 
     def begin_loop(self) -> None:
-        """From here a signal is acted on at the next step boundary (saved), not at once."""
-        from . import entry
-
+        """From here a signal is acted on at the next step boundary (saved), not at once; the handlers
+        this one replaced (the command line's, entry.py) learn that training has started."""
         self.in_loop = True
-        entry.training_started()
+        for handler in self._previous.values():
+            getattr(handler, "training_started", lambda: None)()
 
     def __enter__(self) -> "StopSignals":
         for sig in self.SIGNALS:
@@ -137,7 +160,8 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if not self.in_loop:
-            raise Stopped(f"{name} during start-up: stopped before training; nothing was saved", exit_code(signum))
+            raise StartupStopped(f"{name} during start-up: stopped before training; nothing was saved",
+                                 exit_code(signum))
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             print(f"distseq: second SIGINT: exiting now without saving (the newest complete checkpoint is intact)",
                   file=sys.stderr, flush=True)

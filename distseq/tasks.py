@@ -1,19 +1,25 @@
 """Synthetic tasks: each is a pure, vectorised function of a seeded generator.
 
 ``make(gen, n, spec)`` draws ``n`` samples at once and returns ``{"x": (n, T, F) float32, "y": ...}``
-plus ``"lengths": (n,) int64`` when lengths vary. The stream (data.py) decides which generator state
-a block of samples comes from, so a task never sees sample indices and never loops over samples. Positions at or beyond
-a sample's length are zero in ``x`` and never influence its label. Adding a task is one ``make``,
-one ``label`` and one ``Task`` entry in ``TASKS``; its ``head`` picks the loss and the metric.
+plus ``"lengths": (n,) int64`` when lengths vary. The stream (data.py) seeds the generator from
+(seed, split, block), so a task never sees sample indices and never loops over samples: sample i is a
+pure function of (seed, block, position in the block). Positions at or beyond a sample's length are
+zero in ``x`` and never influence its label. The ``head`` picks the loss, the metric and the shape
+of ``y``: binary and regression (n,) float32, classes (n,) int64, per-step (n, T) int64 with
+``IGNORE`` where a step carries no label. Tasks are registered by name (registry.py); the built-ins
+below register the same way a user's task does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .errors import ConfigError
+from .registry import TASKS
 
 Batch = Dict[str, torch.Tensor]
 IGNORE = -100  # target of a position that carries no label (CrossEntropyLoss's ignore_index)
@@ -37,12 +43,13 @@ class TaskSpec:
 @dataclass(frozen=True)
 class Task:
     name: str
-    head: str  # "binary" | "regression" | "per-step": which loss and metric apply
+    head: str  # "binary" | "classes" | "regression" | "per-step": which loss, metric and y shape apply
     label_rule: str  # the documented definition of y, checked by the tests
     make: Callable[[torch.Generator, int, TaskSpec], Batch]
-    label: Callable[[torch.Tensor, Optional[torch.Tensor], TaskSpec], torch.Tensor]  # y recomputed from (x, lengths)
+    label: Optional[Callable[[torch.Tensor, Optional[torch.Tensor], TaskSpec], torch.Tensor]]  # y from (x, lengths)
     num_features: Callable[[TaskSpec], int]  # F
-    num_outputs: Callable[[TaskSpec], int]  # logits per sample (per step for "per-step")
+    num_outputs: Callable[[TaskSpec], int]  # logits per sample (per step for "per-step"); classes for "classes"
+    validate: Optional[Callable[[Any], None]] = None  # checks a TrainConfig; raises ConfigError
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return HEADS[self.head][0](logits, y)
@@ -132,6 +139,54 @@ def copy(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
     return _sample(x, copy_label(x, None, spec), None)
 
 
+def register_task(name: str):
+    """Class (or instance) decorator: make a synthetic task available as ``--task NAME``.
+
+    The object declares ``head`` ("binary", "classes", "regression" or "per-step"),
+    ``num_features(spec)``, ``num_outputs(spec)`` and ``make(generator, n, spec)``: a vectorised
+    function of a seeded ``torch.Generator`` returning ``{"x": (n, T, F) float32, "y": ...}`` (plus
+    ``"lengths"`` (n,) int64 when they vary). Optional: ``label(x, lengths, spec)`` (y recomputed from
+    the inputs, which ``distseq check-task`` verifies), ``validate(cfg)`` (raise ConfigError) and
+    ``label_rule`` (else the docstring)."""
+
+    def register(obj):
+        TASKS.add(name, as_task(name, obj() if isinstance(obj, type) else obj))
+        return obj
+
+    return register
+
+
+def as_task(name: str, obj) -> Task:
+    """A registered task: a Task, or any object with head, num_features, num_outputs and make."""
+    if isinstance(obj, Task):
+        task = replace(obj, name=name)
+    else:
+        missing = [a for a in ("head", "num_features", "num_outputs", "make") if not hasattr(obj, a)]
+        if missing:
+            raise TypeError(f"task {name!r} lacks {', '.join(missing)} (see distseq.tasks.Task)")
+        task = Task(name=name, head=obj.head, label_rule=getattr(obj, "label_rule", "") or (obj.__doc__ or "").strip(),
+                    make=obj.make, label=getattr(obj, "label", None), num_features=obj.num_features,
+                    num_outputs=obj.num_outputs, validate=getattr(obj, "validate", None))
+    if task.head not in HEADS:
+        raise TypeError(f"task {name!r} has head {task.head!r}; choose from {', '.join(HEADS)}")
+    return task
+
+
+def _adding_validate(cfg) -> None:
+    d = cfg.data
+    if d.seq_len < 2 or (d.min_seq_len is not None and d.min_seq_len < 2):
+        option = "--seq-len" if d.seq_len < 2 else "--min-seq-len"
+        raise ConfigError(option, "the adding task needs sequences of at least 2 steps (one mark in each half)")
+
+
+def _copy_validate(cfg) -> None:
+    d = cfg.data
+    if d.seq_len < 2 * d.copy_len + 1:
+        raise ConfigError("--seq-len", f"the copy task needs --seq-len >= 2 x --copy-len + 1 = {2 * d.copy_len + 1}")
+    if d.min_seq_len not in (None, d.seq_len):
+        raise ConfigError("--min-seq-len", "the copy task has a fixed length; leave --min-seq-len out")
+
+
 # --- heads: loss and metric per sample ---------------------------------------------------------
 def binary_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # Logits, not probabilities: BCE-with-logits is the form that stays exact under autocast.
@@ -150,6 +205,14 @@ def regression_correct(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((pred.float() - y).abs() < ADDING_TOLERANCE).to(torch.float32)  # (B,)
 
 
+def classes_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y, reduction="none")  # logits (B, C), y (B,) -> (B,)
+
+
+def classes_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == y).to(torch.float32)  # (B,)
+
+
 def per_step_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over each sample's labelled steps: logits (B, T, C), y (B, T) -> (B,)."""
     per_step = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")  # (B, T)
@@ -166,11 +229,12 @@ def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 HEADS = {
     "binary": (binary_loss, binary_correct),
+    "classes": (classes_loss, classes_correct),
     "regression": (regression_loss, regression_correct),
     "per-step": (per_step_loss, per_step_correct),
 }
 
-TASKS: Dict[str, Task] = {
+BUILTIN_TASKS = {
     "sum-sign": Task(
         name="sum-sign",
         head="binary",
@@ -198,6 +262,7 @@ TASKS: Dict[str, Task] = {
         label=adding_label,
         num_features=lambda spec: 2,
         num_outputs=lambda spec: 1,
+        validate=_adding_validate,
     ),
     "copy": Task(
         name="copy",
@@ -208,5 +273,8 @@ TASKS: Dict[str, Task] = {
         label=copy_label,
         num_features=lambda spec: spec.vocab_size + 2,
         num_outputs=lambda spec: spec.vocab_size,
+        validate=_copy_validate,
     ),
 }
+for _name, _task in BUILTIN_TASKS.items():
+    TASKS.add(_name, _task)

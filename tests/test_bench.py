@@ -14,6 +14,8 @@ from conftest import assert_ok, run_distseq, summary
 from distseq.bench import GOALS, SUITE_NAMES
 from distseq.bench.report import PLOTS_HINT, write_report
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 PLOTS = {"overhead.png", "scaling.png", "time_to_accuracy.png", "precision.png", "step_time.png", "memory.png"}
 
 

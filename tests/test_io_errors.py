@@ -23,6 +23,8 @@ from conftest import REPO, cpu_env, summary
 from distseq.checkpoint import read_meta
 from distseq.cli import main
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 TRAIN = ["train", "--hidden-size", "16", "--checkpoint-every", "5", "--max-steps", "40", "--log-every", "5",
          "--no-progress", "--eval-every", "0", "--eval-size", "64", "--global-batch-size", "64", "--precision", "no"]
 # root bypasses file permissions through these two capabilities: drop them for the training process

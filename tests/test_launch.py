@@ -14,6 +14,8 @@ from conftest import REPO, accelerate_launch, assert_ok, cpu_env, free_port, run
 from distseq.config import TrainConfig
 from distseq.precision import cpu_has_native_bf16, resolve_precision, runs_under
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 CONFIGS = REPO / "accelerate_configs"
 ARGS = ["train", "--max-steps", "6", "--log-every", "3", "--eval-every", "0", "--eval-size", "64",
         "--global-batch-size", "32", "--hidden-size", "16", "--no-progress", "--precision", "no", "--grad-clip", "0"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import REPO, accelerate_launch, assert_ok, cpu_env, free_port, run_distseq, summary, two_process_args
 from distseq.accounting import Digest
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 ARGS = ["train", "--max-steps", "8", "--log-every", "4", "--eval-every", "4", "--eval-size", "301",
         "--global-batch-size", "64", "--no-progress", "--verify-data", "--grad-clip", "0",

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from conftest import REPO, assert_ok, cpu_env, free_port, run_distseq, scalars, summary, two_process_args
 from distseq.accounting import Digest
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 STEPS, GLOBAL_BATCH = 40, 64
 BASE = ["train", "--max-steps", str(STEPS), "--checkpoint-every", "5", "--keep-last", "3", "--log-every", "5",
         "--eval-every", "0", "--eval-size", "64", "--global-batch-size", str(GLOBAL_BATCH), "--hidden-size", "16",

@@ -16,6 +16,8 @@ from distseq.errors import CheckpointError, ConfigError
 from distseq.export import model_from_checkpoint
 from distseq.io import RunDirLock
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 LONG = ["train", "--hidden-size", "8", "--global-batch-size", "16", "--max-steps", "100000", "--log-every", "5",
         "--eval-every", "0", "--eval-size", "64", "--checkpoint-every", "1", "--keep-last", "1", "--no-progress",
         "--precision", "no"]

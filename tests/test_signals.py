@@ -12,37 +12,17 @@ import sys
 import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
+# the same run as test_recovery.py's, and its uninterrupted reference (a module-scoped fixture)
+from test_recovery import BASE, STEPS, assert_bit_identical, reference, weights  # noqa: F401
 from distseq.checkpoint import read_meta
 from distseq.io import RunDirLock
 
-STEPS, GLOBAL_BATCH = 40, 64
-BASE = ["train", "--max-steps", str(STEPS), "--checkpoint-every", "5", "--keep-last", "3", "--log-every", "5",
-        "--eval-every", "0", "--eval-size", "64", "--global-batch-size", str(GLOBAL_BATCH), "--hidden-size", "16",
-        "--no-progress", "--precision", "no"]  # the same run as test_recovery.py's reference
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 SHORT = ["train", "--max-steps", "2", "--log-every", "1", "--eval-every", "0", "--eval-size", "64",
          "--global-batch-size", "64", "--hidden-size", "16", "--no-progress", "--precision", "no"]
-
-
-def weights(run_dir, step=STEPS):
-    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run every interrupted-and-resumed run must match bit for bit."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert_ok(run_distseq([*BASE, "--run-dir", str(run_dir)]))
-    return weights(run_dir)
 
 
 def disposition(**handlers):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, free_port, summary
 
-pytestmark = pytest.mark.multiproc
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scancel", "squeue", "scontrol")
 missing = [d for d in DAEMONS if not shutil.which(d) and not Path("/usr/sbin", d).exists()]

@@ -13,6 +13,8 @@ from distseq.precision import cpu_has_native_bf16
 from distseq.tasks import TASKS
 from distseq.loop import train
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 SUMMARY_KEYS = {"step", "samples", "wall_seconds", "samples_per_sec", "eval/accuracy", "eval/loss", "precision",
                 "world_size", "model", "task", "backend", "distributed_type"}
 TB_TAGS = {"train/loss", "train/accuracy", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy",

@@ -13,6 +13,8 @@ from distseq import load_model
 from distseq.cli import main
 from distseq.export import model_from_checkpoint
 
+pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
+
 TRAIN = ["train", "--no-progress", "--eval-every", "0"]
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig, preset
 from ..data import Layout, SampleSource, micro_batches, train_loader
 from ..models import build_model
-from ..tasks import TASKS
+from ..registry import TASKS
 
 LOG_EVERY = 50
 

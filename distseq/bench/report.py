@@ -9,6 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+# headline key -> (comparison, goal): each one a ratio measured in one run
+GOALS = {
+    "overhead_ratio": (">=", 0.95),
+    "scaling_2proc": (">=", 1.7),
+    "stream_ratio": (">=", 0.5),
+    "seek_ratio": ("<=", 1.1),
+}
+
 PLOTS_HINT = "plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), then run distseq bench again"
 
 
@@ -27,7 +35,6 @@ def _fmt(value, digits: int = 3) -> str:
 
 def headline_rows(bench: Dict) -> List[tuple]:
     """(figure, value, goal, what it compares) for each headline ratio present."""
-    from . import GOALS
 
     rows = []
     described = {

@@ -18,7 +18,8 @@ import torch
 
 from ..config import DataConfig
 from ..data import Layout, SampleSource, micro_batches, train_loader
-from ..tasks import TASKS, TaskSpec
+from ..registry import TASKS
+from ..tasks import TaskSpec
 
 SEEK_POSITION = 10**12
 

@@ -1,0 +1,16 @@
+"""The ``distseq`` console script and ``python -m distseq``: signal handling first, then the CLI."""
+
+import sys
+
+from .entry import install, run
+
+
+def main() -> int:
+    install()  # before importing the command line, which imports torch
+    from .cli import main as cli_main
+
+    return run(cli_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

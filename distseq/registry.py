@@ -1,0 +1,128 @@
+"""Registries: tasks and models by name, and the plugins that add to them.
+
+Built-in tasks and models register exactly as a user's do (``register_task`` lives in tasks.py,
+``register_model`` in models.py, beside what they register), so a new one is one file and no edit
+inside distseq:
+
+    import distseq
+
+    @distseq.register_task("my-task")
+    class MyTask: ...          # head, num_features, num_outputs, make (see distseq.tasks.Task)
+
+    @distseq.register_model("my-model")
+    class MyModel(torch.nn.Module):
+        def __init__(self, cfg, task, spec): ...   # cfg: ModelConfig; forward(x, lengths) -> logits
+
+``--import MODULE_OR_FILE`` (repeatable, every subcommand) imports a plugin before anything else,
+and modules named by the ``distseq.plugins`` entry-point group are imported as well. Checkpoints and
+exports record the plugins a run used, so ``eval``, ``predict``, ``export`` and ``load_model`` import
+them again. This module imports nothing heavy from distseq.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Dict, Iterable, List
+
+from .errors import ConfigError
+
+ENTRY_POINT_GROUP = "distseq.plugins"
+
+
+class Registry(Mapping):
+    """Named things of one kind (a read-only mapping); an unknown name is a ConfigError listing the
+    known ones."""
+
+    def __init__(self, kind: str, option: str):
+        self.kind, self.option = kind, option
+        self._items: Dict[str, object] = {}
+
+    def add(self, name: str, item: object) -> None:
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise ValueError(f"a {self.kind} name must be a non-empty string without spaces around it (got {name!r})")
+        self._items[name] = item  # a re-import (a plugin loaded twice) replaces the entry
+
+    def names(self) -> List[str]:
+        _load_builtins()
+        return sorted(self._items)
+
+    def get(self, name: str):
+        _load_builtins()
+        if name not in self._items:
+            raise ConfigError(self.option, f"invalid choice {name!r} (choose from {', '.join(self.names())}; "
+                                           f"a plugin adds more: --import MODULE)")
+        return self._items[name]
+
+    def __getitem__(self, name: str):
+        return self.get(name)
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def registered(self, name: str) -> bool:
+        """Whether ``name`` is registered now, without importing the built-ins first."""
+        return name in self._items
+
+    def __contains__(self, name) -> bool:
+        _load_builtins()
+        return name in self._items
+
+
+TASKS = Registry("task", "--task")
+MODELS = Registry("model", "--model")
+PLUGINS: List[str] = []  # what --import / entry points loaded in this process, in order
+
+
+def import_plugin(spec: str) -> None:
+    """Import ``spec``: a module name (``my_pkg.models``) or a Python file's path."""
+    if spec.endswith(".py") or Path(spec).is_file():
+        spec = str(Path(spec).resolve())  # recorded absolute: a later eval or load_model runs elsewhere
+    if spec in PLUGINS:
+        return
+    try:
+        if spec.endswith(".py") or Path(spec).is_file():
+            path = Path(spec)
+            if not path.is_file():
+                raise ConfigError("--import", f"no such file: {spec}")
+            name = f"distseq_plugin_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+    except ConfigError:
+        raise
+    except Exception as error:  # ImportError, or the plugin's own bug: one line naming it
+        first = (str(error).splitlines() or [""])[0]
+        raise ConfigError("--import", f"cannot import {spec}: {type(error).__name__}: {first}") from None
+    PLUGINS.append(spec)
+
+
+def import_plugins(specs: Iterable[str] = ()) -> None:
+    """The entry-point group's modules, then ``specs`` (from --import or a checkpoint's record)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        import_plugin(entry.value.split(":")[0])
+    for spec in specs:
+        import_plugin(spec)
+
+
+_builtins_loaded = [False]
+BUILTIN_MODULES = ("distseq.tasks", "distseq.models")  # imported by name: they import this module
+
+
+def _load_builtins() -> None:
+    """The built-in tasks and models register on import of their modules; import them on first use."""
+    if not _builtins_loaded[0]:
+        _builtins_loaded[0] = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)

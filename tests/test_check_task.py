@@ -1,0 +1,278 @@
+"""``distseq check-task``: built-in tasks keep the stream contract; broken user tasks fail the right
+property, naming the right sample; the command line prints one line per property and one error line."""
+
+import random
+import textwrap
+
+import pytest
+import torch
+
+import distseq
+from distseq.checktask import PROPERTIES, check_task, format_findings
+from distseq.config import TrainConfig
+from distseq.data import SampleSource
+from distseq.errors import ConfigError
+from distseq.registry import TASKS
+
+from conftest import cpu_env, run_distseq
+
+BUILTINS = sorted(TASKS)
+
+
+def config(task: str, **data) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.task = task
+    for name, value in data.items():
+        setattr(cfg.data, name, value)
+    return cfg.validate()
+
+
+def by_name(findings) -> dict:
+    assert [f.name for f in findings] == list(PROPERTIES)
+    for f in findings:
+        assert f.detail and "\n" not in f.detail
+    return {f.name: f for f in findings}
+
+
+def failed(findings) -> list:
+    return [f.name for f in findings if not f.ok]
+
+
+@pytest.fixture
+def register():
+    """Register a task for one test and remove it afterwards, so no other test sees it."""
+    names = []
+
+    def add(name, obj):
+        distseq.register_task(name)(obj)
+        names.append(name)
+        return name
+
+    yield add
+    for name in names:
+        TASKS._items.pop(name, None)
+
+
+class SumSign:
+    """A well-behaved user task (the built-in sum-sign rule); the broken ones below change one thing."""
+
+    head = "binary"
+
+    def num_features(self, spec):
+        return 1
+
+    def num_outputs(self, spec):
+        return 1
+
+    def draw(self, gen, n, spec):
+        return torch.randn(n, spec.seq_len, 1, generator=gen)  # (n, T, 1)
+
+    def make(self, gen, n, spec):
+        x = self.draw(gen, n, spec)
+        return {"x": x, "y": self.label(x, None, spec)}
+
+    def label(self, x, lengths, spec):
+        return (x.sum(dim=(1, 2)) > 0).to(torch.float32)
+
+
+# --- built-in tasks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", BUILTINS)
+def test_every_builtin_task_keeps_the_contract(task):
+    try:  # variable lengths where the task allows them (copy has a fixed length)
+        cfg = config(task, seq_len=12, min_seq_len=3, block_size=100)
+    except ConfigError:
+        cfg = config(task, seq_len=12, block_size=100)
+    findings = by_name(check_task(cfg))
+    assert failed(findings.values()) == [], format_findings(task, findings.values())
+    assert not findings["cross-process determinism"].detail.startswith("not checked")
+    assert not findings["labels"].detail.startswith("not checked")
+
+
+# --- broken user tasks -------------------------------------------------------------------------------
+class GlobalTorchRng(SumSign):
+    def draw(self, gen, n, spec):
+        return torch.randn(n, spec.seq_len, 1)  # the global RNG, not ``gen``
+
+
+class GlobalPythonRngAtRow5(SumSign):
+    def draw(self, gen, n, spec):
+        x = torch.randn(n, spec.seq_len, 1, generator=gen)
+        x[5 % n, 0, 0] += random.random()  # Python's global RNG, in row 5 of each block only
+        return x
+
+
+@pytest.mark.parametrize("task_class, index", [(GlobalTorchRng, 0), (GlobalPythonRngAtRow5, 5)])
+def test_a_task_ignoring_its_generator_is_not_deterministic(register, task_class, index):
+    name = register("broken-global-rng", task_class())
+    findings = by_name(check_task(config(name)))
+    assert failed(findings.values())[0] == "determinism"
+    assert findings["determinism"].detail.startswith(f"sample {index}: x ")
+    assert "between two calls" in findings["determinism"].detail
+    rng = "torch's global RNG" if task_class is GlobalTorchRng else "Python's global RNG (random)"
+    assert findings["determinism"].detail.endswith(f"make() draws from {rng} instead of the generator it is given")
+    assert findings["shapes"].ok and findings["labels"].ok and findings["distinct blocks"].ok
+    # registered in this process only: another process cannot know it, and says so
+    assert findings["cross-process determinism"].ok
+    assert findings["cross-process determinism"].detail.startswith("not checked")
+
+
+class ReseedsTorchGlobalRng(SumSign):
+    def draw(self, gen, n, spec):
+        torch.manual_seed(gen.initial_seed())  # deterministic, but moves training's RNG under its feet
+        return torch.randn(n, spec.seq_len, 1)
+
+
+def test_a_task_touching_the_global_rng_fails_determinism_even_when_repeatable(register):
+    name = register("broken-reseeds", ReseedsTorchGlobalRng())
+    findings = by_name(check_task(config(name)))
+    assert failed(findings.values()) == ["determinism"]
+    assert findings["determinism"].detail.startswith("sample 0: drawing block 0, make() changed the state of torch's "
+                                                     "global RNG")
+
+
+class LabelDisagrees(SumSign):
+    def make(self, gen, n, spec):
+        x = self.draw(gen, n, spec)
+        return {"x": x, "y": (x.sum(dim=(1, 2)) > 0.05).to(torch.float32)}  # label() says > 0
+
+
+def test_a_label_that_disagrees_with_y_names_the_first_such_sample(register):
+    name = register("broken-label", LabelDisagrees())
+    cfg = config(name)
+    block = SampleSource(name, cfg.task_spec(), cfg.train.seed, cfg.data.block_size).span(0, cfg.data.block_size)
+    sums = block["x"].sum(dim=(1, 2))
+    expected = int(((sums > 0) & (sums <= 0.05)).nonzero()[0])  # where the two rules disagree first
+    findings = by_name(check_task(cfg))
+    assert failed(findings.values()) == ["labels"]
+    assert findings["labels"].detail.startswith(f"sample {expected}: label() gives 1.0 but make() gave y = 0.0")
+
+
+class WrongYDtype(SumSign):
+    def make(self, gen, n, spec):
+        out = super().make(gen, n, spec)
+        return {"x": out["x"], "y": out["y"].to(torch.int64)}
+
+
+class WrongYShape(SumSign):
+    def make(self, gen, n, spec):
+        out = super().make(gen, n, spec)
+        return {"x": out["x"], "y": out["y"][:, None]}
+
+
+class ClassOutOfRangeAtRow7(SumSign):
+    head = "classes"
+
+    def num_outputs(self, spec):
+        return 3
+
+    def make(self, gen, n, spec):
+        x = self.draw(gen, n, spec)
+        y = torch.randint(0, 3, (n,), generator=gen)
+        y[7 % n] = 3
+        return {"x": x, "y": y}
+
+    label = None
+
+
+class WrongKeys(SumSign):
+    def make(self, gen, n, spec):
+        out = super().make(gen, n, spec)
+        return {"x": out["x"], "target": out["y"]}
+
+
+class Raises(SumSign):
+    def make(self, gen, n, spec):
+        raise RuntimeError("boom\nsecond line")
+
+
+@pytest.mark.parametrize("task_class, start", [
+    (WrongYDtype, "block 0, make(generator, 1024, spec): y is (1024,) int64; head 'binary' needs (1024,) float32"),
+    (WrongYShape, "block 0, make(generator, 1024, spec): y is (1024, 1) float32; head 'binary' needs (1024,) float32"),
+    (ClassOutOfRangeAtRow7, "sample 7: y is outside [0, 3)"),
+    (WrongKeys, "block 0, make(generator, 1024, spec): make() returned keys ['target', 'x']: lacks y and has "
+                "unexpected target"),
+    (Raises, "make(generator, 1024, spec) raised RuntimeError: boom"),
+])
+def test_a_task_returning_the_wrong_things_fails_shapes_in_one_line(register, task_class, start):
+    name = register("broken-shapes", task_class())
+    findings = by_name(check_task(config(name)))  # never raises: every failure is a finding
+    assert failed(findings.values())[0] == "shapes"
+    assert findings["shapes"].detail.startswith(start), findings["shapes"].detail
+    if task_class in (WrongYDtype, ClassOutOfRangeAtRow7):
+        assert failed(findings.values()) == ["shapes"]  # the stream itself is still deterministic
+    elif task_class is WrongYShape:
+        assert failed(findings.values()) == ["shapes", "labels"]  # label() gives (n,), y is (n, 1)
+    else:  # nothing can be drawn: every property that draws fails, each in one line naming why
+        assert "cross-process determinism" not in failed(findings.values())  # not registered out of process
+        assert set(failed(findings.values())) == set(PROPERTIES) - {"cross-process determinism"}
+
+
+class OwnGenerator(SumSign):
+    def draw(self, gen, n, spec):
+        return torch.randn(n, spec.seq_len, 1, generator=torch.Generator().manual_seed(0))  # not ``gen``
+
+
+def test_a_task_with_its_own_seeded_generator_repeats_one_block(register):
+    name = register("broken-own-generator", OwnGenerator())
+    findings = by_name(check_task(config(name)))
+    assert failed(findings.values()) == ["distinct blocks"]
+    assert findings["distinct blocks"].detail.startswith("sample 1024: block 1 repeats block 0 exactly")
+
+
+class BlockNormalised(SumSign):
+    def draw(self, gen, n, spec):
+        x = torch.randn(n, spec.seq_len, 1, generator=gen)
+        return x - x.mean()  # every sample depends on its block-mates, so on n = K
+
+
+def test_a_task_depending_on_n_keeps_the_contract(register):
+    """Samples that depend on the block (make is always called with n = --block-size) are still a pure
+    function of (seed, K, index): K is part of the data's identity, so no property fails."""
+    name = register("block-normalised", BlockNormalised())
+    assert failed(check_task(config(name))) == []
+
+
+# --- the command line ----------------------------------------------------------------------------------
+def test_cli_check_task_prints_one_ok_line_per_property():
+    result = run_distseq(["check-task", "sum-sign"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(PROPERTIES) + 1
+    for line, name in zip(lines, PROPERTIES):
+        assert line.split()[0] == "ok" and f" {name} " in line
+    assert lines[-1] == "task 'sum-sign': keeps the stream contract (7 properties)"
+
+
+PID_PLUGIN = """
+import os
+import torch
+import distseq
+
+@distseq.register_task("pid-task")
+class PidTask:
+    head = "regression"
+
+    def num_features(self, spec):
+        return 1
+
+    def num_outputs(self, spec):
+        return 1
+
+    def make(self, gen, n, spec):
+        x = torch.rand(n, spec.seq_len, 1, generator=gen)  # (n, T, 1)
+        y = x.sum(dim=(1, 2))
+        x[3 % n, 0, 0] += os.getpid()  # the same on every call, different in another process
+        return {"x": x, "y": y}
+"""
+
+
+def test_cli_check_task_of_a_plugin_differing_between_processes_fails_in_one_line(tmp_path):
+    plugin = tmp_path / "tmp_plugin.py"
+    plugin.write_text(textwrap.dedent(PID_PLUGIN))
+    result = run_distseq(["check-task", "pid-task", "--import", str(plugin)], timeout=120, env=cpu_env())
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "distseq check-task: error: task 'pid-task' breaks the stream contract: cross-process determinism: "
+        "sample 3: x differs between this process and a fresh one (per-sample sha256)")
+    assert "FAIL  cross-process determinism" in result.stdout

@@ -1,0 +1,144 @@
+"""Your own model and task: the README's plugin file, registered and used from the command line, a
+config file and Python, on 2 processes, checked, exported and loaded back without the trainer."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, accelerate_launch, assert_ok, cpu_env, run_distseq, run_main, summary, two_process_args
+from distseq.registry import MODELS, PLUGINS, TASKS
+
+SECTION = "## Your own model and task"
+
+
+def readme_plugin() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(SECTION):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(block.splitlines()) <= 40
+    return block
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin") / "my_plugin.py"
+    path.write_text(readme_plugin())
+    yield path
+    for registry, name in ((TASKS, "max-feature"), (MODELS, "mean-mlp")):  # this process may have imported it
+        registry._items.pop(name, None)
+    if str(path) in PLUGINS:
+        PLUGINS.remove(str(path))
+
+
+TRAIN = ["--task", "max-feature", "--model", "mean-mlp", "--hidden-size", "32", "--global-batch-size", "64",
+         "--max-steps", "60", "--log-every", "20", "--eval-every", "0", "--eval-size", "512", "--no-progress",
+         "--precision", "no", "--lr", "0.01", "--warmup-steps", "5"]
+
+
+@pytest.mark.multiproc
+def test_the_readme_plugin_trains_on_two_processes_checks_exports_and_loads(plugin, tmp_path):
+    run = tmp_path / "run"
+    proc = accelerate_launch(two_process_args(), ["train", "--import", str(plugin), *TRAIN, "--verify-data",
+                                                  "--run-dir", str(run)], timeout=240)
+    assert_ok(proc)
+    result = summary(run)
+    assert result["world_size"] == 2 and result["step"] == 60 and result["task"] == "max-feature"
+    assert result["model"] == "mean-mlp" and result["data_accounting"]["checked_until"] == 60 * 64
+    assert result["eval/accuracy"] > 0.8  # chance is 0.25
+
+    checked = run_distseq(["check-task", "max-feature", "--import", str(plugin)])
+    assert_ok(checked)
+    assert "task 'max-feature': keeps the stream contract (7 properties)" in checked.stdout
+    assert [line.split()[0] for line in checked.stdout.splitlines()[:7]] == ["ok"] * 7
+
+    checkpoint = run / "checkpoints" / "step-00000060"
+    exported = run_distseq(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "exported")])
+    assert_ok(exported)  # no --import: the checkpoint recorded the plugin
+    script = (
+        "import sys, torch, distseq\n"
+        f"model = distseq.load_model(r'{tmp_path / 'exported'}')\n"
+        "x = torch.randn(5, 10, 4, generator=torch.Generator().manual_seed(0))\n"
+        "print(model(x).argmax(-1).tolist())\n"
+        "assert 'accelerate' not in sys.modules and 'distseq.loop' not in sys.modules\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=cpu_env(PYTHONPATH=str(REPO)), cwd=tmp_path)
+    assert_ok(loaded)
+    predicted = run_distseq(["predict", "--checkpoint", str(checkpoint), "--random", "3"])
+    assert_ok(predicted)
+    assert predicted.stdout.count('"class"') == 3 and '"probabilities"' in predicted.stdout
+
+
+def test_a_config_file_and_python_name_the_registered_kinds(plugin, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  task: max-feature\nmodel:\n  kind: mean-mlp\n  hidden_size: 16\n")
+    result = run_main(["train", "--import", plugin, "--config", config, "--max-steps", "4", "--log-every", "2",
+                       "--eval-size", "64", "--global-batch-size", "32", "--run-dir", tmp_path / "run"], capsys)
+    assert_ok(result)
+    assert summary(tmp_path / "run")["model"] == "mean-mlp"
+
+    import distseq
+
+    cfg = distseq.TrainConfig()
+    cfg.data.task, cfg.data.eval_size = "max-feature", 64
+    cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.run_dir = 4, 32, str(tmp_path / "api")
+    cfg.log.log_every = 2
+    mine = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10 * 4, 4))
+    wrapped = _LengthsIgnored(mine)
+    out = distseq.train(cfg, model=wrapped)
+    assert out["status"] == "complete" and out["step"] == 4 and out["model"].endswith("_LengthsIgnored")
+    assert not torch.equal(wrapped.inner[1].weight, _LengthsIgnored(torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(10 * 4, 4))).inner[1].weight)  # the instance itself was trained
+
+
+class _LengthsIgnored(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, lengths=None):
+        return self.inner(x)
+
+
+def test_unknown_names_list_the_registered_ones_and_a_bad_plugin_is_one_line(tmp_path, capsys):
+    result = run_main(["train", "--task", "nope", "--run-dir", tmp_path / "r"], capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("distseq train: error: --task: invalid choice 'nope' (choose from adding, copy, ")
+    assert result.stderr.strip().endswith("sum-sign; a plugin adds more: --import MODULE)")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch\nraise RuntimeError('my bug')\n")
+    result = run_main(["train", "--import", broken, "--run-dir", tmp_path / "r"], capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"distseq train: error: --import: cannot import {broken}: RuntimeError: my bug"
+    result = run_main(["eval", "--import", "no_such_module_xyz", "--run-dir", tmp_path / "r"], capsys)
+    assert result.returncode == 2 and "cannot import no_such_module_xyz: ModuleNotFoundError" in result.stderr
+
+
+def test_a_registered_task_carries_its_own_validation(tmp_path, capsys):
+    from distseq.errors import ConfigError
+    from distseq.tasks import register_task
+
+    @register_task("needs-even-length")
+    class NeedsEven:
+        head = "binary"
+
+        def num_features(self, spec): return 1
+        def num_outputs(self, spec): return 1
+
+        def make(self, generator, n, spec):
+            x = torch.randn(n, spec.seq_len, 1, generator=generator)
+            return {"x": x, "y": (x.sum((1, 2)) > 0).float()}
+
+        def validate(self, cfg):
+            if cfg.data.seq_len % 2:
+                raise ConfigError("--seq-len", "needs-even-length needs an even --seq-len")
+
+    try:
+        result = run_main(["train", "--task", "needs-even-length", "--seq-len", "7", "--run-dir", tmp_path], capsys)
+        assert result.returncode == 2
+        assert result.stderr.strip() == "distseq train: error: --seq-len: needs-even-length needs an even --seq-len"
+    finally:
+        TASKS._items.pop("needs-even-length")
