@@ -111,6 +111,22 @@ class Run:
     def say(self, line: str) -> None:
         print0(self.accelerator, line)
 
+    def write_agreed(self, files: dict) -> None:
+        """Run files written by the main process while the others wait for it: every rank learns the
+        outcome (one all-reduce), so a failed write is the same one line everywhere, never a hang."""
+        problem = None
+        try:
+            for name, payload in files.items():
+                self.write(name, payload)
+        except RunIOError as error:
+            problem = error
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(problem is not None), device=self.accelerator.device)
+            if self.accelerator.reduce(flag, "max").item() and problem is None:
+                problem = RunIOError(f"the main process could not write {', '.join(files)} in {self.path}")
+        if problem is not None:
+            raise problem
+
     def write(self, name: str, payload) -> None:
         """A run file, on the main process; an I/O error is one line naming it and what was kept."""
         if self.accelerator.is_main_process:
@@ -174,8 +190,7 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
         run.progress.config_history.append({"step": run.start, "config": config})
     run.feed = training_feed(run, data_state)
 
-    run.write("config.json", config)
-    run.write("config_history.json", run.progress.config_history)
+    run.write_agreed({"config.json": config, "config_history.json": run.progress.config_history})
     # a fresh start over what a run killed before its first checkpoint logged: hide those curves
     purge = run.start + 1 if run.resumed_from else (1 if (run.path / "tensorboard").is_dir() else None)
     start_tracking(accelerator, cfg.flat(), purge_step=purge)
@@ -226,10 +241,33 @@ def resume(run: Run) -> Optional[dict]:
                 f"the data files were used up at step {run.start}" if run.progress.data_exhausted else "")
     if finished:
         run.say(f"distseq: {finished}; nothing to train")
-        previous = run.path / "summary.json"
-        run.nothing_left = (json.loads(previous.read_text()) if previous.is_file()
-                            else {"step": run.start, "status": "complete"})
+        run.nothing_left = finished_summary(run, restored)
     return restored.data_state
+
+
+def finished_summary(run: Run, restored) -> dict:
+    """The summary of a run that has nothing left to train: summary.json when it describes the
+    checkpoint's step, else (killed after its last checkpoint, before the summary) one rebuilt from
+    what the checkpoint recorded, and written."""
+    previous = run.path / "summary.json"
+    try:
+        summary_then = json.loads(previous.read_text())
+    except (OSError, ValueError):
+        summary_then = {}
+    if isinstance(summary_then, dict) and summary_then.get("step") == run.start and \
+            summary_then.get("status") == "complete":
+        return summary_then
+    progress = run.progress
+    history = progress.eval_history
+    rebuilt = {"step": run.start, "samples": restored.samples, "status": "complete", "world_size": restored.world_size,
+               "checkpoint": str(run.resumed_from), "train_seconds": progress.train_seconds,
+               "wall_seconds": progress.wall_seconds, "skipped_steps": progress.skipped_steps,
+               "eval_history": history, "config_changes": progress.config_history[1:], "task": run.cfg.data.task,
+               "model": run.model_name, "start_step": progress.first_step,
+               **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval/")},
+               "note": "rebuilt from the checkpoint: the run ended after its last checkpoint, before its summary"}
+    run.write("summary.json", rebuilt)
+    return rebuilt
 
 
 def training_feed(run: Run, data_state: Optional[dict]):

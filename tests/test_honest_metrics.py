@@ -167,3 +167,12 @@ def test_an_empty_data_file_is_refused_before_anything_runs(tmp_path, cli):
         f"distseq train: error: --data-files: {tmp_path / 'empty.jsonl'} has no rows (every file of --data-files "
         f"must hold some)"]
     assert not run.exists()
+
+
+def test_run_files_are_readable_by_others_as_open_would_make_them(tmp_path):
+    import os
+
+    write_json(tmp_path / "summary.json", {"step": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -90,6 +90,10 @@ def test_a_config_file_and_python_name_the_registered_kinds(plugin, tmp_path, ca
     wrapped = _LengthsIgnored(mine)
     out = distseq.train(cfg, model=wrapped)
     assert out["status"] == "complete" and out["step"] == 4 and out["model"].endswith("_LengthsIgnored")
+    exported = run_main(["export", "--checkpoint", tmp_path / "api" / "checkpoints" / "step-00000004",
+                         "--out", tmp_path / "x"], capsys)
+    assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
+    assert "a module given to distseq.train(model=...) loads back only as a registered model" in exported.stderr
     assert not torch.equal(wrapped.inner[1].weight, _LengthsIgnored(torch.nn.Sequential(
         torch.nn.Flatten(), torch.nn.Linear(10 * 4, 4))).inner[1].weight)  # the instance itself was trained
 

@@ -157,3 +157,33 @@ def test_a_finished_run_run_again_has_nothing_to_train(first_half, tmp_path, cli
     assert_ok(proc)
     assert "already at step 10 >= --max-steps 10; nothing to train" in proc.stdout
     assert summary(run)["status"] == "complete"
+
+
+def test_a_checkpoint_copied_under_any_name_resumes(first_half, tmp_path, cli):
+    import shutil
+
+    best = tmp_path / "step-best"
+    shutil.copytree(first_half / "checkpoints" / "step-00000010", best)
+    proc = cli([*BASE, "--run-dir", str(tmp_path / "run"), "--max-steps", "12", "--lr", "0.003", "--resume", str(best)])
+    assert_ok(proc)
+    assert f"resuming from {best} (step 10," in proc.stdout and summary(tmp_path / "run")["step"] == 12
+
+
+def test_a_requeued_start_step_job_resumes(tmp_path, cli):
+    args = [*BASE, "--run-dir", str(tmp_path / "run"), "--start-step", "5", "--checkpoint-every", "2"]
+    assert_ok(cli([*args, "--max-steps", "8"]))  # a fresh start at step 5
+    again = cli([*args, "--max-steps", "10"])  # the same command, as a requeue runs it
+    assert_ok(again)
+    assert "(step 8, 256 samples" in again.stdout and "--start-step 5 applies to a fresh start only" in again.stdout
+    result = summary(tmp_path / "run")
+    assert result["step"] == 10 and result["start_step"] == 5
+
+
+def test_a_summary_lost_after_the_last_checkpoint_is_rebuilt(first_half, tmp_path, cli):
+    run = copy_run(first_half, tmp_path / "run")
+    (run / "summary.json").unlink()  # killed after the final checkpoint, before the summary
+    proc = cli([*BASE, "--run-dir", str(run), "--max-steps", "10", "--lr", "0.003"])
+    assert_ok(proc)
+    rebuilt = summary(run)
+    assert rebuilt["step"] == 10 and rebuilt["status"] == "complete" and rebuilt["samples"] == 10 * 32
+    assert "rebuilt from the checkpoint" in rebuilt["note"]
