@@ -331,7 +331,7 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
                 if accelerator.sync_gradients:
                     outcome = optimizer_step(run, loss, correct, done)
                 run.optimizer.zero_grad(set_to_none=True)
-    with run.profiler.span("optimizer"), warnings.catch_warnings():
+    with run.profiler.span("optimizer"), (warnings.catch_warnings() if outcome.skipped else contextlib.nullcontext()):
         if outcome.skipped:  # a skipped step still advances the schedule (a function of the step): expected
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         run.scheduler.step()
