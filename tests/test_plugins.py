@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, assert_ok, cpu_env, run_distseq, run_main, summary, two_process_args
 from distseq.registry import MODELS, PLUGINS, TASKS
@@ -88,14 +89,16 @@ def test_a_config_file_and_python_name_the_registered_kinds(plugin, tmp_path, ca
     cfg.log.log_every = 2
     mine = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10 * 4, 4))
     wrapped = _LengthsIgnored(mine)
+    before = mine[1].weight.detach().clone()
     out = distseq.train(cfg, model=wrapped)
     assert out["status"] == "complete" and out["step"] == 4 and out["model"].endswith("_LengthsIgnored")
     exported = run_main(["export", "--checkpoint", tmp_path / "api" / "checkpoints" / "step-00000004",
                          "--out", tmp_path / "x"], capsys)
     assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
     assert "a module given to distseq.train(model=...) loads back only as a registered model" in exported.stderr
-    assert not torch.equal(wrapped.inner[1].weight, _LengthsIgnored(torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(10 * 4, 4))).inner[1].weight)  # the instance itself was trained
+    assert not torch.equal(mine[1].weight.detach(), before)  # the instance itself was trained
+    saved = load_file(tmp_path / "api" / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert torch.equal(saved["inner.1.weight"], mine[1].weight.detach())  # and its weights checkpointed
 
 
 class _LengthsIgnored(torch.nn.Module):

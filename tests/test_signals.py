@@ -59,23 +59,28 @@ def step_dirs(run_dir):
     return sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
 
 
-def test_sigint_saves_exits_130_and_resumes_bit_exact(reference, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*BASE, "--run-dir", str(run_dir)]
-    proc = popen(args, preexec_fn=disposition(SIGINT=signal.SIG_DFL))
+def stopped_by(signum, run_dir, code, status):
+    """Send ``signum`` after step 15 is logged: the run saves at the next boundary, prints the line
+    saying so, exits ``code`` with ``status`` and no error; the saved checkpoint verifies."""
+    proc = popen([*BASE, "--run-dir", str(run_dir)], preexec_fn=disposition(**{signum.name: signal.SIG_DFL}))
     seen = wait_for_line(proc, "step=15/")
-    proc.send_signal(signal.SIGINT)
-    code, out, err = finish(proc, seen)
-    assert code == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    proc.send_signal(signum)
+    exit_code, out, err = finish(proc, seen)
+    assert exit_code == code, f"stdout:\n{out}\nstderr:\n{err}"
     result = summary(run_dir)
     step = result["step"]
-    assert result["status"] == "interrupted" and 15 <= step < STEPS
+    assert result["status"] == status and 15 <= step < STEPS
     saved = run_dir / "checkpoints" / f"step-{step:08d}"
-    assert f"distseq: SIGINT: saved {saved} at step {step}; exiting 130\n" in out
+    assert f"distseq: {signum.name}: saved {saved} at step {step}; exiting {code}\n" in out
     assert read_meta(saved)[0]["step"] == step
     assert err == "", err  # a requested stop is not an error
+    return saved, step
 
-    restarted = run_distseq(args)
+
+def test_sigint_saves_exits_130_and_resumes_bit_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    saved, step = stopped_by(signal.SIGINT, run_dir, 130, "interrupted")
+    restarted = run_distseq([*BASE, "--run-dir", str(run_dir)])
     assert_ok(restarted)
     assert f"distseq: resuming from {saved} (step {step}," in restarted.stdout
     assert summary(run_dir)["status"] == "complete"
@@ -114,19 +119,7 @@ def test_second_sigint_exits_at_once_keeping_the_newest_checkpoint(reference, tm
 
 
 def test_sighup_saves_and_exits_143_like_sigterm(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = popen([*BASE, "--run-dir", str(run_dir)], preexec_fn=disposition(SIGHUP=signal.SIG_DFL))
-    seen = wait_for_line(proc, "step=15/")
-    proc.send_signal(signal.SIGHUP)
-    code, out, err = finish(proc, seen)
-    assert code == 143, f"stdout:\n{out}\nstderr:\n{err}"
-    result = summary(run_dir)
-    step = result["step"]
-    assert result["status"] == "preempted" and 15 <= step < STEPS
-    saved = run_dir / "checkpoints" / f"step-{step:08d}"
-    assert f"distseq: SIGHUP: saved {saved} at step {step}; exiting 143\n" in out
-    assert read_meta(saved)[0]["step"] == step
-    assert err == "", err
+    stopped_by(signal.SIGHUP, tmp_path / "run", 143, "preempted")
 
 
 def test_inherited_sig_ign_for_sigint_is_respected(tmp_path):
