@@ -124,14 +124,19 @@ def _batch_problem(out, n: int, spec: TaskSpec, task, first_index: int) -> Optio
     for key in _expected_keys(spec):
         if out[key].device.type != "cpu":
             return f"{key} is on {out[key].device}; the stream draws on the CPU"
-    if x.dtype != torch.float32 or tuple(x.shape) != (n, T, F):
+    if task.tokens:
+        V = task.vocab(spec)
+        if x.dtype != torch.int64 or tuple(x.shape) != (n, T):
+            return f"x is {tuple(x.shape)} {_dtype(x)}; a token task needs ({n}, {T}) int64 (n, seq_len) token ids"
+    elif x.dtype != torch.float32 or tuple(x.shape) != (n, T, F):
         return f"x is {tuple(x.shape)} {_dtype(x)}; expected ({n}, {T}, {F}) float32 (n, seq_len, num_features)"
     y_shape, y_dtype = ((n, T), torch.int64) if task.head == "per-step" else \
         ((n,), torch.int64) if task.head == "classes" else ((n,), torch.float32)
     if y.dtype != y_dtype or tuple(y.shape) != y_shape:
         return (f"y is {tuple(y.shape)} {_dtype(y)}; head {task.head!r} needs {y_shape} "
                 f"{str(y_dtype).replace('torch.', '')}")
-    checks = [(~torch.isfinite(x), "x is not finite")]
+    checks = [((x < 0) | (x >= V), f"x holds a token id outside [0, {V}) (vocab)")] if task.tokens else \
+        [(~torch.isfinite(x), "x is not finite")]
     if task.head in ("binary", "regression"):
         checks.append((~torch.isfinite(y), "y is not finite"))
     if task.head == "binary":
@@ -146,7 +151,8 @@ def _batch_problem(out, n: int, spec: TaskSpec, task, first_index: int) -> Optio
         checks.append(((lengths < spec.min_seq_len) | (lengths > T),
                        f"lengths is outside [min_seq_len, seq_len] = [{spec.min_seq_len}, {T}]"))
         pad = torch.arange(T)[None, :] >= lengths[:, None]  # (n, T): steps at or beyond the length
-        checks.append(((x != 0) & pad[..., None], "x is not zero at a step at or beyond its length"))
+        checks.append(((x != 0) & (pad if task.tokens else pad[..., None]), "x is not zero at a step at or beyond its "
+                                                                              "length"))
     for mask, what in checks:
         row = _first(mask)
         if row is not None:
@@ -312,9 +318,11 @@ def _shapes(ctx: _Context) -> Finding:
             return Finding("shapes", False, where + problem)
     y = out["y"]
     lengths = f"lengths int64 in [{spec.min_seq_len}, {spec.seq_len}], zero-padded" if spec.variable else "no lengths"
-    return Finding("shapes", True, f"x ({K}, {spec.seq_len}, {task.num_features(spec)}) float32, y "
+    x_kind = f"x ({K}, {spec.seq_len}) int64 ids in [0, {task.vocab(spec)})" if task.tokens else \
+        f"x ({K}, {spec.seq_len}, {task.num_features(spec)}) float32"
+    return Finding("shapes", True, f"{x_kind}, y "
                    f"{('(%d,)' % K) if y.dim() == 1 else '(%d, %d)' % (K, spec.seq_len)} {_dtype(y)} as head "
-                   f"{task.head!r} declares, {lengths}, finite; make(generator, {small}, spec) gives {small} samples")
+                   f"{task.head!r} declares, {lengths}, {'in range' if task.tokens else 'finite'}; make(generator, {small}, spec) gives {small} samples")
 
 
 def _determinism(ctx: _Context, runs) -> Finding:

@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("task", metavar="TASK", help="a registered task name (--import a plugin for your own)")
     for option, kind in (("--seq-len", int), ("--min-seq-len", int), ("--vocab-size", int), ("--copy-len", int),
-                         ("--block-size", int), ("--seed", int)):
-        check.add_argument(option, type=kind, help="override the default configuration's value")
+                         ("--num-kv-pairs", int), ("--block-size", int), ("--seed", int)):
+        check.add_argument(option, type=kind, help="override the value of the preset named after the task (mqar, "
+                                                   "induction, selective-copy), else of the default configuration")
     for sub in commands.choices.values():
         _add_import_option(sub)
     return parser
@@ -302,9 +303,9 @@ def _probe(args: argparse.Namespace) -> None:
 def _check_task(args: argparse.Namespace) -> None:
     from .checktask import check_task, format_findings
 
-    cfg = TrainConfig()
+    cfg = preset(args.task) if args.task in PRESETS else TrainConfig()  # a token task's preset has its shape
     cfg.data.task = args.task
-    for name in ("seq_len", "min_seq_len", "vocab_size", "copy_len", "block_size"):
+    for name in ("seq_len", "min_seq_len", "vocab_size", "copy_len", "num_kv_pairs", "block_size"):
         if getattr(args, name) is not None:
             setattr(cfg.data, name, getattr(args, name))
     if args.seed is not None:

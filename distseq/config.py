@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .registry import MODELS, TASKS
 from .tasks import TaskSpec
 
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal", "learned", "rope")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 ON_NONFINITE = ("stop", "skip")
@@ -46,8 +46,10 @@ class DataConfig:
     min_seq_len: Optional[int] = _opt(
         None, "shortest sequence; lengths are uniform in [--min-seq-len, --seq-len]; absent = all --seq-len"
     )
-    vocab_size: int = _opt(8, "symbols of the copy task's vocabulary")
-    copy_len: int = _opt(5, "symbols the copy task must recall after the delay")
+    vocab_size: int = _opt(8, "token vocabulary of the token tasks (mqar, induction, selective-copy) and symbols of "
+                              "the copy task")
+    copy_len: int = _opt(5, "symbols the copy and selective-copy tasks must recall")
+    num_kv_pairs: int = _opt(8, "key-value pairs per mqar sample (each queried once)")
     dataset_size: Optional[int] = _opt(
         None,
         "number of distinct training samples, reshuffled and cycled each epoch; absent = an infinite stream",
@@ -82,7 +84,9 @@ class ModelConfig:
     bidirectional: bool = _opt(False, "run rnn/gru/lstm layers in both directions")
     dropout: float = _opt(0.0, "dropout probability between layers and before the head (0 = none)")
     num_heads: int = _opt(4, "attention heads of the transformer (must divide --hidden-size)")
-    positions: str = _opt("sinusoidal", "transformer position encoding", choices=POSITIONS)
+    positions: str = _opt("sinusoidal", "position encoding of transformer and decoder (rope: rotary, decoder only)",
+                          choices=POSITIONS)
+    tie_embeddings: bool = _opt(False, "decoder on a token task: the output layer shares the token embedding's weights")
 
 
 @dataclass(slots=True)
@@ -199,7 +203,7 @@ class TrainConfig:
 
     def task_spec(self) -> TaskSpec:
         d = self.data
-        return TaskSpec(d.seq_len, d.min_seq_len or d.seq_len, d.vocab_size, d.copy_len)
+        return TaskSpec(d.seq_len, d.min_seq_len or d.seq_len, d.vocab_size, d.copy_len, d.num_kv_pairs)
 
     def micro_batch_size(self, world_size: int) -> int:
         """Samples per forward pass on one process."""
@@ -229,6 +233,7 @@ class TrainConfig:
                 raise ConfigError("--min-seq-len", f"{d.min_seq_len} is longer than --seq-len {d.seq_len}")
         _in_range("--vocab-size", d.vocab_size, 2, MAX_VOCAB)
         _in_range("--copy-len", d.copy_len, 1, MAX_SEQ_LEN)
+        _in_range("--num-kv-pairs", d.num_kv_pairs, 1, MAX_SEQ_LEN)
         if d.dataset_size is not None:
             _in_range("--dataset-size", d.dataset_size, 1, MAX_POSITION)
             if d.dataset_size // d.block_size > MAX_BLOCKS:  # each epoch's block order is one permutation
@@ -296,20 +301,17 @@ class TrainConfig:
                 check = None  # an nn.Module's own validate(self, ...) method is not the config hook
             if check is not None:
                 check(self)
-        features = self.task_features()
+        task = TASKS[d.task]
+        step_bytes = task.input_bytes(self.task_spec())
         for option, samples in (("--block-size", d.block_size), ("--samples-per-example", d.samples_per_example),
                                 ("--eval-size", -(-d.eval_size // world_size)),  # each rank's share at once
                                 ("--global-batch-size", self.micro_batch_size(world_size))):
-            _fits_in_memory(option, samples, d.seq_len, features)
+            _fits_in_memory(option, samples, d.seq_len, step_bytes, task.tokens)
         if d.data_files is not None:
             self._validate_data_files()
         if Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
             raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
         return self
-
-    def task_features(self) -> int:
-        """F, the numbers per time step of the configured task's input."""
-        return TASKS[self.data.task].num_features(self.task_spec())
 
     def profile_range(self) -> Optional[Tuple[int, int]]:
         """``--profile-steps A:B`` as (A, B), None when absent; ConfigError unless 0 <= A < B <= --max-steps."""
@@ -361,6 +363,8 @@ class TrainConfig:
                 raise ConfigError(option, "does not apply with --data-files; leave it out")
         if TASKS[d.task].head == "per-step":
             raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
+        if TASKS[d.task].tokens:
+            raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
         check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
 
 
@@ -425,7 +429,7 @@ MAX_WORKERS = 256
 MAX_WORLD = 2**20
 MAX_TIMEOUT_S = 365 * 24 * 3600
 MAX_BLOCKS = 2**30  # blocks in one epoch of a finite --dataset-size
-MAX_TENSOR_BYTES = 8 * 2**30  # one block, example, micro-batch or evaluation set of float32 inputs
+MAX_TENSOR_BYTES = 8 * 2**30  # one block, example, micro-batch or evaluation set of inputs
 
 MAX_CONFIG_BYTES = 2**20
 
@@ -476,10 +480,11 @@ def _finite(option: str, value: float, *, above: Optional[float] = None, at_leas
         raise ConfigError(option, f"must be a finite number >= {at_least:g} (got {value!r})")
 
 
-def _fits_in_memory(option: str, samples: int, seq_len: int, features: int) -> None:
-    size = samples * seq_len * features * 4
+def _fits_in_memory(option: str, samples: int, seq_len: int, step_bytes: int, tokens: bool) -> None:
+    size = samples * seq_len * step_bytes
     if size > MAX_TENSOR_BYTES:
-        raise ConfigError(option, f"{samples} samples x {seq_len} steps x {features} features of float32 take "
+        what = "int64 tokens" if tokens else f"{step_bytes // 4} features of float32"
+        raise ConfigError(option, f"{samples} samples x {seq_len} steps x {what} take "
                                   f"{size / 2**30:.0f} GiB at once (limit {MAX_TENSOR_BYTES // 2**30} GiB); choose "
                                   f"a smaller value")
 
@@ -521,7 +526,28 @@ def _default_preset() -> TrainConfig:
     return TrainConfig()
 
 
-PRESETS = {"default": _default_preset, "seed": _seed_preset}
+def _token_preset(task: str, seq_len: int, vocab_size: int, lr: float, max_steps: int, **data) -> TrainConfig:
+    """A causal decoder (2 layers, width 64, rotary positions) on a token task, sized for a CPU."""
+    return TrainConfig(
+        data=DataConfig(task=task, seq_len=seq_len, vocab_size=vocab_size, eval_size=1024, **data),
+        model=ModelConfig(kind="decoder", hidden_size=64, num_layers=2, num_heads=2, positions="rope"),
+        optim=OptimConfig(lr=lr, weight_decay=0.1, warmup_steps=100),
+        train=LoopConfig(run_dir=f"runs/{task}", max_steps=max_steps, global_batch_size=64, eval_every=250,
+                         precision="no"),
+        log=LogConfig(log_every=50),
+    )
+
+
+PRESETS = {
+    "default": _default_preset,
+    "seed": _seed_preset,
+    # Zoology's MQAR at a CPU's scale (the paper: vocab 8,192, seq 64-512, 4-64 pairs)
+    "mqar": lambda: _token_preset("mqar", seq_len=128, vocab_size=512, num_kv_pairs=8, lr=3e-3, max_steps=2000),
+    "induction": lambda: _token_preset("induction", seq_len=64, vocab_size=32, lr=3e-3, max_steps=1500),
+    # Mamba's selective copying: 16 tokens of a 16-token vocabulary (the paper: sequences of 4,096)
+    "selective-copy": lambda: _token_preset("selective-copy", seq_len=256, vocab_size=16, copy_len=16, lr=3e-3,
+                                            max_steps=2000),
+}
 
 
 def preset(name: str) -> TrainConfig:

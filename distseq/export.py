@@ -17,7 +17,7 @@ from torch import nn
 from .config import TrainConfig, apply_mapping
 
 EXPORT_VERSION = 1
-TASK_FIELDS = ("task", "seq_len", "min_seq_len", "vocab_size", "copy_len")
+TASK_FIELDS = ("task", "seq_len", "min_seq_len", "vocab_size", "copy_len", "num_kv_pairs")
 
 
 def config_of(sections: dict) -> TrainConfig:

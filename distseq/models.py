@@ -1,7 +1,7 @@
 """Sequence models. All share one interface: ``model(x, lengths=None) -> logits``.
 
-x is (B, T, F); logits are (B,) for one output, (B, C) for C classes, or (B, T, C) for a per-step
-head. ``lengths`` (B,) is given for variable-length batches: recurrent models then run on a packed
+x is (B, T, F) features, or (B, T) token ids for a token task (an embedding layer then comes first);
+logits are (B,) for one output, (B, C) for C classes, or (B, T, C) for a per-step head. ``lengths`` (B,) is given for variable-length batches: recurrent models then run on a packed
 sequence and the transformer masks padded keys and pools only valid steps, so padding never changes
 a sample's result.
 """
@@ -27,20 +27,31 @@ def _head_output(logits: torch.Tensor) -> torch.Tensor:
     return logits.squeeze(-1) if logits.shape[-1] == 1 else logits  # (B,) for one output
 
 
+def input_layer(task: Task, spec: TaskSpec, width: int) -> nn.Module:
+    """x -> (B, T, width): a token embedding for a token task, a linear map of the features otherwise."""
+    return nn.Embedding(task.vocab(spec), width) if task.tokens else nn.Linear(task.num_features(spec), width)
+
+
 class RecurrentClassifier(nn.Module):
     """Stacked (bi)RNN/GRU/LSTM; the final hidden state of each direction feeds a linear head."""
 
     def __init__(self, kind: str, num_features: int, hidden_size: int, num_layers: int, num_outputs: int,
-                 per_step: bool = False, bidirectional: bool = False, dropout: float = 0.0):
+                 per_step: bool = False, bidirectional: bool = False, dropout: float = 0.0,
+                 vocab_size: Optional[int] = None):
         super().__init__()
-        self.rnn = RECURRENT[kind](num_features, hidden_size, num_layers=num_layers, batch_first=True,
-                                   bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0)
+        # token ids are embedded at the hidden width first; features go straight into the recurrence
+        self.embed = nn.Embedding(vocab_size, hidden_size) if vocab_size else None
+        self.rnn = RECURRENT[kind](hidden_size if vocab_size else num_features, hidden_size, num_layers=num_layers,
+                                   batch_first=True, bidirectional=bidirectional,
+                                   dropout=dropout if num_layers > 1 else 0.0)
         self.directions = 2 if bidirectional else 1
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.directions * hidden_size, num_outputs)
         self.per_step = per_step
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)  # (B, T) ids -> (B, T, H)
         if lengths is None:
             out, state = self.rnn(x)  # out (B, T, D*H)
         else:
@@ -66,10 +77,10 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 class TransformerClassifier(nn.Module):
     """Pre-norm transformer encoder (PyTorch's fused attention) with a mean-pooled or per-step head."""
 
-    def __init__(self, num_features: int, d_model: int, num_layers: int, num_heads: int, num_outputs: int,
+    def __init__(self, embed: nn.Module, d_model: int, num_layers: int, num_heads: int, num_outputs: int,
                  max_len: int, positions: str = "sinusoidal", per_step: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.embed = nn.Linear(num_features, d_model)
+        self.embed = embed  # (B, T[, F]) -> (B, T, D)
         if positions == "learned":
             self.positions = nn.Parameter(torch.randn(max_len, d_model) * 0.02)  # (T, D)
         else:
@@ -80,6 +91,14 @@ class TransformerClassifier(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs)
         self.per_step = per_step
+        self.num_layers, self.d_model = num_layers, d_model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight used in a matmul, plus attention's scores and mixing
+        (12 x layers x width x sequence length, the PaLM count)."""
+        from .flops import matmul_params
+
+        return 6.0 * matmul_params(self) + 12.0 * self.num_layers * self.d_model * seq_len
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         steps = x.shape[1]
@@ -120,9 +139,19 @@ def build_model(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
 def _recurrent(kind: str):
     def build(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
         return RecurrentClassifier(kind, task.num_features(spec), cfg.hidden_size, cfg.num_layers,
-                                   task.num_outputs(spec), task.head == "per-step", cfg.bidirectional, cfg.dropout)
+                                   task.num_outputs(spec), task.head == "per-step", cfg.bidirectional, cfg.dropout,
+                                   task.vocab(spec) if task.tokens else None)
 
+    build.validate = _recurrent_validate
     return build
+
+
+def _recurrent_validate(cfg) -> None:
+    if cfg.model.tie_embeddings:
+        raise ConfigError("--tie-embeddings", f"applies to --model decoder (got --model {cfg.model.kind})")
+    if cfg.model.positions == "rope":
+        raise ConfigError("--positions", f"rope applies to --model decoder; {cfg.model.kind} has no position "
+                                         f"encoding")
 
 
 for _kind in RECURRENT:
@@ -131,7 +160,7 @@ for _kind in RECURRENT:
 
 @register_model("transformer")
 def transformer(cfg: ModelConfig, task: Task, spec: TaskSpec) -> nn.Module:
-    return TransformerClassifier(task.num_features(spec), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+    return TransformerClassifier(input_layer(task, spec, cfg.hidden_size), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                                  task.num_outputs(spec), spec.seq_len, cfg.positions, task.head == "per-step",
                                  cfg.dropout)
 
@@ -142,6 +171,11 @@ def _transformer_validate(cfg) -> None:
         raise ConfigError("--num-heads", f"{m.num_heads} does not divide --hidden-size {m.hidden_size}")
     if m.bidirectional:
         raise ConfigError("--bidirectional", "applies to rnn, gru and lstm; the transformer sees both directions")
+    if m.positions == "rope":
+        raise ConfigError("--positions", "rope applies to --model decoder (choose sinusoidal or learned for the "
+                                         "transformer)")
+    if m.tie_embeddings:
+        raise ConfigError("--tie-embeddings", "applies to --model decoder (got --model transformer)")
 
 
 transformer.validate = _transformer_validate

@@ -36,7 +36,7 @@ def _step(model, x, lengths, precision: str, device: torch.device) -> None:
 
 def _inputs(cfg: TrainConfig, batch: int, device: torch.device):
     task, spec = TASKS[cfg.data.task], cfg.task_spec()
-    x = torch.randn(batch, spec.seq_len, task.num_features(spec), device=device)  # (B, T, F)
+    x = task.example_input(batch, spec, device)  # (B, T, F) features or (B, T) token ids
     lengths = torch.full((batch,), spec.seq_len, dtype=torch.int64) if spec.variable else None
     return x, lengths
 

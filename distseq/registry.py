@@ -117,7 +117,7 @@ def import_plugins(specs: Iterable[str] = ()) -> None:
 
 
 _builtins_loaded = [False]
-BUILTIN_MODULES = ("distseq.tasks", "distseq.models")  # imported by name: they import this module
+BUILTIN_MODULES = ("distseq.tasks", "distseq.token_tasks", "distseq.models", "distseq.decoder")  # imported by name: they import this module
 
 
 def _load_builtins() -> None:

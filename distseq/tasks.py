@@ -1,7 +1,8 @@
 """Synthetic tasks: each is a pure, vectorised function of a seeded generator.
 
 ``make(gen, n, spec)`` draws ``n`` samples at once and returns ``{"x": (n, T, F) float32, "y": ...}``
-plus ``"lengths": (n,) int64`` when lengths vary. The stream (data.py) seeds the generator from
+plus ``"lengths": (n,) int64`` when lengths vary; a token task (``vocab`` set) returns ``x`` as
+``(n, T) int64`` token ids in ``[0, vocab(spec))`` instead. The stream (data.py) seeds the generator from
 (seed, split, block), so a task never sees sample indices and never loops over samples: sample i is a
 pure function of (seed, block, position in the block). Positions at or beyond a sample's length are
 zero in ``x`` and never influence its label. The ``head`` picks the loss, the metric and the shape
@@ -32,8 +33,9 @@ class TaskSpec:
 
     seq_len: int  # T, the padded length of every sample
     min_seq_len: int  # lengths are uniform in [min_seq_len, seq_len]; equal = fixed length
-    vocab_size: int = 8  # symbols of the copy task
-    copy_len: int = 5  # symbols the copy task asks the model to recall
+    vocab_size: int = 8  # symbols of the copy task; tokens of the token tasks
+    copy_len: int = 5  # symbols the copy tasks ask the model to recall
+    num_kv_pairs: int = 8  # key-value pairs of one mqar sample
 
     @property
     def variable(self) -> bool:
@@ -50,12 +52,34 @@ class Task:
     num_features: Callable[[TaskSpec], int]  # F
     num_outputs: Callable[[TaskSpec], int]  # logits per sample (per step for "per-step"); classes for "classes"
     validate: Optional[Callable[[Any], None]] = None  # checks a TrainConfig; raises ConfigError
+    vocab: Optional[Callable[[TaskSpec], int]] = None  # token tasks: x holds ids in [0, vocab(spec)); None: features
+
+    @property
+    def tokens(self) -> bool:
+        """Whether x holds token ids (n, T) int64 rather than features (n, T, F) float32."""
+        return self.vocab is not None
+
+    def input_bytes(self, spec: TaskSpec) -> int:
+        """Bytes of one time step of x."""
+        return 8 if self.tokens else 4 * self.num_features(spec)
+
+    def example_input(self, n: int, spec: TaskSpec, device=None) -> torch.Tensor:
+        """Random inputs of the right kind and shape: (n, T) ids or (n, T, F) features."""
+        if self.tokens:
+            return torch.randint(0, self.vocab(spec), (n, spec.seq_len), device=device)
+        return torch.randn(n, spec.seq_len, self.num_features(spec), device=device)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return HEADS[self.head][0](logits, y)
 
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return HEADS[self.head][1](logits, y)
+
+    def solved(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) 1.0 where every labelled step of a sample is right (per-step heads); else ``correct``."""
+        if self.head == "per-step":
+            return per_step_solved(logits, y)
+        return self.correct(logits, y)
 
 
 def _lengths(gen: torch.Generator, n: int, spec: TaskSpec) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -145,9 +169,10 @@ def register_task(name: str):
     The object declares ``head`` ("binary", "classes", "regression" or "per-step"),
     ``num_features(spec)``, ``num_outputs(spec)`` and ``make(generator, n, spec)``: a vectorised
     function of a seeded ``torch.Generator`` returning ``{"x": (n, T, F) float32, "y": ...}`` (plus
-    ``"lengths"`` (n,) int64 when they vary). Optional: ``label(x, lengths, spec)`` (y recomputed from
-    the inputs, which ``distseq check-task`` verifies), ``validate(cfg)`` (raise ConfigError) and
-    ``label_rule`` (else the docstring)."""
+    ``"lengths"`` (n,) int64 when they vary). A token task declares ``vocab(spec)`` instead of
+    ``num_features`` and returns ``x`` as (n, T) int64 ids in [0, vocab). Optional: ``label(x,
+    lengths, spec)`` (y recomputed from the inputs, which ``distseq check-task`` verifies),
+    ``validate(cfg)`` (raise ConfigError) and ``label_rule`` (else the docstring)."""
 
     def register(obj):
         TASKS.add(name, as_task(name, obj() if isinstance(obj, type) else obj))
@@ -161,12 +186,15 @@ def as_task(name: str, obj) -> Task:
     if isinstance(obj, Task):
         task = replace(obj, name=name)
     else:
-        missing = [a for a in ("head", "num_features", "num_outputs", "make") if not hasattr(obj, a)]
+        vocab = getattr(obj, "vocab", None)
+        needed = ("head", "num_outputs", "make") + (() if vocab is not None else ("num_features",))
+        missing = [a for a in needed if not hasattr(obj, a)]
         if missing:
             raise TypeError(f"task {name!r} lacks {', '.join(missing)} (see distseq.tasks.Task)")
         task = Task(name=name, head=obj.head, label_rule=getattr(obj, "label_rule", "") or (obj.__doc__ or "").strip(),
-                    make=obj.make, label=getattr(obj, "label", None), num_features=obj.num_features,
-                    num_outputs=obj.num_outputs, validate=getattr(obj, "validate", None))
+                    make=obj.make, label=getattr(obj, "label", None),
+                    num_features=getattr(obj, "num_features", None) or (lambda spec: 1),
+                    num_outputs=obj.num_outputs, validate=getattr(obj, "validate", None), vocab=vocab)
     if task.head not in HEADS:
         raise TypeError(f"task {name!r} has head {task.head!r}; choose from {', '.join(HEADS)}")
     return task
@@ -225,6 +253,12 @@ def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     labelled = (y != IGNORE).to(torch.float32)
     right = (logits.argmax(-1) == y).to(torch.float32) * labelled
     return right.sum(1) / labelled.sum(1).clamp(min=1)
+
+
+def per_step_solved(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """1.0 where every labelled step of a sample is predicted right: (B,)."""
+    wrong = (logits.argmax(-1) != y) & (y != IGNORE)  # (B, T)
+    return (~wrong.any(1)).to(torch.float32)
 
 
 HEADS = {

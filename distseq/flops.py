@@ -1,0 +1,48 @@
+"""Model FLOPs: what a researcher compares across sizes and machines.
+
+Training FLOPs per token are 6 per weight used in a matrix multiply (2 forward, 4 backward;
+Kaplan et al. 2020), plus attention's score and mixing products for attention models: 12 x layers x
+width x sequence length (the count PaLM uses; a causal model does about half of it usefully).
+Embedding lookups are not multiplies; an output layer tied to the embedding is. A model may say
+better for itself with a ``flops_per_token(seq_len)`` method. MFU divides achieved model FLOP/s by
+the device's peak dense bf16 FLOP/s, known for common GPUs only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+# peak dense bf16 tensor FLOP/s per GPU, by a name fragment of torch.cuda.get_device_name (vendor data
+# sheets, without sparsity); the first fragment found in the name wins, so specific ones come first
+PEAK_BF16_FLOPS = (
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
+    ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+)
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights used in matrix multiplies: every parameter except embedding tables that no linear
+    layer shares (a tied output layer multiplies by its embedding table)."""
+    linear = {id(p) for module in model.modules() if not isinstance(module, nn.Embedding)
+              for p in module.parameters(recurse=False)}
+    return sum(p.numel() for p in model.parameters() if id(p) in linear)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (time step) of ``model`` on sequences of ``seq_len``."""
+    own = getattr(model, "flops_per_token", None)
+    if callable(own):
+        return float(own(seq_len))
+    return 6.0 * matmul_params(model)
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """The device's peak dense bf16 FLOP/s, or None when it is not a GPU in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
