@@ -20,32 +20,35 @@ EVAL_BATCH = 1024  # held-out samples per forward pass
 
 
 def forward(model, batch: Batch, device: torch.device, variable_length: bool) -> torch.Tensor:
-    x = batch["x"].to(device, non_blocking=True)  # (b, T, F)
+    x = batch["x"].to(device, non_blocking=True)  # (b, T, F) features or (b, T) token ids
     return model(x, batch["lengths"] if variable_length else None)  # lengths stay on the CPU for packing
 
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], expected: Optional[int],
              variable_length: bool) -> Dict[str, float]:
-    """Loss and accuracy over every real sample of ``batches`` (exactly ``expected`` when given)."""
+    """Loss and accuracy over every real sample of ``batches`` (exactly ``expected`` when given); for a
+    per-step head also the fraction of samples with every answer right (``eval/sequence_accuracy``)."""
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    losses, correct = [], []
+    results = []
     for batch in batches:
         with accelerator.autocast():
             logits = forward(model, batch, accelerator.device, variable_length)
         y = batch["y"].to(accelerator.device)
-        per_sample = torch.stack([task.loss(logits, y), task.correct(logits, y)], 1)  # (n, 2)
+        per_sample = torch.stack([task.loss(logits, y), task.correct(logits, y), task.solved(logits, y)], 1)  # (n, 3)
         keep = accelerator.gather_for_metrics(batch["index"].to(accelerator.device)) >= 0  # padding rows are -1
-        gathered = accelerator.gather_for_metrics(per_sample)[keep]  # (valid, 2)
-        losses.append(gathered[:, 0])
-        correct.append(gathered[:, 1])
+        results.append(accelerator.gather_for_metrics(per_sample)[keep])  # (valid, 3)
     model.train(was_training)
-    loss, correct = torch.cat(losses), torch.cat(correct)
+    loss, correct, solved = torch.cat(results).double().unbind(1)
     if expected is not None and loss.numel() != expected:
         raise DataAccountingError(f"evaluation saw {loss.numel()} samples, expected {expected}")
-    return {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item(), "eval/samples": loss.numel()}
+    out = {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item()}
+    if task.head == "per-step":
+        out["eval/sequence_accuracy"] = solved.mean().item()
+    out["eval/samples"] = loss.numel()
+    return out
 
 
 class Evaluator:
@@ -135,6 +138,7 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     result = {
         "loss": metrics["eval/loss"],
         "accuracy": metrics["eval/accuracy"],
+        **({"sequence_accuracy": metrics["eval/sequence_accuracy"]} if "eval/sequence_accuracy" in metrics else {}),
         "samples": metrics["eval/samples"],
         "seconds": time.perf_counter() - started,
         "checkpoint": str(path),

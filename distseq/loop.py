@@ -34,7 +34,8 @@ from .evaluation import EVAL_BATCH, Evaluator, forward
 from .failpoints import pause_point
 from .files import FileFeed, FileStream, resolve_files
 from .io import write_json
-from .metrics import StepLogger, TrainingClock, start_tracking, summary
+from .flops import flops_per_token
+from .metrics import StepLogger, TrainingClock, start_tracking, summary, throughput
 from .models import build_model
 from .optim import apply_options, build_optimizer
 from .precision import Precision, resolve_precision
@@ -58,6 +59,7 @@ class Progress:
     eval_history: List[dict] = field(default_factory=list)
     config_history: List[dict] = field(default_factory=list)
     data_exhausted: bool = False
+    tokens: int = 0  # time steps (padding excluded) trained on since first_step, over all ranks
 
     @classmethod
     def restore(cls, saved: dict) -> "Progress":
@@ -70,6 +72,8 @@ class Outcome:
 
     loss: torch.Tensor  # summed over the step's samples on this rank, on the device
     correct: torch.Tensor
+    solved: torch.Tensor
+    tokens: int  # time steps of the step's samples on this rank, padding excluded
     grad_norm: torch.Tensor
     skipped: bool  # non-finite loss or gradient on some rank: no update anywhere
     stop: int  # a stop signal's number on some rank, else 0
@@ -103,6 +107,7 @@ class Run:
     clock: Optional[TrainingClock] = None
     nothing_left: Optional[dict] = None  # a finished run started again: its summary
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
+    flops_per_token: float = 0.0  # training FLOPs per token of this model (flops.py)
 
     @property
     def path(self) -> Path:
@@ -181,7 +186,8 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
                                     cfg.checkpoint.keep_last, t.max_steps)
     run = Run(cfg, accelerator, precision, signals, run_dir, task, spec,
               Layout(cfg.micro_batch_size(world), world, t.grad_accum_steps), model, optimizer, scheduler,
-              checkpoints, Progress(first_step=t.start_step), t.start_step, None, config, model_name=model_name)
+              checkpoints, Progress(first_step=t.start_step), t.start_step, None, config, model_name=model_name,
+              flops_per_token=flops_per_token(accelerator.unwrap_model(model), spec.seq_len))
     data_state = resume(run)
     if run.nothing_left is not None:
         return run
@@ -202,7 +208,8 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     rank = accelerator.process_index
     run.clock = TrainingClock(run.progress.train_seconds, run.progress.wall_seconds)  # evaluation, saves pause it
     run.logger = StepLogger(accelerator, cfg.log.log_every, t.max_steps, layout.global_batch, run.start, run.clock,
-                            show_progress(cfg.log.progress))
+                            show_progress(cfg.log.progress), run.flops_per_token, task.head == "per-step",
+                            run.progress.tokens)
     cleanup.callback(run.logger.close)
     held_out = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
                             EVAL_BATCH)
@@ -316,10 +323,11 @@ def run_loop(run: Run) -> int:
 def train_step(run: Run, micro: list, done: int) -> Outcome:
     """Forward and backward over the step's micro-batches, then one agreed optimizer step."""
     accelerator, model, task, device = run.accelerator, run.model, run.task, run.accelerator.device
-    loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    outcome = None
+    loss, correct, solved = (torch.zeros((), device=device) for _ in range(3))
+    tokens, outcome = 0, None
     for batch in micro:
         y = batch["y"].to(device, non_blocking=True)
+        tokens += int(batch["lengths"].sum()) if "lengths" in batch else y.shape[0] * run.spec.seq_len
         with accelerator.accumulate(model):
             with run.profiler.span("forward_backward"):
                 logits = forward(model, batch, device, run.spec.variable)
@@ -327,9 +335,11 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
                 accelerator.backward(losses.mean())
                 loss += losses.detach().sum()
                 correct += task.correct(logits.detach(), y).sum()
+                if task.head == "per-step":
+                    solved += task.solved(logits.detach(), y).sum()
             with run.profiler.span("optimizer"):
                 if accelerator.sync_gradients:
-                    outcome = optimizer_step(run, loss, correct, done)
+                    outcome = optimizer_step(run, loss, correct, solved, tokens, done)
                 run.optimizer.zero_grad(set_to_none=True)
     with run.profiler.span("optimizer"), (warnings.catch_warnings() if outcome.skipped else contextlib.nullcontext()):
         if outcome.skipped:  # a skipped step still advances the schedule (a function of the step): expected
@@ -338,7 +348,8 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
     return outcome
 
 
-def optimizer_step(run: Run, loss: torch.Tensor, correct: torch.Tensor, done: int) -> Outcome:
+def optimizer_step(run: Run, loss: torch.Tensor, correct: torch.Tensor, solved: torch.Tensor, tokens: int,
+                   done: int) -> Outcome:
     """Clip, agree with every rank on non-finite values and stop signals, then step unless non-finite."""
     accelerator, t = run.accelerator, run.cfg.train
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip or math.inf)
@@ -354,13 +365,14 @@ def optimizer_step(run: Run, loss: torch.Tensor, correct: torch.Tensor, done: in
                              f"(--on-nonfinite skip skips such steps)")
     if not skipped:
         run.optimizer.step()
-    return Outcome(loss, correct, grad_norm, bool(skipped), int(stop))
+    return Outcome(loss, correct, solved, tokens, grad_norm, bool(skipped), int(stop))
 
 
 def record(run: Run, micro: list, done: int, outcome: Outcome) -> None:
     """After a step: the log window, skipped-step accounting, the data digest, the log line when due."""
     t, progress, global_batch = run.cfg.train, run.progress, run.layout.global_batch
-    run.logger.record(outcome.loss, outcome.correct, outcome.grad_norm, outcome.skipped)
+    run.logger.record(outcome.loss, outcome.correct, outcome.solved, outcome.tokens, outcome.grad_norm,
+                      outcome.skipped)
     if outcome.skipped:
         progress.skipped_steps += 1
     if run.accounting:
@@ -381,6 +393,7 @@ def save(run: Run, done: int, exhausted: bool = False) -> Path:
     progress = run.progress
     progress.train_seconds, progress.wall_seconds = run.clock.train_seconds(), run.clock.wall_seconds()
     progress.data_exhausted = exhausted
+    progress.tokens = run.logger.flush_tokens()  # every rank saves here: the all-reduce is in lockstep
     with run.clock.pause():
         return run.checkpoints.save(done, run.model, run.optimizer, samples=done * run.layout.global_batch,
                                     config=run.config, progress=vars(progress), data_state=run.feed.state_dict())
@@ -414,7 +427,7 @@ def finish(run: Run, done: int) -> dict:
     board = (f"\n  tensorboard tensorboard --logdir {run.path / 'tensorboard'}"
              if "tensorboard" in run.cfg.trackers() else "")
     run.say(f"distseq: done: step={out['step']} eval/accuracy={run.evaluator.latest['eval/accuracy']:.4f} "
-            f"samples/s={out['samples_per_sec']:.0f}\n"
+            f"samples/s={out['samples_per_sec']:.0f} tokens/s={out['tokens_per_sec']:.0f}\n"
             f"  summary     {run.path / 'summary.json'}\n"
             f"  checkpoint  {run.checkpoints.newest}{board}")
     return out
@@ -422,7 +435,9 @@ def finish(run: Run, done: int) -> dict:
 
 def write_summary(run: Run, done: int, status: str) -> dict:
     progress, layout, seconds = run.progress, run.layout, run.clock.train_seconds()
-    extra = {"checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch,
+    progress.tokens = run.logger.tokens_total  # the last step was logged or saved: nothing is pending
+    extra = {**throughput((done - progress.first_step) * layout.global_batch, progress.tokens, seconds,
+                          run.flops_per_token, run.accelerator.device, run.accelerator.num_processes),"checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch,
              "global_batch": layout.global_batch, "start_step": progress.first_step,
              "skipped_steps": progress.skipped_steps, "status": status,
              "resumed_from": str(run.resumed_from) if run.resumed_from else None,
@@ -433,8 +448,7 @@ def write_summary(run: Run, done: int, status: str) -> dict:
     if run.accounting:
         extra["data_accounting"] = run.accounting.report()
     out = summary(
-        step=done, samples=done * layout.global_batch,
-        trained_samples=(done - progress.first_step) * layout.global_batch, wall_seconds=run.clock.wall_seconds(),
+        step=done, samples=done * layout.global_batch, wall_seconds=run.clock.wall_seconds(),
         eval_metrics=run.evaluator.latest, precision=run.precision.name, accelerator=run.accelerator,
         model=run.model_name, task=run.cfg.data.task, extra=extra,
     )

@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .flops import peak_flops
 from .runtime import TENSORBOARD_PROJECT
 
 
@@ -21,52 +22,77 @@ class Window:
 
     loss: torch.Tensor
     correct: torch.Tensor
+    solved: torch.Tensor  # samples with every answer right (per-step heads)
     grad_norm: Optional[torch.Tensor] = None
     applied: int = 0
     skipped: int = 0
 
     @classmethod
     def empty(cls, device: torch.device) -> "Window":
-        return cls(torch.zeros((), device=device), torch.zeros((), device=device))
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
 
 class StepLogger:
     """The log step: when it comes (every --log-every steps and the last), what it reports (averages
     over applied steps only, skipped steps, lr, grad norm, throughput in training time) and where (one
-    plain line on the main process, or above the progress bar; the trackers through accelerate)."""
+    plain line on the main process, or above the progress bar; the trackers through accelerate).
+
+    It also counts the tokens (time steps of the samples, padding excluded) every rank trained on;
+    ``flush_tokens`` sums them over ranks, at log steps and before a checkpoint saves the total."""
 
     def __init__(self, accelerator: Accelerator, every: int, max_steps: int, global_batch: int, start: int,
-                 clock: "TrainingClock", show_bar: bool):
+                 clock: "TrainingClock", show_bar: bool, flops_per_token: float, per_step: bool,
+                 tokens_before: int = 0):
         self.accelerator, self.every, self.max_steps, self.global_batch = accelerator, every, max_steps, global_batch
+        self.per_step = per_step  # per-step heads also report the fraction of samples with every answer right
         self.window = Window.empty(accelerator.device)
-        self.meter = Throughput(start, start * global_batch, clock)
+        self.tokens_total, self.tokens_pending = tokens_before, 0  # all ranks' tokens; this rank's since the last sum
+        self.meter = Throughput(start, start * global_batch, tokens_before, clock, flops_per_token,
+                                peak_flops(accelerator.device), accelerator.num_processes)
         self.bar = tqdm(total=max_steps, initial=start, desc="train", disable=not (accelerator.is_main_process
                                                                                      and show_bar))
 
-    def record(self, loss: torch.Tensor, correct: torch.Tensor, grad_norm: torch.Tensor, skipped: bool) -> None:
+    def record(self, loss: torch.Tensor, correct: torch.Tensor, solved: torch.Tensor, tokens: int,
+               grad_norm: torch.Tensor, skipped: bool) -> None:
         self.bar.update(1)
+        self.tokens_pending += tokens  # a skipped step's forward and backward ran all the same
         if skipped:
             self.window.skipped += 1
         else:
             self.window.loss += loss
             self.window.correct += correct
+            self.window.solved += solved
             self.window.grad_norm, self.window.applied = grad_norm, self.window.applied + 1
 
     def due(self, done: int) -> bool:
         return done % self.every == 0 or done == self.max_steps
 
+    def flush_tokens(self) -> int:
+        """Add every rank's tokens since the last call to the total (one all-reduce); the total."""
+        pending = torch.tensor(float(self.tokens_pending), dtype=torch.float64, device=self.accelerator.device)
+        self.tokens_total += int(self.accelerator.reduce(pending, "sum").item())
+        self.tokens_pending = 0
+        return self.tokens_total
+
     def log(self, done: int, lr: float, skipped_total: int) -> None:
         window, scalars = self.window, {}
-        if window.applied:  # all ranks agree on `applied`: the same collectives run everywhere
-            totals = self.accelerator.reduce(torch.stack([window.loss, window.correct]), "sum").tolist()
+        # one all-reduce: the window's sums (applied steps) and the tokens (every step); float64 counts exactly
+        sums = torch.stack([window.loss, window.correct, window.solved]).double()
+        pending = torch.tensor([float(self.tokens_pending)], dtype=torch.float64, device=sums.device)
+        totals = self.accelerator.reduce(torch.cat([sums, pending]), "sum").tolist()
+        self.tokens_total += int(totals[3])
+        self.tokens_pending = 0
+        if window.applied:
             samples = window.applied * self.global_batch
             scalars.update({"train/loss": totals[0] / samples, "train/accuracy": totals[1] / samples})
+            if self.per_step:
+                scalars["train/sequence_accuracy"] = totals[2] / samples
         scalars["train/lr"] = lr
         if window.grad_norm is not None:
             scalars["train/grad_norm"] = float(window.grad_norm)
         scalars["train/skipped_steps"] = skipped_total
         scalars["train/skipped_steps_window"] = window.skipped
-        scalars.update(self.meter.window(done, done * self.global_batch))
+        scalars.update(self.meter.window(done, done * self.global_batch, self.tokens_total))
         self.window = Window.empty(self.accelerator.device)
         self.accelerator.log(scalars, step=done)
         self.emit(log_line(done, self.max_steps, scalars))
@@ -86,24 +112,30 @@ class StepLogger:
 
 
 class Throughput:
-    """Samples/s and ms/step over the window since the previous log step, in training time only
-    (the clock leaves out evaluation and checkpoint writes)."""
+    """Samples/s, tokens/s, model FLOP/s (and MFU where the device's peak is known) and ms/step over the
+    window since the previous log step, in training time only (the clock leaves out evaluation and
+    checkpoint writes)."""
 
-    def __init__(self, step: int, samples: int, clock: "TrainingClock"):
-        self.clock = clock
-        self.reset(step, samples)
+    def __init__(self, step: int, samples: int, tokens: int, clock: "TrainingClock", flops_per_token: float,
+                 peak: Optional[float] = None, devices: int = 1):
+        self.clock, self.flops_per_token, self.peak, self.devices = clock, flops_per_token, peak, devices
+        self.reset(step, samples, tokens)
 
-    def reset(self, step: int, samples: int) -> None:
-        self.step, self.samples, self.time = step, samples, self.clock.train_seconds()
+    def reset(self, step: int, samples: int, tokens: int) -> None:
+        self.step, self.samples, self.tokens, self.time = step, samples, tokens, self.clock.train_seconds()
 
-    def window(self, step: int, samples: int) -> Dict[str, float]:
+    def window(self, step: int, samples: int, tokens: int) -> Dict[str, float]:
         seconds = max(self.clock.train_seconds() - self.time, 1e-9)
         steps = max(step - self.step, 1)
         out = {
             "perf/samples_per_sec": (samples - self.samples) / seconds,
+            "perf/tokens_per_sec": (tokens - self.tokens) / seconds,
+            "perf/model_flops_per_sec": (tokens - self.tokens) * self.flops_per_token / seconds,
             "perf/step_time_ms": 1000.0 * seconds / steps,
         }
-        self.reset(step, samples)
+        if self.peak:
+            out["perf/mfu"] = out["perf/model_flops_per_sec"] / (self.peak * self.devices)
+        self.reset(step, samples, tokens)
         return out
 
 
@@ -187,11 +219,28 @@ def log_line(step: int, max_steps: int, scalars: Dict[str, float]) -> str:
     return " ".join(fields)
 
 
+def throughput(trained_samples: int, trained_tokens: int, train_seconds: float, flops_per_token: float,
+               device: torch.device, devices: int) -> dict:
+    """The run's throughput over its training time (evaluation and checkpoint writes left out), as the
+    perf/ scalars count it: samples/s, tokens/s, model FLOP/s, and MFU where the GPU's peak is known."""
+    seconds = max(train_seconds, 1e-9)
+    flops = trained_tokens * flops_per_token / seconds
+    peak = peak_flops(device)
+    return {
+        "samples_per_sec": trained_samples / seconds,
+        "tokens": trained_tokens,
+        "tokens_per_sec": trained_tokens / seconds,
+        "flops_per_token": flops_per_token,
+        "model_flops_per_sec": flops,
+        "mfu": flops / (peak * devices) if peak else "unknown",
+        "peak_flops_per_device": peak,
+    }
+
+
 def summary(
     *,
     step: int,
     samples: int,
-    trained_samples: int,
     wall_seconds: float,
     eval_metrics: Dict[str, float],
     precision: str,
@@ -204,7 +253,6 @@ def summary(
         "step": step,
         "samples": samples,
         "wall_seconds": wall_seconds,
-        "samples_per_sec": trained_samples / max(wall_seconds, 1e-9),
         **eval_metrics,
         "precision": precision,
         "world_size": accelerator.num_processes,

@@ -97,7 +97,7 @@ def test_help_explains_every_option(capsys):
                      "--seq-len", "--global-batch-size", "--grad-accum-steps", "--lr", "--seed", "--precision",
                      "--num-workers", "--log-every", "--eval-every", "--dataset-size"]:
         assert required in text
-    assert "{gru,lstm,rnn,transformer}" in text and "{auto,no,bf16,fp16}" in text  # the registered kinds
+    assert "{decoder,gru,lstm,rnn,transformer}" in text and "{auto,no,bf16,fp16}" in text  # the registered kinds
 
 
 def test_top_level_help_lists_commands():

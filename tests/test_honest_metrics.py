@@ -108,11 +108,14 @@ def test_a_log_file_gets_plain_lines_not_progress_frames(tmp_path, cli):
 
 def test_throughput_leaves_out_paused_time():
     clock = TrainingClock()
-    meter = Throughput(0, 0, clock)
+    meter = Throughput(0, 0, 0, clock, flops_per_token=10.0)
     with clock.pause():
         time.sleep(0.3)  # an evaluation or a checkpoint write
-    window = meter.window(1, 100)
+    window = meter.window(1, 100, 1000)
     assert window["perf/step_time_ms"] < 100 and window["perf/samples_per_sec"] > 1000
+    assert window["perf/tokens_per_sec"] > 10000
+    assert window["perf/model_flops_per_sec"] == pytest.approx(10.0 * window["perf/tokens_per_sec"])
+    assert "perf/mfu" not in window  # no known peak: no MFU
 
 
 def test_the_summary_after_a_resume_covers_the_whole_run(tmp_path, cli):
