@@ -44,9 +44,9 @@ STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # Fields that define what a step's samples are and the model's shape: a checkpoint resumes only if
 # they match. Everything else (max_steps, lr, world size, logging, ...) may change across a resume.
 IDENTITY = {
-    "data": ("task", "seq_len", "min_seq_len", "vocab_size", "copy_len", "block_size", "dataset_size",
-             "data_files", "sequence_column", "label_column"),
-    "model": ("kind", "hidden_size", "num_layers", "bidirectional", "num_heads", "positions"),
+    "data": ("task", "seq_len", "min_seq_len", "vocab_size", "copy_len", "num_kv_pairs", "block_size",
+             "dataset_size", "data_files", "sequence_column", "label_column"),
+    "model": ("kind", "hidden_size", "num_layers", "bidirectional", "num_heads", "positions", "tie_embeddings"),
     "train": ("global_batch_size", "seed"),
 }
 RETRIES = 5  # a reader re-selects this often when --keep-last of a running job deletes under it
@@ -140,7 +140,7 @@ def save_checkpoint(
     if data_state is not None:
         files[f"data-rank{rank}.json"] = json.dumps(data_state).encode()
     if accelerator.is_main_process:
-        files["model.safetensors"] = save_safetensors({k: v.detach().cpu().contiguous() for k, v in full_state.items()})
+        files["model.safetensors"] = save_safetensors(weights_for_safetensors(full_state))
         files["trainer_state.pt"] = _torch_bytes({"optimizer": optimizer.state_dict()})
     try:
         for name, data in files.items():
@@ -335,10 +335,14 @@ def newest_verified(run_dir: Path, log: Callable[[str], None], keep: Tuple[str, 
 
 
 def check_compatible(meta: dict, config: dict, path: Path) -> None:
-    """Refuse a checkpoint whose data identity or model shape differs from this run's config."""
+    """Refuse a checkpoint whose data identity or model shape differs from this run's config. An
+    option newer than the checkpoint counts as its default (the behaviour before it existed)."""
+    from .config import SECTIONS
+
     for section, names in IDENTITY.items():
         for name in names:
-            then, now = meta["config"][section].get(name), config[section].get(name)
+            then = meta["config"][section].get(name, getattr(SECTIONS[section](), name))
+            now = config[section].get(name)
             if then != now:
                 option = "--model" if name == "kind" else "--" + name.replace("_", "-")
                 raise CheckpointError(f"{path} was written with {option} {then}; this run has {now} "
@@ -354,6 +358,19 @@ def changed_options(meta: dict, config: dict) -> Dict[str, list]:
             if then != now and name not in ("resume", "overwrite", "run_dir", "start_step"):  # how it started
                 changes[f"{section}.{name}"] = [then, now]
     return changes
+
+
+def weights_for_safetensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """CPU, contiguous tensors for safetensors, which refuses two names on one storage: a tensor that
+    shares its storage with an earlier one (tied embeddings) is written as a copy under its own name,
+    and loading ties them again (both names load into the one parameter)."""
+    out, seen = {}, set()
+    for name, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
 
 
 class CheckpointManager:

@@ -526,13 +526,14 @@ def _default_preset() -> TrainConfig:
     return TrainConfig()
 
 
-def _token_preset(task: str, seq_len: int, vocab_size: int, lr: float, max_steps: int, **data) -> TrainConfig:
-    """A causal decoder (2 layers, width 64, rotary positions) on a token task, sized for a CPU."""
+def _token_preset(task: str, seq_len: int, vocab_size: int, max_steps: int, batch: int, **data) -> TrainConfig:
+    """A causal decoder (2 layers, width 64, 2 heads, rotary positions) on a token task, sized for a CPU:
+    AdamW 3e-3 without weight decay, 100 warmup steps, fp32 (bf16 is slower on most CPUs)."""
     return TrainConfig(
         data=DataConfig(task=task, seq_len=seq_len, vocab_size=vocab_size, eval_size=1024, **data),
         model=ModelConfig(kind="decoder", hidden_size=64, num_layers=2, num_heads=2, positions="rope"),
-        optim=OptimConfig(lr=lr, weight_decay=0.1, warmup_steps=100),
-        train=LoopConfig(run_dir=f"runs/{task}", max_steps=max_steps, global_batch_size=64, eval_every=250,
+        optim=OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=100),
+        train=LoopConfig(run_dir=f"runs/{task}", max_steps=max_steps, global_batch_size=batch, eval_every=100,
                          precision="no"),
         log=LogConfig(log_every=50),
     )
@@ -542,11 +543,12 @@ PRESETS = {
     "default": _default_preset,
     "seed": _seed_preset,
     # Zoology's MQAR at a CPU's scale (the paper: vocab 8,192, seq 64-512, 4-64 pairs)
-    "mqar": lambda: _token_preset("mqar", seq_len=128, vocab_size=512, num_kv_pairs=8, lr=3e-3, max_steps=2000),
-    "induction": lambda: _token_preset("induction", seq_len=64, vocab_size=32, lr=3e-3, max_steps=1500),
+    "mqar": lambda: _token_preset("mqar", seq_len=64, vocab_size=128, num_kv_pairs=8, max_steps=2000, batch=256),
+    # one answer per sequence: a large batch (the two-layer model reaches 1.0 near step 200, measured)
+    "induction": lambda: _token_preset("induction", seq_len=16, vocab_size=16, max_steps=400, batch=1024),
     # Mamba's selective copying: 16 tokens of a 16-token vocabulary (the paper: sequences of 4,096)
-    "selective-copy": lambda: _token_preset("selective-copy", seq_len=256, vocab_size=16, copy_len=16, lr=3e-3,
-                                            max_steps=2000),
+    "selective-copy": lambda: _token_preset("selective-copy", seq_len=256, vocab_size=16, copy_len=16,
+                                            max_steps=2000, batch=64),
 }
 
 

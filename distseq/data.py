@@ -97,6 +97,12 @@ class SampleSource:
         self._epoch_order = _LRU(2, self._make_epoch_order)
         self._within_block = _LRU(cached_blocks, self._make_within_block)
 
+    def sample_bytes(self) -> int:
+        """Bytes of one sample as the stream carries it: x, y, its index (and length)."""
+        T = self.spec.seq_len
+        y = 8 * T if self.task.head == "per-step" else 8
+        return T * self.task.input_bytes(self.spec) + y + 8 + (8 if self.spec.variable else 0)
+
     # --- generation -------------------------------------------------------------------------
     def _make_block(self, k: int) -> Batch:
         generator = self._block_generator.manual_seed(derive_seed(self.seed, self.split_key, k))
@@ -108,8 +114,12 @@ class SampleSource:
         k = self.block_size
         first, last = start // k, (stop - 1) // k
         parts = [self._block(b) for b in range(first, last + 1)]
-        lo, hi = start - first * k, stop - first * k
-        out = {key: (parts[0][key] if len(parts) == 1 else torch.cat([p[key] for p in parts]))[lo:hi] for key in parts[0]}
+        lo, hi = start - first * k, stop - last * k  # within the first block; within the last one
+        if len(parts) == 1:
+            out = {key: value[lo:hi] for key, value in parts[0].items()}
+        else:  # copy only the wanted rows: the first block from lo, the whole middle ones, the last up to hi
+            out = {key: torch.cat([parts[0][key][lo:], *(p[key] for p in parts[1:-1]), parts[-1][key][:hi]])
+                   for key in parts[0]}
         out["index"] = torch.arange(start, stop, dtype=torch.int64)
         return out
 
@@ -225,9 +235,17 @@ def _generate_examples(shards: List[dict], source: SampleSource, layout: Layout)
             yield source.runs(layout.rank_runs(shard.rank, first, min(shard.steps_per_example, end - first)))
 
 
-def steps_per_example(layout: Layout, samples_per_example: int) -> int:
-    """Group whole steps of a rank into one example until it holds at least ``samples_per_example``."""
-    return max(1, math.ceil(samples_per_example / layout.rank_batch))
+EXAMPLE_BYTES = 2**24  # an example holds at most about this much, whatever --samples-per-example says
+
+
+def steps_per_example(layout: Layout, samples_per_example: int, sample_bytes: int = 0) -> int:
+    """Group whole steps of a rank into one example until it holds at least ``samples_per_example``,
+    but not past EXAMPLE_BYTES (at least one step): 16,384 token sequences of 2,048 steps would be
+    512 MB to concatenate per example, where the grouping is meant to amortise a ~0.1 ms cost."""
+    steps = max(1, math.ceil(samples_per_example / layout.rank_batch))
+    if sample_bytes:
+        steps = min(steps, max(1, EXAMPLE_BYTES // (sample_bytes * layout.rank_batch)))
+    return steps
 
 
 def train_loader(
@@ -241,7 +259,8 @@ def train_loader(
     pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over rank ``rank``'s examples for steps ``[first_step, first_step + num_steps)``."""
-    shards = make_shards(layout, first_step, num_steps, steps_per_example(layout, samples_per_example), max(1, num_workers))
+    grouping = steps_per_example(layout, samples_per_example, source.sample_bytes())
+    shards = make_shards(layout, first_step, num_steps, grouping, max(1, num_workers))
     dataset = IterableDataset.from_generator(
         _generate_examples, gen_kwargs={"shards": shards, "source": source, "layout": layout}
     )

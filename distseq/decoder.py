@@ -81,11 +81,11 @@ class Decoder(nn.Module):
         self.head = nn.Linear(width, num_outputs, bias=False)
         self.drop = nn.Dropout(dropout)
         self.per_step, self.num_layers, self.width = per_step, num_layers, width
-        self.positions = None
         if positions == "learned":
-            self.positions = nn.Parameter(torch.zeros(max_len, width))  # (T, D)
-        elif positions == "sinusoidal":
-            self.register_buffer("positions", sinusoidal_positions(max_len, width), persistent=False)
+            self.positions = nn.Parameter(torch.randn(max_len, width) * 0.02)  # (T, D)
+        else:  # a fixed table, or none under rope
+            table = sinusoidal_positions(max_len, width) if positions == "sinusoidal" else None
+            self.register_buffer("positions", table, persistent=False)
         self.register_buffer("rope", rope_tables(max_len, width // heads) if positions == "rope" else None,
                              persistent=False)
         self.apply(_init)

@@ -16,7 +16,16 @@ from accelerate import Accelerator
 from .errors import DataAccountingError
 from .tasks import Batch, Task
 
-EVAL_BATCH = 1024  # held-out samples per forward pass
+EVAL_BATCH = 1024  # held-out samples per forward pass, at most
+EVAL_BATCH_BYTES = 2**28  # and at most this much input and float32 output per forward pass
+
+
+def eval_batch_size(task: Task, spec) -> int:
+    """Held-out samples per forward pass: EVAL_BATCH, fewer where each sample's logits are large (a
+    per-step head over a big vocabulary at seq 2,048 has 64 MiB of logits per sample)."""
+    outputs = task.num_outputs(spec) * (spec.seq_len if task.head == "per-step" else 1)
+    per_sample = 4 * outputs + spec.seq_len * task.input_bytes(spec)
+    return max(1, min(EVAL_BATCH, EVAL_BATCH_BYTES // per_sample))
 
 
 def forward(model, batch: Batch, device: torch.device, variable_length: bool) -> torch.Tensor:
@@ -37,7 +46,7 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
         with accelerator.autocast():
             logits = forward(model, batch, accelerator.device, variable_length)
         y = batch["y"].to(accelerator.device)
-        per_sample = torch.stack([task.loss(logits, y), task.correct(logits, y), task.solved(logits, y)], 1)  # (n, 3)
+        per_sample = torch.stack([task.loss(logits, y), *task.scores(logits, y)], 1)  # (n, 3): loss, correct, solved
         keep = accelerator.gather_for_metrics(batch["index"].to(accelerator.device)) >= 0  # padding rows are -1
         results.append(accelerator.gather_for_metrics(per_sample)[keep])  # (valid, 3)
     model.train(was_training)
@@ -128,12 +137,12 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
                                               f"has one per step")
         check_files(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column)
         stream = FileStream(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column, task, spec,
-                            rank, world, EVAL_BATCH)
-        batches, expected = file_eval_batches(stream, accelerator, EVAL_BATCH), None
+                            rank, world, eval_batch_size(task, spec))
+        batches, expected = file_eval_batches(stream, accelerator, eval_batch_size(task, spec)), None
     else:
         expected = eval_size or cfg.data.eval_size
         source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "eval")
-        batches = eval_batches(source, rank, world, expected, EVAL_BATCH)
+        batches = eval_batches(source, rank, world, expected, eval_batch_size(task, spec))
     metrics = evaluate(accelerator, model, task, batches, expected, spec.variable)
     result = {
         "loss": metrics["eval/loss"],

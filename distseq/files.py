@@ -114,7 +114,10 @@ def check_files(files: List[str], sequence_column: str, label_column: str) -> No
 
 
 def sequence_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskSpec):
-    """One sequence -> (x (T, F) zero-padded, length); DataFileError naming ``where`` otherwise."""
+    """One sequence -> (x (T, F) zero-padded, length); DataFileError naming ``where`` otherwise. A token
+    task's sequence is a list of token ids -> (x (T,) int64, length)."""
+    if task.tokens:
+        return _tokens_to_tensor(sequence, where, column, task, spec)
     try:
         x = torch.tensor(sequence, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError):
@@ -133,6 +136,21 @@ def sequence_to_tensor(sequence, where: str, column: str, task: Task, spec: Task
         raise DataFileError(f"{where}: sequence length {length}, expected {allowed} (--seq-len/--min-seq-len)")
     padded = torch.zeros(spec.seq_len, features)
     padded[:length] = x
+    return padded, length
+
+
+def _tokens_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskSpec):
+    vocab = task.vocab(spec)
+    if not isinstance(sequence, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in sequence):
+        raise DataFileError(f"{where}: {column!r} must be a list of integer token ids")
+    if any(not 0 <= t < vocab for t in sequence):
+        raise DataFileError(f"{where}: {column!r} holds a token id outside [0, {vocab}) (--vocab-size)")
+    length = len(sequence)
+    if not spec.min_seq_len <= length <= spec.seq_len:
+        allowed = f"{spec.seq_len}" if not spec.variable else f"{spec.min_seq_len}..{spec.seq_len}"
+        raise DataFileError(f"{where}: sequence length {length}, expected {allowed} (--seq-len/--min-seq-len)")
+    padded = torch.zeros(spec.seq_len, dtype=torch.int64)
+    padded[:length] = torch.tensor(sequence, dtype=torch.int64)
     return padded, length
 
 

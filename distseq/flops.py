@@ -1,7 +1,7 @@
 """Model FLOPs: what a researcher compares across sizes and machines.
 
 Training FLOPs per token are 6 per weight used in a matrix multiply (2 forward, 4 backward;
-Kaplan et al. 2020), plus attention's score and mixing products for attention models: 12 x layers x
+Kaplan et al. 2020; biases and norms are left out), plus attention's score and mixing products for attention models: 12 x layers x
 width x sequence length (the count PaLM uses; a causal model does about half of it usefully).
 Embedding lookups are not multiplies; an output layer tied to the embedding is. A model may say
 better for itself with a ``flops_per_token(seq_len)`` method. MFU divides achieved model FLOP/s by
@@ -25,11 +25,14 @@ PEAK_BF16_FLOPS = (
 
 
 def matmul_params(model: nn.Module) -> int:
-    """Weights used in matrix multiplies: every parameter except embedding tables that no linear
-    layer shares (a tied output layer multiplies by its embedding table)."""
-    linear = {id(p) for module in model.modules() if not isinstance(module, nn.Embedding)
-              for p in module.parameters(recurse=False)}
-    return sum(p.numel() for p in model.parameters() if id(p) in linear)
+    """Weights used in matrix multiplies: the weight matrices (2-D or more) of leaf layers (Linear,
+    RNN/GRU/LSTM, convolutions), each counted once. Embedding tables are looked up, not multiplied,
+    unless a linear layer shares one (a tied output layer); biases, norms and position tables a model
+    adds to its inputs are not multiplies either."""
+    weights = {id(p): p for module in model.modules()
+               if not isinstance(module, nn.Embedding) and next(module.children(), None) is None
+               for p in module.parameters(recurse=False) if p.dim() >= 2}
+    return sum(p.numel() for p in weights.values())
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:

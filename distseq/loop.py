@@ -30,7 +30,7 @@ from .checkpoint import CheckpointManager, changed_options, check_compatible, lo
 from .config import TrainConfig, option_for
 from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batches, train_loader
 from .errors import CheckpointError, DataFileError, NonFiniteError, RunIOError, Stopped
-from .evaluation import EVAL_BATCH, Evaluator, forward
+from .evaluation import Evaluator, eval_batch_size, forward
 from .failpoints import pause_point
 from .files import FileFeed, FileStream, resolve_files
 from .io import write_json
@@ -212,7 +212,7 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
                             run.progress.tokens)
     cleanup.callback(run.logger.close)
     held_out = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
-                            EVAL_BATCH)
+                            eval_batch_size(task, spec))
     run.evaluator = Evaluator(accelerator, model, task, held_out, d.eval_size, spec.variable, t.eval_every,
                               t.max_steps, run.clock, run.progress.eval_history, run.logger.emit)
     run.profiler = StepProfiler(cfg.profile_range(), run.path, rank, accelerator.device)
@@ -334,9 +334,9 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
                 losses = task.loss(logits, y)  # (b,)
                 accelerator.backward(losses.mean())
                 loss += losses.detach().sum()
-                correct += task.correct(logits.detach(), y).sum()
-                if task.head == "per-step":
-                    solved += task.solved(logits.detach(), y).sum()
+                right, all_right = task.scores(logits.detach(), y)  # (b,) each
+                correct += right.sum()
+                solved += all_right.sum()
             with run.profiler.span("optimizer"):
                 if accelerator.sync_gradients:
                     outcome = optimizer_step(run, loss, correct, solved, tokens, done)

@@ -100,8 +100,10 @@ def probe_table(cfg: TrainConfig, device: torch.device, kinds=None, repeats: int
     for kind in kinds:
         for precision in ("no", "bf16", "fp16"):
             row = {"model": kind, "precision": precision, "works": False, "ms_per_step": None, "error": ""}
-            probe_cfg = TrainConfig(data=cfg.data, model=ModelConfig(kind=kind, hidden_size=cfg.model.hidden_size,
-                                                              num_layers=cfg.model.num_layers))
+            # the configured model exactly as it trains; the other kinds at its width and depth
+            model_cfg = cfg.model if kind == cfg.model.kind else ModelConfig(
+                kind=kind, hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers)
+            probe_cfg = TrainConfig(data=cfg.data, model=model_cfg)
             if precision == "fp16" and device.type == "cpu":
                 row["error"] = "not on CPU (accelerate ignores fp16 there)"
                 rows.append(row)

@@ -18,7 +18,6 @@ from .files import DataFileError, sequence_to_tensor
 from .io import strict_json, write_text_atomically
 from .registry import TASKS
 
-BATCH = 1024
 
 
 def read_inputs(path: str, column: str, cfg: TrainConfig):
@@ -59,10 +58,13 @@ def random_inputs(n: int, cfg: TrainConfig):
 
 @torch.no_grad()
 def predictions(model, x: torch.Tensor, lengths: torch.Tensor, cfg: TrainConfig, labels=None) -> List[dict]:
-    head, variable = TASKS[cfg.data.task].head, cfg.task_spec().variable
+    from .evaluation import eval_batch_size
+
+    task, spec = TASKS[cfg.data.task], cfg.task_spec()
+    head, variable, batch = task.head, spec.variable, eval_batch_size(task, spec)
     rows = []
-    for start in range(0, x.shape[0], BATCH):
-        out = model(x[start:start + BATCH], lengths[start:start + BATCH] if variable else None)
+    for start in range(0, x.shape[0], batch):
+        out = model(x[start:start + batch], lengths[start:start + batch] if variable else None)
         for i, logits in enumerate(out):
             if head == "binary":
                 row = {"probability": torch.sigmoid(logits).item(), "class": int(logits.item() > 0)}

@@ -9,8 +9,12 @@ uniformly random ordered subset). Two exact ways, chosen by cost:
   ``E_i / w_i`` with ``E_i ~ Exp(1)``; the order of the m smallest keys is the successive-sampling
   order (Efraimidis & Spirakis 2006). Costs one random number per choice.
 - many choices: the first m distinct values of i.i.d. draws (an i.i.d. draw that repeats an earlier
-  one is exactly the rejection step of successive sampling). Costs about m draws; a row that has
-  fewer than m distinct values yet draws more, so no row is ever cut short.
+  one is exactly the rejection step of successive sampling; weighted draws use Walker's alias
+  table). Draws a little more than m distinct values need on average (``draws_needed``); a row that
+  has fewer than m distinct values yet draws more, continuing its own sequence, so no row is ever
+  cut short. Repeats are found with a scatter-min into a per-row table (``first_occurrences``): one
+  slot per choice while that is small, else a hash table checked exactly, so the cost never grows
+  with the number of choices. No per-row sort (slow on a CPU for short rows).
 
 Both consume the generator in a fixed order, so the result is a pure function of its state.
 """
@@ -18,11 +22,15 @@ Both consume the generator in a fixed order, so the result is a pure function of
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
 
 RACE_FACTOR = 4  # above this many choices per pick, i.i.d. draws rarely repeat: draw and deduplicate
+# repeats are found with a table of one slot per choice while it is at most this many slots per draw and
+# this many bytes (measured: cheaper than the hash table's exact pass up to there), else with the hash table
+DIRECT_PER_CANDIDATE, DIRECT_BYTES = 100, 16 << 20
 
 
 def choose_distinct(gen: torch.Generator, n: int, m: int, num_choices: int,
@@ -37,45 +45,100 @@ def choose_distinct(gen: torch.Generator, n: int, m: int, num_choices: int,
             keys /= weights
         return keys.topk(m, dim=1, largest=False, sorted=True).indices
     if weights is None:
+        table = None
+
         def draw(rows: int, count: int) -> torch.Tensor:
             return torch.randint(0, num_choices, (rows, count), generator=gen)
     else:
-        prob, alias = alias_table(tuple(weights.tolist()))
+        table = tuple(weights.tolist())
+        prob, alias = alias_table(table)
+        pick = torch.stack([alias, torch.arange(num_choices)], 1).view(-1)  # [2b]: b's alias, [2b + 1]: b
 
         def draw(rows: int, count: int) -> torch.Tensor:
-            bins = torch.randint(0, num_choices, (rows, count), generator=gen)  # (rows, count)
-            accept = torch.rand(rows, count, generator=gen, dtype=torch.float64) < prob[bins]
-            return torch.where(accept, bins, alias[bins])
-    return _first_distinct(draw, n, m, num_choices)
+            bins = torch.randint(0, num_choices, (rows * count,), generator=gen)
+            accept = torch.rand(rows * count, generator=gen, dtype=torch.float64) < prob.index_select(0, bins)
+            return pick.index_select(0, bins.mul_(2).add_(accept.long())).view(rows, count)  # b if accepted
+    first, more = draws_needed(m, num_choices, table)
+    return _first_distinct(draw, draw(n, first), m, more, num_choices)
 
 
-def _first_distinct(draw, n: int, m: int, num_choices: int) -> torch.Tensor:
-    """The first m distinct values of each row of i.i.d. draws; more draws for rows short of m."""
-    extra = max(8, (2 * m * m) // num_choices)  # a few more than the expected repeats
-    out = torch.empty(n, m, dtype=torch.int64)
-    rows = torch.arange(n)
-    candidates = draw(n, m + extra)  # (r, c)
-    while True:
-        first = _first_occurrences(candidates, num_choices)  # (r, c) bool
-        rank = first.cumsum(1)
-        enough = rank[:, -1] >= m  # (r,)
-        keep = first & (rank <= m)
-        out[rows[enough]] = candidates[enough][keep[enough]].view(-1, m)
-        if bool(enough.all()):
-            return out
-        short = ~enough
-        rows = rows[short]
-        candidates = torch.cat([candidates[short], draw(len(rows), m + extra)], dim=1)
+@functools.lru_cache(maxsize=64)
+def draws_needed(m: int, num_choices: int, weights: Optional[Tuple[float, ...]]) -> Tuple[int, int]:
+    """How many i.i.d. draws per row to make at first, and then per extra round for rows still short.
+
+    About the mean number of draws that m distinct values need, t with sum_i 1 - (1 - p_i)^t = m (the
+    distinct values t draws reach on average), plus a margin of 3 sqrt(t - m + 1), so few rows need a
+    second round. Only the cost depends on these, never the distribution of the result."""
+    p = torch.full((num_choices,), 1.0 / num_choices, dtype=torch.float64) if weights is None else \
+        torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    lo, hi = float(m), 2.0 * m
+    while float((1 - (1 - p) ** hi).sum()) < m:
+        lo, hi = hi, 2 * hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if float((1 - (1 - p) ** mid).sum()) < m else (lo, mid)
+    spread = 3 * math.sqrt(hi - m + 1)
+    return min(int(hi + spread) + 2, 4 * m + 8), int(spread) + 8
 
 
-def _first_occurrences(values: torch.Tensor, num_choices: int) -> torch.Tensor:
-    """(r, c) bool: True where a value appears for the first time in its row. Each value's earliest
-    column is found with one scatter-min into an (r, num_choices) table: deterministic, no sort."""
+def _first_distinct(draw, candidates: torch.Tensor, m: int, more: int, num_choices: int) -> torch.Tensor:
+    """The first m distinct values of each row of i.i.d. draws ``candidates`` (r, c); a row short of m
+    draws ``more`` at a time, continuing its own sequence, until it has m."""
+    r = len(candidates)
+    first = first_occurrences(candidates, num_choices)  # (r, c) bool
+    rank = first.cumsum(1, dtype=torch.int32)
+    short = (rank[:, -1] < m).nonzero().squeeze(1)  # (s,) rows with fewer than m distinct values
+    keep = first.logical_and_(rank <= m)
+    if len(short) == 0:
+        return candidates.masked_select(keep).view(r, m)
+    longer = torch.cat([candidates.index_select(0, short), draw(len(short), more)], dim=1)
+    done = torch.ones(r, 1, dtype=torch.bool).index_fill_(0, short, False)
+    out = torch.empty(r, m, dtype=torch.int64)
+    out[done[:, 0]] = candidates.masked_select(keep.logical_and_(done)).view(-1, m)
+    out[short] = _first_distinct(draw, longer, m, more, num_choices)
+    return out
+
+
+def _column_dtype(c: int) -> torch.dtype:
+    return torch.int8 if c < 2**7 else torch.int16 if c < 2**15 else torch.int32
+
+
+def first_occurrences(values: torch.Tensor, num_choices: int) -> torch.Tensor:
+    """(r, c) bool: True where a value (in [0, num_choices)) appears for the first time in its row.
+
+    Each value's earliest column comes from a scatter-min of columns into a per-row table
+    (deterministic, no sort): one slot per choice when that table is small (exact at once), else the
+    buckets of a hash table a power of two >= 8c wide, so the cost never grows with ``num_choices``.
+    A value alone in its bucket so far is first; the rest (a repeat, or a collision: a few per row)
+    are settled exactly by one stable sort of just the entries of shared buckets on (row, value)."""
     r, c = values.shape
-    column = torch.arange(c, dtype=torch.int32).expand(r, c)
-    earliest = torch.full((r, num_choices), c, dtype=torch.int32)
-    earliest.scatter_reduce_(1, values, column, reduce="amin")
-    return earliest.gather(1, values) == column
+    dtype = _column_dtype(c)
+    column = torch.arange(c, dtype=dtype).expand(r, c)
+    width = 1 << max(6, (8 * c - 1).bit_length())
+    exact = num_choices <= DIRECT_PER_CANDIDATE * c and r * num_choices * column.element_size() <= DIRECT_BYTES
+    if exact:
+        width, bucket = num_choices, values
+    else:
+        bucket = values & (width - 1)  # (r, c)
+    earliest = torch.full((r, width), c, dtype=dtype)
+    earliest.scatter_reduce_(1, bucket, column, reduce="amin")
+    first = earliest.gather(1, bucket) == column  # (r, c): no earlier value of the row in its bucket
+    if exact:
+        return first
+    later = (~first).view(-1).nonzero().squeeze(1)  # flat (row-major) indices
+    if len(later) == 0:
+        return first
+    crowded = torch.zeros(r, width, dtype=torch.bool)  # buckets holding more than one value
+    crowded.view(-1).index_fill_(0, later.div(c, rounding_mode="floor") * width + bucket.view(-1)[later], True)
+    where = crowded.gather(1, bucket).view(-1).nonzero().squeeze(1)  # (s,) their entries, row-major
+    picked = values.view(-1)[where]
+    key = where.div(c, rounding_mode="floor") * num_choices + picked  # (row, value) as one int64
+    order = key.sort(stable=True).indices  # equal keys keep their row-major (column) order
+    ordered = key[order]
+    is_first = torch.ones_like(ordered, dtype=torch.bool)
+    torch.ne(ordered[1:], ordered[:-1], out=is_first[1:])
+    first.view(-1)[where[order]] = is_first
+    return first
 
 
 @functools.lru_cache(maxsize=16)

@@ -75,11 +75,13 @@ class Task:
     def correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return HEADS[self.head][1](logits, y)
 
-    def solved(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B,) 1.0 where every labelled step of a sample is right (per-step heads); else ``correct``."""
+    def scores(self, logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(correct, solved), each (B,): ``correct`` as above; ``solved`` 1.0 where every labelled step
+        of a sample is right (per-step heads; one argmax serves both), else the same as ``correct``."""
         if self.head == "per-step":
-            return per_step_solved(logits, y)
-        return self.correct(logits, y)
+            return per_step_scores(logits, y)
+        correct = self.correct(logits, y)
+        return correct, correct
 
 
 def _lengths(gen: torch.Generator, n: int, spec: TaskSpec) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -243,7 +245,9 @@ def classes_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def per_step_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over each sample's labelled steps: logits (B, T, C), y (B, T) -> (B,)."""
-    per_step = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction="none")  # (B, T)
+    B, T, C = logits.shape  # softmax over the contiguous last dimension: (B*T, C)
+    per_step = F.cross_entropy(logits.float().reshape(B * T, C), y.reshape(B * T), ignore_index=IGNORE,
+                               reduction="none").view(B, T)
     labelled = (y != IGNORE).to(torch.float32)
     return (per_step * labelled).sum(1) / labelled.sum(1).clamp(min=1)
 
@@ -255,10 +259,13 @@ def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return right.sum(1) / labelled.sum(1).clamp(min=1)
 
 
-def per_step_solved(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """1.0 where every labelled step of a sample is predicted right: (B,)."""
-    wrong = (logits.argmax(-1) != y) & (y != IGNORE)  # (B, T)
-    return (~wrong.any(1)).to(torch.float32)
+def per_step_scores(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(fraction of each sample's labelled steps right, 1.0 where all of them are), each (B,)."""
+    labelled = y != IGNORE  # (B, T)
+    wrong = (logits.argmax(-1) != y) & labelled
+    count = labelled.sum(1)
+    correct = (count - wrong.sum(1)).to(torch.float32) / count.clamp(min=1).to(torch.float32)
+    return correct, (~wrong.any(1)).to(torch.float32)
 
 
 HEADS = {

@@ -23,16 +23,17 @@ from ..errors import DistseqError
 from ..io import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
-SUITE_NAMES = ("overhead", "scaling", "stream", "accuracy", "precision", "profile")
+SUITE_NAMES = ("overhead", "scaling", "stream", "accuracy", "precision", "profile", "recall")
 
 # what each suite contributes to the top level of bench.json
 HEADLINES = {
-    "overhead": ("overhead_ratio",),
+    "overhead": ("overhead_ratio", "decoder_overhead_ratio"),
     "scaling": ("scaling_2proc", "scaling_efficiency"),
-    "stream": ("stream_ratio", "seek_ratio"),
+    "stream": ("stream_ratio", "seek_ratio", "token_stream_ratio", "token_stream_seq_len"),
     "accuracy": ("time_to_99_s", "seed_recipe_seconds", "seed_recipe_accuracy"),
     "precision": ("precision_table",),
     "profile": ("step_time_shares",),
+    "recall": ("induction_accuracy_2_layers", "induction_accuracy_1_layer", "mqar_table"),
 }
 
 

@@ -1,10 +1,12 @@
 """The overhead suite: ``distseq train`` against a hand-written PyTorch loop, and where its step time goes.
 
-Both train the same model (LSTM, hidden 256) on the same stream (sum-sign, seq 32, batch 256) with the
-same recipe (AdamW, warmup + cosine, gradient clipping), fp32, one process, logging every 50 steps,
-alternately in one process, so the machine's noise falls on both. Steps/s counts training time only:
-distseq's ``train_seconds`` leaves out its evaluation and checkpoint writes, which the plain loop
-does not do at all. ``overhead_ratio`` = median distseq steps/s / median plain steps/s.
+Both train the same model on the same stream with the same recipe (AdamW, warmup + cosine, gradient
+clipping), fp32, one process, logging every 50 steps, alternately in one process, so the machine's
+noise falls on both. Two workloads: an LSTM (hidden 256) on sum-sign (seq 32, batch 256), and the
+causal decoder (2 layers, width 64) on mqar (seq 256, batch 32) in tokens. Throughput counts
+training time only: distseq's ``train_seconds`` leaves out its evaluation and checkpoint writes,
+which the plain loop does not do at all. ``overhead_ratio`` = median distseq steps/s / median plain
+steps/s on the LSTM; ``decoder_overhead_ratio`` the same in tokens/s on the decoder.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from ..config import TrainConfig, preset
 from ..data import Layout, SampleSource, micro_batches, train_loader
 from ..models import build_model
 from ..registry import TASKS
+from ..tasks import IGNORE
 
 LOG_EVERY = 50
+DECODER = {"task": "mqar", "seq_len": 256, "vocab_size": 512, "num_kv_pairs": 16, "batch": 32, "hidden_size": 64,
+           "num_layers": 2, "num_heads": 2, "positions": "rope"}
 
 
 def overhead_config(steps: int, run_dir: str) -> TrainConfig:
@@ -36,6 +41,26 @@ def overhead_config(steps: int, run_dir: str) -> TrainConfig:
     return cfg
 
 
+def decoder_config(steps: int, run_dir: str) -> TrainConfig:
+    cfg = preset("mqar")
+    d = DECODER
+    cfg.data.task, cfg.data.seq_len, cfg.data.vocab_size = d["task"], d["seq_len"], d["vocab_size"]
+    cfg.data.num_kv_pairs, cfg.data.eval_size = d["num_kv_pairs"], 64
+    cfg.model.kind, cfg.model.hidden_size, cfg.model.num_layers = "decoder", d["hidden_size"], d["num_layers"]
+    cfg.model.num_heads, cfg.model.positions = d["num_heads"], d["positions"]
+    cfg.train.global_batch_size, cfg.train.precision = d["batch"], "no"
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.run_dir = steps, 0, run_dir
+    cfg.log.log_every, cfg.log.progress = LOG_EVERY, False
+    cfg.checkpoint.resume = "never"
+    return cfg
+
+
+def plain_loss(head: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if head == "binary":
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)  # (B*T, C)
+
+
 def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     """What a user writes by hand for the same training: no harness, the same stream and recipe."""
     from ..runtime import local_device
@@ -44,7 +69,8 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     torch.manual_seed(cfg.train.seed)
     device = local_device()  # where distseq trains too
     spec, steps, batch_size = cfg.task_spec(), cfg.train.max_steps, cfg.train.global_batch_size
-    model = build_model(cfg.model, TASKS[cfg.data.task], spec).to(device)
+    task = TASKS[cfg.data.task]
+    model = build_model(cfg.model, task, spec).to(device)
     optimizer, scheduler = build_optimizer(model, cfg.optim, steps)  # the function distseq train uses
     source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "train")
     loader = train_loader(source, Layout(batch_size, 1, 1), 0, 0, steps, cfg.data.samples_per_example, 0)
@@ -53,8 +79,8 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     started = time.perf_counter()
     for step in range(steps):
         batch = next(batches)
-        logits = model(batch["x"].to(device, non_blocking=True))  # (B,)
-        loss = F.binary_cross_entropy_with_logits(logits, batch["y"].to(device, non_blocking=True))
+        logits = model(batch["x"].to(device, non_blocking=True))  # (B,) or (B, T, C)
+        loss = plain_loss(task.head, logits, batch["y"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -67,25 +93,43 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     return steps / (time.perf_counter() - started)
 
 
+def compare(make_config: Callable[[int, str], TrainConfig], steps: int, repeats: int, label: str,
+            log: Callable[[str], None]) -> Dict[str, list]:
+    """Steps/s of ``distseq train`` and of the plain loop on the same config, alternated ``repeats`` times."""
+    from ..loop import train
+
+    rates: Dict[str, list] = {"distseq": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_loop_steps_per_sec(make_config(3, f"{tmp}/warmup"))  # first-use costs land on neither side
+        for repeat in range(repeats):
+            rates["distseq"].append(train(make_config(steps, f"{tmp}/{repeat}"))["steps_per_sec"])
+            rates["plain"].append(plain_loop_steps_per_sec(make_config(steps, f"{tmp}/plain")))
+            log(f"  {label} repeat {repeat + 1}/{repeats}: distseq {rates['distseq'][-1]:.2f} steps/s, "
+                f"plain {rates['plain'][-1]:.2f} steps/s")
+    return rates
+
+
 def overhead_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     from ..runtime import set_cpu_threads
-    from ..loop import train
 
     set_cpu_threads()  # the thread count train() uses, for the plain loop too
     steps, repeats = (10, 3) if quick else (100, 3)
-    rates: Dict[str, list] = {"distseq": [], "plain": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        plain_loop_steps_per_sec(overhead_config(3, f"{tmp}/warmup"))  # first-use costs land on neither side
-        for repeat in range(repeats):
-            rates["distseq"].append(train(overhead_config(steps, f"{tmp}/{repeat}"))["steps_per_sec"])
-            rates["plain"].append(plain_loop_steps_per_sec(overhead_config(steps, f"{tmp}/plain")))
-            log(f"  overhead repeat {repeat + 1}/{repeats}: distseq {rates['distseq'][-1]:.2f} steps/s, "
-                f"plain {rates['plain'][-1]:.2f} steps/s")
+    rates = compare(overhead_config, steps, repeats, "overhead (lstm)", log)
     ours, plain = statistics.median(rates["distseq"]), statistics.median(rates["plain"])
+    decoder_steps = 4 if quick else 40
+    decoder = compare(decoder_config, decoder_steps, repeats, "overhead (decoder, mqar)", log)
+    tokens_per_step = DECODER["batch"] * DECODER["seq_len"]
+    ours_tokens = statistics.median(decoder["distseq"]) * tokens_per_step
+    plain_tokens = statistics.median(decoder["plain"]) * tokens_per_step
+    log(f"  decoder on mqar (seq {DECODER['seq_len']}): distseq {ours_tokens:,.0f} tokens/s, plain loop "
+        f"{plain_tokens:,.0f} tokens/s, ratio {ours_tokens / plain_tokens:.3f}")
     return {"overhead_ratio": ours / plain, "distseq_steps_per_sec": ours, "plain_steps_per_sec": plain,
             "repeats": rates, "steps": steps, "torch_threads": torch.get_num_threads(),
             "config": {"model": "lstm", "hidden_size": 256, "seq_len": 32, "batch": 256, "precision": "fp32",
-                       "log_every": LOG_EVERY}}
+                       "log_every": LOG_EVERY},
+            "decoder_overhead_ratio": ours_tokens / plain_tokens, "decoder_distseq_tokens_per_sec": ours_tokens,
+            "decoder_plain_tokens_per_sec": plain_tokens, "decoder_repeats": decoder, "decoder_steps": decoder_steps,
+            "decoder_config": {**DECODER, "model": "decoder", "precision": "fp32", "log_every": LOG_EVERY}}
 
 
 def profile_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:

@@ -12,9 +12,11 @@ from typing import Callable, Dict, List, Optional
 # headline key -> (comparison, goal): each one a ratio measured in one run
 GOALS = {
     "overhead_ratio": (">=", 0.95),
+    "decoder_overhead_ratio": (">=", 0.95),
     "scaling_2proc": (">=", 1.7),
     "stream_ratio": (">=", 0.5),
     "seek_ratio": ("<=", 1.1),
+    "token_stream_ratio": (">=", 0.5),
 }
 
 PLOTS_HINT = "plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), then run distseq bench again"
@@ -39,10 +41,12 @@ def headline_rows(bench: Dict) -> List[tuple]:
     rows = []
     described = {
         "overhead_ratio": "distseq train steps/s / plain PyTorch loop (LSTM h256, seq 32, batch 256, fp32)",
+        "decoder_overhead_ratio": "distseq train tokens/s / plain PyTorch loop (decoder 2x64, mqar seq 256, batch 32)",
         "scaling_2proc": "samples/s on 2 processes / 1 process (gloo, 1 thread each, same micro-batch)",
         "scaling_efficiency": "scaling_2proc / 2",
         "stream_ratio": "stream samples/s / raw torch.randn (sum-sign, seq 10)",
         "seek_ratio": "first batch at sample 10^12 / at 0",
+        "token_stream_ratio": "stream tokens/s / torch.randint blocks, lowest of mqar, induction, selective-copy (seq 2048)",
         "time_to_99_s": "training seconds of the default preset to 0.99 held-out accuracy",
         "seed_recipe_seconds": "training seconds of the original recipe (10 epochs, plain script)",
         "seed_recipe_accuracy": "its held-out accuracy",
@@ -67,6 +71,11 @@ def summary_table(bench: Dict) -> str:
         cells = [f"{r['model']}/{r['precision']}=" + (f"{r['steps_per_sec']:.1f}" if r["works"] else "x")
                  for r in bench["precision_table"]]
         lines.append("  precision (steps/s)    " + "  ".join(cells))
+    if "mqar_table" in bench:
+        lines.append(f"  induction accuracy     2 layers={bench['induction_accuracy_2_layers']:.3f}  "
+                     f"1 layer={bench['induction_accuracy_1_layer']:.3f}")
+        lines.append("  mqar accuracy          " + "  ".join(f"{r['model']}/{r['num_kv_pairs']}={r['accuracy']:.3f}"
+                                                            for r in bench["mqar_table"]))
     lines.append("  peak RSS (MB)          " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_rss_mb"].items()))
     if "peak_cuda_memory_mb" in bench:
         lines.append("  peak CUDA memory (MB)  " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_cuda_memory_mb"].items()))
@@ -153,6 +162,45 @@ def _plot_memory(plt, memory: Dict[str, float], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_induction(plt, s: Dict, path: Path) -> None:
+    """Held-out induction accuracy vs step, 2 attention layers against 1."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for layers, marker in (("2", "-o"), ("1", "-s")):
+        curve = s["induction_curves"][layers]
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], marker, markersize=3,
+                label=f"decoder, {layers} layer{'s' if layers != '1' else ''}")
+    vocab = s["config"]["induction_2_layers"]["data"]["vocab_size"]
+    ax.axhline(1 / (vocab - 1), color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.axhline(0.99, color="k", linestyle="--", linewidth=1, label="0.99")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("induction: 2 attention layers vs 1", fontsize=10)
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_mqar(plt, rows: List[dict], path: Path) -> None:
+    """MQAR accuracy vs the number of key-value pairs, one line per model."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["num_kv_pairs"])
+        lengths = sorted({r["seq_len"] for r in mine})
+        seq = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        ax.plot([r["num_kv_pairs"] for r in mine], [r["accuracy"] for r in mine], "-o", markersize=4,
+                label=f"{model} (seq {seq}, {mine[0]['steps']} steps per cell)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["num_kv_pairs"] for r in rows}), [str(m) for m in sorted({r["num_kv_pairs"] for r in rows})])
+    ax.set_xlabel("key-value pairs (--num-kv-pairs)")
+    ax.set_ylabel("held-out accuracy per query")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("MQAR: attention vs a recurrent state of the same width", fontsize=10)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
     """The PNGs for the suites that ran, or None when matplotlib is not installed."""
     try:
@@ -169,6 +217,8 @@ def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
         ("time_to_accuracy.png", "accuracy", lambda p: _plot_accuracy(plt, suites["accuracy"], p)),
         ("precision.png", "precision", lambda p: _plot_precision(plt, bench["precision_table"], p)),
         ("step_time.png", "profile", lambda p: _plot_shares(plt, ordered_shares(bench["step_time_shares"]), p)),
+        ("recall_induction.png", "recall", lambda p: plot_induction(plt, suites["recall"], p)),
+        ("recall_mqar.png", "recall", lambda p: plot_mqar(plt, bench["mqar_table"], p)),
         ("memory.png", None, lambda p: _plot_memory(plt, bench["peak_rss_mb"], p)),
     ]
     for filename, suite, draw in plots:
@@ -207,6 +257,28 @@ def details(suites: Dict) -> List[str]:
     return lines
 
 
+def recall_section(r: Dict) -> List[str]:
+    """The recall suite: both induction results and the MQAR table, with the configs that produced them."""
+    two, one = r["config"]["induction_2_layers"], r["config"]["induction_1_layer"]
+    lines = ["", "## Recall: induction heads and MQAR (this run's measurements)", "",
+             f"- **induction** (`--preset induction` with: decoder width {two['model']['hidden_size']}, "
+             f"{two['model']['num_heads']} heads, {two['model']['positions']} positions, seq {two['data']['seq_len']}, "
+             f"vocab {two['data']['vocab_size']}, batch {two['train']['global_batch_size']}, lr {two['optim']['lr']}, "
+             f"{two['train']['max_steps']} steps): held-out accuracy **{r['induction_accuracy_2_layers']:.4f}** with 2 "
+             f"layers, **{r['induction_accuracy_1_layer']:.4f}** with {one['model']['num_layers']} "
+             f"(chance {1 / (two['data']['vocab_size'] - 1):.3f}).", ""]
+    rows = r["mqar_table"]
+    d = r["config"]["mqar_decoder"]
+    lines += [f"- **MQAR** (`--preset mqar` with: vocab {d['data']['vocab_size']}, batch {d['train']['global_batch_size']}, "
+              f"lr {d['optim']['lr']}, the same steps per cell; decoder and LSTM each {d['model']['num_layers']} "
+              f"layers of width {d['model']['hidden_size']}): held-out accuracy per query", "",
+              "| model | kv pairs | seq len | accuracy | sequence accuracy | steps | train s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {x['model']} | {x['num_kv_pairs']} | {x['seq_len']} | {x['accuracy']:.4f} | "
+              f"{x['sequence_accuracy']:.4f} | {x['steps']} | {x['train_seconds']:.1f} |" for x in rows]
+    return lines
+
+
 def report_markdown(bench: Dict, plots: Optional[List[str]]) -> str:
     m = bench["machine"]
     lines = ["# distseq bench report", "",
@@ -226,6 +298,8 @@ def report_markdown(bench: Dict, plots: Optional[List[str]]) -> str:
         lines += [f"| {r['model']} | {r['precision']} | {'yes' if r['works'] else 'no'} | "
                   f"{r['steps_per_sec']:.1f} | |" if r["works"] else
                   f"| {r['model']} | {r['precision']} | no | - | {r['error']} |" for r in bench["precision_table"]]
+    if "mqar_table" in bench:
+        lines += recall_section(bench["suites"]["recall"])
     lines += ["", "## Peak resident memory per process (MB)", "", "| suite | MB |", "| --- | --- |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in bench["peak_rss_mb"].items()]
     for k, v in bench.get("peak_cuda_memory_mb", {}).items():

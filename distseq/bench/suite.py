@@ -15,6 +15,7 @@ from ..metrics import peak_memory
 from .accuracy import accuracy_suite
 from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite
+from .recall import recall_suite
 from .scaling import scaling_suite
 from .stream import stream_suite
 
@@ -25,6 +26,7 @@ SUITES = {
     "accuracy": accuracy_suite,
     "precision": precision_suite,
     "profile": profile_suite,
+    "recall": recall_suite,
 }
 
 
