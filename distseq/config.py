@@ -307,6 +307,14 @@ class TrainConfig:
                                 ("--eval-size", -(-d.eval_size // world_size)),  # each rank's share at once
                                 ("--global-batch-size", self.micro_batch_size(world_size))):
             _fits_in_memory(option, samples, d.seq_len, step_bytes, task.tokens)
+        if task.head == "per-step":  # float32 logits per step and output: a large vocabulary's dominate
+            logits = self.micro_batch_size(world_size) * d.seq_len * task.num_outputs(self.task_spec()) * 4
+            if logits > MAX_TENSOR_BYTES:
+                raise ConfigError("--global-batch-size", f"one micro-batch's logits ({self.micro_batch_size(world_size)} "
+                                  f"samples x {d.seq_len} steps x {task.num_outputs(self.task_spec())} outputs of "
+                                  f"float32) take {logits / 2**30:.0f} GiB (limit {MAX_TENSOR_BYTES // 2**30} GiB); "
+                                  f"choose a smaller --global-batch-size (or more --grad-accum-steps), --seq-len or "
+                                  f"--vocab-size")
         if d.data_files is not None:
             self._validate_data_files()
         if Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
@@ -361,10 +369,10 @@ class TrainConfig:
         for option, conflict in conflicts.items():
             if conflict:
                 raise ConfigError(option, "does not apply with --data-files; leave it out")
-        if TASKS[d.task].head == "per-step":
-            raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
         if TASKS[d.task].tokens:
             raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
+        if TASKS[d.task].head == "per-step":
+            raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
         check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
 
 
@@ -546,7 +554,8 @@ PRESETS = {
     "mqar": lambda: _token_preset("mqar", seq_len=64, vocab_size=128, num_kv_pairs=8, max_steps=2000, batch=256),
     # one answer per sequence: a large batch (the two-layer model reaches 1.0 near step 200, measured)
     "induction": lambda: _token_preset("induction", seq_len=16, vocab_size=16, max_steps=400, batch=1024),
-    # Mamba's selective copying: 16 tokens of a 16-token vocabulary (the paper: sequences of 4,096)
+    # Mamba's selective copying: 16 tokens to copy, a vocabulary of 16 (14 data tokens, noise and the
+    # marker; the paper: sequences of 4,096)
     "selective-copy": lambda: _token_preset("selective-copy", seq_len=256, vocab_size=16, copy_len=16,
                                             max_steps=2000, batch=64),
 }

@@ -16,22 +16,25 @@ import torch
 from torch import nn
 
 # peak dense bf16 tensor FLOP/s per GPU, by a name fragment of torch.cuda.get_device_name (vendor data
-# sheets, without sparsity); the first fragment found in the name wins, so specific ones come first
+# sheets, without sparsity); the first fragment found in the name wins, so a fragment comes before any
+# shorter one it contains (H100 PCIe before H100, GH200 before H200, L40S before L40 before L4)
 PEAK_BF16_FLOPS = (
-    ("GB200", 2.5e15), ("B200", 2.25e15), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
-    ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+    ("GH200", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("A10G", 70e12), ("A10", 125e12), ("MI300X", 1307e12), ("MI250X", 383e12),
 )
 
 
+ADDED_TABLES = ("positions",)  # parameters of this name are added to the inputs, never multiplied
+
+
 def matmul_params(model: nn.Module) -> int:
-    """Weights used in matrix multiplies: the weight matrices (2-D or more) of leaf layers (Linear,
-    RNN/GRU/LSTM, convolutions), each counted once. Embedding tables are looked up, not multiplied,
-    unless a linear layer shares one (a tied output layer); biases, norms and position tables a model
-    adds to its inputs are not multiplies either."""
-    weights = {id(p): p for module in model.modules()
-               if not isinstance(module, nn.Embedding) and next(module.children(), None) is None
-               for p in module.parameters(recurse=False) if p.dim() >= 2}
+    """Weights used in matrix multiplies: every parameter of 2 or more dimensions (Linear, attention's
+    projections, RNN/GRU/LSTM, convolutions), each counted once. Embedding tables are looked up, not
+    multiplied, unless another layer shares one (a tied output layer); biases and norms (1-D) and
+    position tables (named ``positions``, added to the inputs) are not multiplies either."""
+    weights = {id(p): p for module in model.modules() if not isinstance(module, nn.Embedding)
+               for name, p in module.named_parameters(recurse=False) if p.dim() >= 2 and name not in ADDED_TABLES}
     return sum(p.numel() for p in weights.values())
 
 

@@ -60,6 +60,7 @@ class Progress:
     config_history: List[dict] = field(default_factory=list)
     data_exhausted: bool = False
     tokens: int = 0  # time steps (padding excluded) trained on since first_step, over all ranks
+    tokens_estimated_before: Optional[int] = None  # a checkpoint from before tokens were counted: its step
 
     @classmethod
     def restore(cls, saved: dict) -> "Progress":
@@ -233,6 +234,12 @@ def resume(run: Run) -> Optional[dict]:
         raise CheckpointError(f"{path}: --data-files runs resume only on the same number of processes "
                             f"({restored.world_size}, not {accelerator.num_processes}): the files' split depends on it")
     run.start, run.resumed_from, run.progress = restored.step, path, Progress.restore(restored.progress)
+    if "tokens" not in restored.progress:  # written before tokens were counted: exact for fixed lengths
+        steps = (run.start - run.progress.first_step) * run.layout.global_batch
+        mean_length = run.spec.seq_len if not run.spec.variable else (run.spec.min_seq_len + run.spec.seq_len) / 2
+        run.progress.tokens = round(steps * mean_length)
+        if run.spec.variable:
+            run.progress.tokens_estimated_before = run.start
     run.say(f"distseq: resuming from {path} (step {run.start}, {restored.samples} samples, "
             f"written by {restored.world_size} process(es))"
             + (f"; --start-step {cfg.train.start_step} applies to a fresh start only" if cfg.train.start_step else ""))
@@ -271,6 +278,9 @@ def finished_summary(run: Run, restored) -> dict:
                "wall_seconds": progress.wall_seconds, "skipped_steps": progress.skipped_steps,
                "eval_history": history, "config_changes": progress.config_history[1:], "task": run.cfg.data.task,
                "model": run.model_name, "start_step": progress.first_step,
+               **throughput(restored.samples - progress.first_step * run.layout.global_batch, progress.tokens,
+                            progress.train_seconds, run.flops_per_token, run.accelerator.device,
+                            run.accelerator.num_processes),
                **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("eval/")},
                "note": "rebuilt from the checkpoint: the run ended after its last checkpoint, before its summary"}
     run.write("summary.json", rebuilt)
@@ -296,6 +306,7 @@ def run_loop(run: Run) -> int:
     """The steps, from the run's start to --max-steps (or until the data files run out); the last done."""
     done = run.start
     run.signals.begin_loop()
+    run.clock.begin_training()
     for step in range(run.start, run.cfg.train.max_steps):
         run.profiler.begin(step)
         with run.profiler.span("data"):
@@ -437,12 +448,16 @@ def write_summary(run: Run, done: int, status: str) -> dict:
     progress, layout, seconds = run.progress, run.layout, run.clock.train_seconds()
     progress.tokens = run.logger.tokens_total  # the last step was logged or saved: nothing is pending
     extra = {**throughput((done - progress.first_step) * layout.global_batch, progress.tokens, seconds,
-                          run.flops_per_token, run.accelerator.device, run.accelerator.num_processes),"checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch,
+                          run.flops_per_token, run.accelerator.device, run.accelerator.num_processes),
+             "checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch,
              "global_batch": layout.global_batch, "start_step": progress.first_step,
              "skipped_steps": progress.skipped_steps, "status": status,
              "resumed_from": str(run.resumed_from) if run.resumed_from else None,
              "train_seconds": seconds, "steps_per_sec": (done - progress.first_step) / max(seconds, 1e-9),
              "eval_history": progress.eval_history, "config_changes": progress.config_history[1:]}
+    if progress.tokens_estimated_before is not None:
+        extra["tokens_note"] = (f"tokens before step {progress.tokens_estimated_before} are estimated from the mean "
+                                f"length: that checkpoint predates token counting")
     if run.profiler.result:
         extra["profile"] = run.profiler.result
     if run.accounting:

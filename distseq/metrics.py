@@ -140,18 +140,24 @@ class Throughput:
 
 
 class TrainingClock:
-    """Seconds spent training: wall time since the start, less the pauses (evaluation, checkpoint
-    writes). A resumed run starts from the seconds its checkpoint recorded."""
+    """Seconds spent training: wall time since ``begin_training`` (the first step), less the pauses
+    (evaluation, checkpoint writes); set-up before the first step is wall time only. A resumed run
+    starts from the seconds its checkpoint recorded."""
 
     def __init__(self, train_before: float = 0.0, wall_before: float = 0.0):
-        self.started, self.paused = time.perf_counter(), 0.0
+        self.started, self.paused, self.training_from = time.perf_counter(), 0.0, None
         self.train_before, self.wall_before = train_before, wall_before
+
+    def begin_training(self) -> None:
+        self.training_from = time.perf_counter()
 
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.started
 
     def train_seconds(self) -> float:
-        return self.train_before + time.perf_counter() - self.started - self.paused
+        if self.training_from is None:
+            return self.train_before
+        return self.train_before + time.perf_counter() - self.training_from - self.paused
 
     @contextlib.contextmanager
     def pause(self):

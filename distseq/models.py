@@ -1,7 +1,6 @@
 """Sequence models. All share one interface: ``model(x, lengths=None) -> logits``.
 
-x is (B, T, F) features, or (B, T) token ids for a token task (an embedding layer then comes first);
-logits are (B,) for one output, (B, C) for C classes, or (B, T, C) for a per-step head. ``lengths`` (B,) is given for variable-length batches: recurrent models then run on a packed
+x is (B, T, F) features, or (B, T) token ids for a token task (embedded first); logits are (B,) for one output, (B, C) for C classes, or (B, T, C) for a per-step head. ``lengths`` (B,) is given for variable-length batches: recurrent models then run on a packed
 sequence and the transformer masks padded keys and pools only valid steps, so padding never changes
 a sample's result.
 """
@@ -147,11 +146,10 @@ def _recurrent(kind: str):
 
 
 def _recurrent_validate(cfg) -> None:
+    # --positions and --num-heads describe attention models; a recurrent one has neither (a preset's
+    # values stay harmless), but tying is a request it cannot meet
     if cfg.model.tie_embeddings:
         raise ConfigError("--tie-embeddings", f"applies to --model decoder (got --model {cfg.model.kind})")
-    if cfg.model.positions == "rope":
-        raise ConfigError("--positions", f"rope applies to --model decoder; {cfg.model.kind} has no position "
-                                         f"encoding")
 
 
 for _kind in RECURRENT:

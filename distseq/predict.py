@@ -19,7 +19,6 @@ from .io import strict_json, write_text_atomically
 from .registry import TASKS
 
 
-
 def read_inputs(path: str, column: str, cfg: TrainConfig):
     """(x (N, T, F), lengths (N,)) from a JSON-lines file; DataFileError naming the line otherwise."""
     task, spec = TASKS[cfg.data.task], cfg.task_spec()

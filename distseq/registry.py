@@ -117,7 +117,8 @@ def import_plugins(specs: Iterable[str] = ()) -> None:
 
 
 _builtins_loaded = [False]
-BUILTIN_MODULES = ("distseq.tasks", "distseq.token_tasks", "distseq.models", "distseq.decoder")  # imported by name: they import this module
+# imported by name: they import this module
+BUILTIN_MODULES = ("distseq.tasks", "distseq.token_tasks", "distseq.models", "distseq.decoder")
 
 
 def _load_builtins() -> None:

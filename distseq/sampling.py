@@ -99,8 +99,9 @@ def _first_distinct(draw, candidates: torch.Tensor, m: int, more: int, num_choic
     return out
 
 
-def _column_dtype(c: int) -> torch.dtype:
-    return torch.int8 if c < 2**7 else torch.int16 if c < 2**15 else torch.int32
+def small_int(count: int) -> torch.dtype:
+    """The narrowest integer dtype that holds 0..count."""
+    return torch.int8 if count < 2**7 else torch.int16 if count < 2**15 else torch.int32
 
 
 def first_occurrences(values: torch.Tensor, num_choices: int) -> torch.Tensor:
@@ -112,7 +113,7 @@ def first_occurrences(values: torch.Tensor, num_choices: int) -> torch.Tensor:
     A value alone in its bucket so far is first; the rest (a repeat, or a collision: a few per row)
     are settled exactly by one stable sort of just the entries of shared buckets on (row, value)."""
     r, c = values.shape
-    dtype = _column_dtype(c)
+    dtype = small_int(c)
     column = torch.arange(c, dtype=dtype).expand(r, c)
     width = 1 << max(6, (8 * c - 1).bit_length())
     exact = num_choices <= DIRECT_PER_CANDIDATE * c and r * num_choices * column.element_size() <= DIRECT_BYTES

@@ -265,7 +265,7 @@ def per_step_scores(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor
     wrong = (logits.argmax(-1) != y) & labelled
     count = labelled.sum(1)
     correct = (count - wrong.sum(1)).to(torch.float32) / count.clamp(min=1).to(torch.float32)
-    return correct, (~wrong.any(1)).to(torch.float32)
+    return correct, (~wrong.any(1) & (count > 0)).to(torch.float32)  # no answers: neither right nor solved
 
 
 HEADS = {

@@ -20,7 +20,7 @@ import torch
 
 from .errors import ConfigError
 from .registry import TASKS
-from .sampling import RACE_FACTOR, choose_distinct, draws_needed
+from .sampling import RACE_FACTOR, choose_distinct, draws_needed, small_int
 from .tasks import IGNORE, Batch, Task, TaskSpec
 
 MQAR_MAX_VOCAB = 65536  # per-row tables over the vocabulary stay small (Zoology's MQAR uses 8,192)
@@ -82,7 +82,7 @@ def _pairs_and_noise(gen: torch.Generator, x: torch.Tensor, m: int, V: int) -> T
     candidates = torch.empty(n, 2, count, dtype=torch.int64)
     candidates[:, 0].random_(1, half, generator=gen)  # keys' draws
     candidates[:, 1].random_(half, V, generator=gen)  # values' draws
-    dtype = _small_int(count)
+    dtype = small_int(count)
     top = torch.iinfo(dtype).max
     marks = torch.arange(top, top - count, -1, dtype=dtype).repeat(2)  # (2c,): earlier draw, larger mark
     keys = torch.empty(n, m, dtype=torch.int64)
@@ -133,11 +133,6 @@ def _rows_per_table(n: int, row_bytes: int) -> int:
     return max(1, min(n, TABLE_BYTES // row_bytes))
 
 
-def _small_int(count: int) -> torch.dtype:
-    """The narrowest integer dtype that holds 0..count."""
-    return torch.int8 if count < 2**7 else torch.int16 if count < 2**15 else torch.int32
-
-
 def _noise_rows(gen: torch.Generator, x: torch.Tensor, a: int, b: int, start: int, allowed: int,
                 table: torch.Tensor, top: int, index: torch.Tensor, half: int) -> None:
     """x[a:b, start:]: uniform over [0, allowed), then a draw that is key j of its row becomes
@@ -171,7 +166,7 @@ def _noise_without(gen: torch.Generator, x: torch.Tensor, start: int, V: int, ex
     allowed, length = V - k, T - start
     noise = x[:, start:]
     noise.random_(0, allowed, generator=gen)
-    dtype = _small_int(k)
+    dtype = small_int(k)
     index = torch.arange(1, k + 1, dtype=dtype).expand(n, k)  # j + 1
     step = _rows_per_table(n, allowed * index.element_size())
     table = torch.zeros(step, allowed, dtype=dtype)

@@ -184,7 +184,7 @@ CASES = [
      "--min-seq-len: the mqar task has a fixed length; leave --min-seq-len out"),
     ("data files with a token task", train("--task", "induction", "--data-files", T + "/d.jsonl"),
      a_file("d.jsonl", '{"sequence": [0.1], "label": 1}\n'), 2,
-     "--data-files needs one label per sequence; induction has one per step"),
+     "--task: --data-files hold sequences of numbers; induction takes token ids"),
     # eval
     ("eval without checkpoints", ["eval", "--run-dir", T], setup_nothing, 2, "no intact checkpoint under"),
     ("eval output dir missing", ["eval", "--run-dir", R, "--output", T + "/no/e.json"], setup_nothing, 2,

@@ -16,7 +16,8 @@ from distseq.bench.report import PLOTS_HINT, write_report
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 
-PLOTS = {"overhead.png", "scaling.png", "time_to_accuracy.png", "precision.png", "step_time.png", "memory.png"}
+PLOTS = {"overhead.png", "scaling.png", "time_to_accuracy.png", "precision.png", "step_time.png", "memory.png",
+         "recall_induction.png", "recall_mqar.png"}
 
 
 def finite(value) -> bool:
@@ -43,8 +44,20 @@ def test_bench_quick_writes_every_key(quick_bench):
     assert finite(bench["time_to_99_s"]) and 0 < bench["time_to_99_s"] < 300
     assert finite(bench["seed_recipe_seconds"]) and bench["seed_recipe_seconds"] > 0
     assert 0.85 <= bench["seed_recipe_accuracy"] <= 1.0  # the original recipe, bug fixed, learns the task
-    for key in ("overhead_ratio", "scaling_2proc", "scaling_efficiency", "stream_ratio", "seek_ratio"):
-        assert finite(bench[key]), key
+    for key in ("overhead_ratio", "scaling_2proc", "scaling_efficiency", "stream_ratio", "seek_ratio",
+                "decoder_overhead_ratio", "token_stream_ratio"):
+        assert finite(bench[key]) and 0 < bench[key] < 5, key
+    assert bench["token_stream_seq_len"] == 2048
+    tokens = bench["suites"]["stream"]["token_tasks"]
+    assert set(tokens) == {"mqar", "induction", "selective-copy"}
+    assert bench["token_stream_ratio"] == min(t["ratio"] for t in tokens.values())
+    # the recall suite: its headlines, both curves, one row per (model, pairs) of the quick grid
+    assert 0 <= bench["induction_accuracy_2_layers"] <= 1 and 0 <= bench["induction_accuracy_1_layer"] <= 1
+    recall = bench["suites"]["recall"]
+    assert set(recall["induction_curves"]) == {"1", "2"} and all(recall["induction_curves"].values())
+    assert {(r["model"], r["num_kv_pairs"]) for r in bench["mqar_table"]} == {
+        (m, p) for m in ("decoder", "lstm") for p in (4, 8)}
+    assert all(0 <= r["accuracy"] <= 1 and r["seq_len"] >= 4 * r["num_kv_pairs"] for r in bench["mqar_table"])
     assert set(bench["goals"]) == set(GOALS)
     assert all(isinstance(g["met"], bool) for g in bench["goals"].values())
 
@@ -55,7 +68,7 @@ def test_bench_quick_writes_every_key(quick_bench):
 
     table = bench["precision_table"]
     assert {(r["model"], r["precision"]) for r in table} == {
-        (m, p) for m in ("rnn", "gru", "lstm", "transformer") for p in ("no", "bf16", "fp16")}
+        (m, p) for m in ("decoder", "rnn", "gru", "lstm", "transformer") for p in ("no", "bf16", "fp16")}
     for row in table:
         assert (row["works"] and row["steps_per_sec"] > 0) or (not row["works"] and row["steps_per_sec"] is None
                                                                and row["error"])

@@ -106,11 +106,16 @@ def test_a_log_file_gets_plain_lines_not_progress_frames(tmp_path, cli):
     assert "train: 100%" in forced.stderr  # --progress still shows it where asked for
 
 
-def test_throughput_leaves_out_paused_time():
-    clock = TrainingClock()
+def test_throughput_leaves_out_set_up_and_paused_time():
+    clock = TrainingClock(train_before=5.0)
     meter = Throughput(0, 0, 0, clock, flops_per_token=10.0)
+    time.sleep(0.2)  # set-up before the first step: wall time, not training time
+    assert clock.train_seconds() == 5.0 and clock.wall_seconds() >= 0.2
+    clock.begin_training()
     with clock.pause():
         time.sleep(0.3)  # an evaluation or a checkpoint write
+    time.sleep(0.01)
+    assert 5.01 <= clock.train_seconds() < 5.1
     window = meter.window(1, 100, 1000)
     assert window["perf/step_time_ms"] < 100 and window["perf/samples_per_sec"] > 1000
     assert window["perf/tokens_per_sec"] > 10000

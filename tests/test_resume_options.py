@@ -187,3 +187,6 @@ def test_a_summary_lost_after_the_last_checkpoint_is_rebuilt(first_half, tmp_pat
     rebuilt = summary(run)
     assert rebuilt["step"] == 10 and rebuilt["status"] == "complete" and rebuilt["samples"] == 10 * 32
     assert "rebuilt from the checkpoint" in rebuilt["note"]
+    # throughput from what the checkpoint carried: its tokens over its training seconds
+    assert rebuilt["tokens"] == 10 * 32 * 10 and rebuilt["tokens_per_sec"] > 0  # 10 steps x 32 samples x seq 10
+    assert rebuilt["tokens_per_sec"] == pytest.approx(rebuilt["tokens"] / rebuilt["train_seconds"])

@@ -467,6 +467,27 @@ def test_tied_embeddings_share_the_tensor():
     assert tied.embed.weight.grad is not None and tied.head.weight.grad is tied.embed.weight.grad
 
 
+def test_flops_count_every_matmul_weight_of_the_transformer_and_lstm():
+    """nn.MultiheadAttention keeps its input projection as a parameter of its own (not in a Linear):
+    counted; the embedding table and position tables are not."""
+    spec = spec_of(16, 40, num_kv_pairs=2)
+    D, V = 16, 40
+    for positions in ("sinusoidal", "learned"):
+        model = model_for("transformer", "mqar", spec, positions=positions, num_layers=2)
+        assert matmul_params(model) == 2 * (3 * D * D + D * D + 2 * 4 * D * D) + D * V
+    lstm = model_for("lstm", "mqar", spec, num_layers=2)
+    assert matmul_params(lstm) == 2 * (4 * D * D + 4 * D * D) + D * V  # input and hidden weights per layer
+
+
+def test_a_sample_without_answers_is_neither_right_nor_solved():
+    from distseq.tasks import per_step_scores
+
+    logits, y = torch.randn(3, 4, 5), torch.full((3, 4), IGNORE)
+    y[0, 1] = logits[0, 1].argmax()  # one answer, right
+    correct, solved = per_step_scores(logits, y)
+    assert correct.tolist() == [1.0, 0.0, 0.0] and solved.tolist() == [1.0, 0.0, 0.0]
+
+
 def test_flops_per_token_of_the_decoder():
     """6 per weight of a matmul (the tied output layer counts; an embedding lookup, biases, norms and a
     learned position table do not) plus 12 x layers x width x sequence length."""
