@@ -243,29 +243,45 @@ def classes_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).to(torch.float32)  # (B,)
 
 
+# Per-step heads label few steps (an answer here and there among noise). On a CPU the loss and the
+# scores look at the labelled steps only: a softmax and an argmax over every step's logits cost a
+# per-step harness ~10% of a small decoder's step, and finding the labelled steps (a nonzero) costs
+# nothing there. On an accelerator that nonzero would wait for the device each step, so the dense form
+# runs there (the same numbers, summed in another order).
+def _answers(y: torch.Tensor, device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(sample, step) of every labelled step, or None where the dense form is cheaper."""
+    return (y != IGNORE).nonzero(as_tuple=True) if device.type == "cpu" else None
+
+
 def per_step_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over each sample's labelled steps: logits (B, T, C), y (B, T) -> (B,)."""
-    B, T, C = logits.shape  # softmax over the contiguous last dimension: (B*T, C)
+    B, T, C = logits.shape
+    count = (y != IGNORE).sum(1).clamp(min=1).to(torch.float32)  # (B,)
+    answers = _answers(y, logits.device)
+    if answers is not None:
+        per_answer = F.cross_entropy(logits[answers].float(), y[answers], reduction="none")  # (A,)
+        return torch.zeros(B, device=logits.device).index_add(0, answers[0], per_answer) / count
     per_step = F.cross_entropy(logits.float().reshape(B * T, C), y.reshape(B * T), ignore_index=IGNORE,
-                               reduction="none").view(B, T)
-    labelled = (y != IGNORE).to(torch.float32)
-    return (per_step * labelled).sum(1) / labelled.sum(1).clamp(min=1)
+                               reduction="none").view(B, T)  # softmax over the contiguous last dimension
+    return per_step.sum(1) / count  # ignored steps are 0
 
 
 def per_step_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fraction of each sample's labelled steps predicted right: (B,)."""
-    labelled = (y != IGNORE).to(torch.float32)
-    right = (logits.argmax(-1) == y).to(torch.float32) * labelled
-    return right.sum(1) / labelled.sum(1).clamp(min=1)
+    return per_step_scores(logits, y)[0]
 
 
 def per_step_scores(logits: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(fraction of each sample's labelled steps right, 1.0 where all of them are), each (B,)."""
-    labelled = y != IGNORE  # (B, T)
-    wrong = (logits.argmax(-1) != y) & labelled
-    count = labelled.sum(1)
-    correct = (count - wrong.sum(1)).to(torch.float32) / count.clamp(min=1).to(torch.float32)
-    return correct, (~wrong.any(1) & (count > 0)).to(torch.float32)  # no answers: neither right nor solved
+    count = (y != IGNORE).sum(1)  # (B,)
+    answers = _answers(y, logits.device)
+    if answers is not None:
+        wrong_answers = (logits[answers].argmax(-1) != y[answers]).to(count.dtype)  # (A,)
+        wrong = torch.zeros_like(count).index_add(0, answers[0], wrong_answers)
+    else:
+        wrong = ((logits.argmax(-1) != y) & (y != IGNORE)).sum(1)
+    correct = (count - wrong).to(torch.float32) / count.clamp(min=1).to(torch.float32)
+    return correct, ((wrong == 0) & (count > 0)).to(torch.float32)  # no answers: neither right nor solved
 
 
 HEADS = {

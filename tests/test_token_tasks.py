@@ -730,3 +730,28 @@ def test_cli_probe_on_a_token_preset(tmp_path, capsys):
     assert proc.returncode in (0, None), proc.stderr[-2000:]
     rows = json.loads((tmp_path / "p.json").read_text())
     assert {r["model"] for r in rows if r["precision"] == "no" and r["works"]} >= set(MODEL_KINDS)
+
+
+def test_per_step_loss_and_scores_on_answers_only_equal_the_dense_form(monkeypatch):
+    """On a CPU the per-step head looks only at the labelled steps; the dense form (what runs on an
+    accelerator) gives the same losses, gradients and scores."""
+    from distseq import tasks
+
+    torch.manual_seed(0)
+    logits = torch.randn(20, 9, 7, requires_grad=True)
+    y = torch.randint(0, 7, (20, 9))
+    y[torch.rand(20, 9) < 0.7] = IGNORE
+    y[3] = IGNORE  # a sample without answers
+    y[4, 2] = logits[4, 2].argmax()  # and one with a right answer
+    results = {}
+    for form in ("answers", "dense"):
+        if form == "dense":
+            monkeypatch.setattr(tasks, "_answers", lambda y, device: None)
+        loss = tasks.per_step_loss(logits, y)
+        grad, = torch.autograd.grad(loss.sum(), logits)
+        results[form] = (loss.detach(), grad, *tasks.per_step_scores(logits.detach(), y))
+    (loss_a, grad_a, correct_a, solved_a), (loss_d, grad_d, correct_d, solved_d) = results.values()
+    assert torch.allclose(loss_a, loss_d, atol=1e-6) and torch.allclose(grad_a, grad_d, atol=1e-7)
+    assert torch.equal(correct_a, correct_d) and torch.equal(solved_a, solved_d)
+    assert loss_a[3] == 0 and correct_a[3] == 0 and solved_a[3] == 0
+    assert (grad_a[y == IGNORE] == 0).all()  # an unlabelled step gets no gradient
