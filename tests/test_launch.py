@@ -102,7 +102,7 @@ def test_probe_table_covers_the_cpu_rows(tmp_path):
     proc = run_distseq(["probe", "--hidden-size", "16", "--global-batch-size", "32", "--json", str(tmp_path / "p.json")])
     assert_ok(proc)
     rows = {(r["model"], r["precision"]): r for r in json.loads((tmp_path / "p.json").read_text())}
-    kinds = ("rnn", "gru", "lstm", "transformer")
+    kinds = ("decoder", "rnn", "gru", "lstm", "transformer")
     assert set(rows) == {(m, p) for m in kinds for p in ("no", "bf16", "fp16")}
     for kind in kinds:
         assert rows[(kind, "no")]["works"] and rows[(kind, "no")]["ms_per_step"] > 0

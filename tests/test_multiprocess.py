@@ -69,3 +69,25 @@ def test_exact_sharding_across_ranks_and_workers(world_size):
         assert case["samples"] == 13 * 16 * world_size
         assert case["failures"] == [], case
     assert proc.returncode == 0
+
+
+def test_a_token_task_on_two_processes_counts_every_token_once(tmp_path):
+    """The decoder on mqar, 1 vs 2 processes: the same samples (digest), the same weights to float
+    error, and the tokens and sequence accuracy summed over ranks (each rank counts its own)."""
+    token_args = ["train", "--preset", "mqar", "--max-steps", "4", "--log-every", "2", "--eval-every", "4",
+                  "--eval-size", "64", "--global-batch-size", "16", "--no-progress", "--verify-data",
+                  "--grad-clip", "0", "--precision", "no"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_distseq([*token_args, "--run-dir", str(one)]))
+    assert_ok(accelerate_launch(two_process_args(), [*token_args, "--run-dir", str(two)], timeout=180))
+    first, second = summary(one), summary(two)
+    assert second["world_size"] == 2 and first["world_size"] == 1
+    assert first["tokens"] == second["tokens"] == 4 * 16 * 64  # steps x samples x seq 64 of the preset
+    per_rank = [Digest(**d) for d in second["data_accounting"]["per_rank"]]
+    assert per_rank[0].merge(per_rank[1]) == Digest.of_range(0, 4 * 16)
+    a = load_file(one / "checkpoints" / "step-00000004" / "model.safetensors")
+    b = load_file(two / "checkpoints" / "step-00000004" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    for key in ("eval/accuracy", "eval/sequence_accuracy"):
+        assert abs(first[key] - second[key]) < 1e-3, key

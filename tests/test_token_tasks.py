@@ -355,7 +355,7 @@ def test_cli_check_task_on_a_token_preset_passes(capsys):
     proc = run_main(["check-task", "mqar"], capsys)
     assert proc.returncode in (0, None), proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[0].startswith("ok    shapes") and "x (1024, 128) int64 ids in [0, 512)" in lines[0]
+    assert lines[0].startswith("ok    shapes") and "x (1024, 64) int64 ids in [0, 128)" in lines[0]
     assert lines[-1] == f"task 'mqar': keeps the stream contract ({len(PROPERTIES)} properties)"
 
 
