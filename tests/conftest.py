@@ -86,3 +86,21 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture
+def register():
+    """Register a task for one test and remove it afterwards, so no other test sees it."""
+    import distseq
+    from distseq.registry import TASKS
+
+    names = []
+
+    def add(name, obj):
+        distseq.register_task(name)(obj)
+        names.append(name)
+        return name
+
+    yield add
+    for name in names:
+        TASKS._items.pop(name, None)

@@ -7,7 +7,6 @@ import textwrap
 import pytest
 import torch
 
-import distseq
 from distseq.checktask import PROPERTIES, check_task, format_findings
 from distseq.config import TrainConfig
 from distseq.data import SampleSource
@@ -39,21 +38,6 @@ def by_name(findings) -> dict:
 
 def failed(findings) -> list:
     return [f.name for f in findings if not f.ok]
-
-
-@pytest.fixture
-def register():
-    """Register a task for one test and remove it afterwards, so no other test sees it."""
-    names = []
-
-    def add(name, obj):
-        distseq.register_task(name)(obj)
-        names.append(name)
-        return name
-
-    yield add
-    for name in names:
-        TASKS._items.pop(name, None)
 
 
 class SumSign:

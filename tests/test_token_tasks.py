@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import torch
 
-import distseq
 from conftest import REPO, cpu_env, run_main, scalars, summary
 from distseq.checktask import PROPERTIES, check_task
 from distseq.config import ModelConfig, TrainConfig
@@ -181,7 +180,7 @@ def assert_uniform(counts: Counter, support, tolerance: float) -> None:
 
 def test_mqar_keys_values_and_noise_are_uniform():
     spec = spec_of(64, 32, num_kv_pairs=4)
-    T, m, V, half = 64, 4, 32, 16
+    m, V, half = 4, 32, 16
     x, y = draw("mqar", 6000, spec, seed=3)
     keys, values = x[:, 0:2 * m:2], x[:, 1:2 * m:2]
     # 24000 keys over 15 ids: ~1600 each, sd ~40; 24000 values over 16 ids: ~1500 each, sd ~38
@@ -264,20 +263,6 @@ def test_selective_copy_positions_and_tokens_are_uniform():
 
 
 # --- check-task --------------------------------------------------------------------------------------
-@pytest.fixture
-def register():
-    names = []
-
-    def add(name, obj):
-        distseq.register_task(name)(obj)
-        names.append(name)
-        return name
-
-    yield add
-    for name in names:
-        TASKS._items.pop(name, None)
-
-
 class TokenTask:
     """A well-behaved token task (a per-step 'repeat the previous token'); broken ones change one thing."""
 
