@@ -48,7 +48,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 def peak_flops(device: torch.device) -> Optional[float]:
     """The device's peak dense bf16 FLOP/s, or None when it is not a GPU in the table."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_for_name(name: str) -> Optional[float]:
+    """The table's peak for a GPU named ``name`` (as torch.cuda.get_device_name spells it), or None."""
     return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)

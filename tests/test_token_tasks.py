@@ -740,3 +740,28 @@ def test_per_step_loss_and_scores_on_answers_only_equal_the_dense_form(monkeypat
     assert torch.equal(correct_a, correct_d) and torch.equal(solved_a, solved_d)
     assert loss_a[3] == 0 and correct_a[3] == 0 and solved_a[3] == 0
     assert (grad_a[y == IGNORE] == 0).all()  # an unlabelled step gets no gradient
+
+
+def test_mfu_peaks_by_gpu_name():
+    """The first fragment found wins, so a name never falls to a shorter fragment it contains."""
+    from distseq.flops import peak_for_name, peak_flops
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12 and peak_for_name("NVIDIA H100 NVL") == 835e12
+    assert peak_for_name("NVIDIA H200") == 989e12 and peak_for_name("NVIDIA GH200 480GB") == 989e12
+    assert peak_for_name("NVIDIA A100-SXM4-80GB") == 312e12 and peak_for_name("NVIDIA A10G") == 70e12
+    assert peak_for_name("NVIDIA L40S") == 362e12 and peak_for_name("NVIDIA L40") == 181e12
+    assert peak_for_name("NVIDIA L4") == 121e12
+    assert peak_for_name("Tesla T4") is None and peak_for_name("") is None
+    assert peak_flops(torch.device("cpu")) is None
+
+
+def test_mfu_divides_model_flops_by_every_devices_peak():
+    from distseq.metrics import Throughput, TrainingClock
+
+    clock = TrainingClock()
+    clock.begin_training()
+    meter = Throughput(0, 0, 0, clock, flops_per_token=1e6, peak=1e12, devices=2)
+    window = meter.window(1, 8, 8000)
+    assert window["perf/mfu"] == pytest.approx(window["perf/model_flops_per_sec"] / 2e12)
+    assert window["perf/model_flops_per_sec"] == pytest.approx(1e6 * window["perf/tokens_per_sec"])
