@@ -172,13 +172,8 @@ def plot_induction(plt, s: Dict, path: Path) -> None:
     vocab = s["config"]["induction_2_layers"]["data"]["vocab_size"]
     ax.axhline(1 / (vocab - 1), color="grey", linestyle=":", linewidth=1, label="chance")
     ax.axhline(0.99, color="k", linestyle="--", linewidth=1, label="0.99")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("induction: 2 attention layers vs 1", fontsize=10)
-    ax.legend(loc="center right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish_accuracy_plot(fig, ax, "optimizer step", "held-out accuracy", "induction: 2 attention layers vs 1",
+                          "center right", path)
 
 
 def plot_mqar(plt, rows: List[dict], path: Path) -> None:
@@ -190,13 +185,20 @@ def plot_mqar(plt, rows: List[dict], path: Path) -> None:
         seq = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
         ax.plot([r["num_kv_pairs"] for r in mine], [r["accuracy"] for r in mine], "-o", markersize=4,
                 label=f"{model} (seq {seq}, {mine[0]['steps']} steps per cell)")
+    pairs = sorted({r["num_kv_pairs"] for r in rows})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["num_kv_pairs"] for r in rows}), [str(m) for m in sorted({r["num_kv_pairs"] for r in rows})])
-    ax.set_xlabel("key-value pairs (--num-kv-pairs)")
-    ax.set_ylabel("held-out accuracy per query")
+    ax.set_xticks(pairs, [str(m) for m in pairs])
+    _finish_accuracy_plot(fig, ax, "key-value pairs (--num-kv-pairs)", "held-out accuracy per query",
+                          "MQAR: attention vs a recurrent state of the same width", "upper right", path)
+
+
+def _finish_accuracy_plot(fig, ax, xlabel: str, ylabel: str, title: str, legend: str, path: Path) -> None:
+    """Labels, an accuracy axis from 0 to 1, title and legend; then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.02)
-    ax.set_title("MQAR: attention vs a recurrent state of the same width", fontsize=10)
-    ax.legend(loc="upper right")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc=legend)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
