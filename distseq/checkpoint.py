@@ -8,9 +8,10 @@ the new one is complete. A checkpoint is verified (every hash) once when it is s
 reads tensors with safetensors or ``torch.load(weights_only=True)``: nothing in it executes code.
 
 Files: ``model.safetensors`` and ``trainer_state.pt`` (optimizer state) from the main process;
-``rng-rank{r}.pt`` (torch RNG states) and, for --data-files, ``data-rank{r}.json`` (the rank's
-``datasets`` state) from each rank; ``meta.json`` (step, samples, world size, the resolved config,
-the run's progress so far: training seconds, evaluations, skipped steps, changes of options).
+``rng-rank{r}.pt`` (torch RNG states) and, for --data-files --data-streaming, ``data-rank{r}.json``
+(the rank's ``datasets`` state) from each rank; ``meta.json`` (step, samples, world size, the
+resolved config, the run's progress so far: training seconds, evaluations, skipped steps, changes of
+options; for indexed --data-files, ``data``: the rows' count and content hash).
 The learning-rate schedule is not stored: it is a function of the step and the options.
 """
 
@@ -45,7 +46,7 @@ STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # they match. Everything else (max_steps, lr, world size, logging, ...) may change across a resume.
 IDENTITY = {
     "data": ("task", "seq_len", "min_seq_len", "vocab_size", "copy_len", "num_kv_pairs", "block_size",
-             "dataset_size", "data_files", "sequence_column", "label_column"),
+             "dataset_size", "data_files", "data_streaming", "sequence_column", "label_column"),
     "model": ("kind", "hidden_size", "num_layers", "bidirectional", "num_heads", "positions", "tie_embeddings"),
     "train": ("global_batch_size", "seed"),
 }
@@ -113,6 +114,7 @@ def save_checkpoint(
     progress: dict,
     keep_last: int = 0,
     data_state: Optional[dict] = None,
+    data_identity: Optional[dict] = None,
     previous: Optional[Path] = None,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically on every rank's behalf; returns its directory.
@@ -166,6 +168,7 @@ def save_checkpoint(
                 "world_size": accelerator.num_processes,
                 "config": config,
                 "progress": progress,
+                **({"data": data_identity} if data_identity is not None else {}),
                 "plugins": list(PLUGINS),  # what eval, predict, export and load_model import again
                 "versions": versions(),
                 "sha256": hashes,
@@ -391,10 +394,10 @@ class CheckpointManager:
         return done == self.max_steps or bool(self.every and done % self.every == 0) or stopping
 
     def save(self, done: int, model, optimizer, *, samples: int, config: dict, progress: dict,
-             data_state: Optional[dict]) -> Path:
+             data_state: Optional[dict], data_identity: Optional[dict] = None) -> Path:
         self.newest = save_checkpoint(self.accelerator, self.run_dir, model, optimizer, step=done, samples=samples,
                                       config=config, progress=progress, keep_last=self.keep_last,
-                                      data_state=data_state, previous=self.newest)
+                                      data_state=data_state, data_identity=data_identity, previous=self.newest)
         return self.newest
 
     def kept(self) -> str:

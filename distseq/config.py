@@ -69,8 +69,17 @@ class DataConfig:
     eval_size: int = _opt(4096, "held-out samples per evaluation (drawn with a separate key, never trained on)")
     data_files: Optional[str] = _opt(
         None,
-        "train on your own parquet or JSON-lines files (paths or globs, comma-separated) instead of the synthetic "
-        "stream: one pass, rows split across processes; --task picks the loss and the held-out set",
+        "train on your own parquet or JSON-lines files (paths or globs, comma-separated, in that order) instead of "
+        "the synthetic stream: indexed once (cached), every row checked, reshuffled each epoch and cycled until "
+        "--max-steps; --task picks the loss and the held-out set",
+    )
+    data_streaming: bool = _opt(
+        False,
+        "read --data-files once, in order, without an index (data that does not fit on local disk): training ends "
+        "when a process runs out of rows, and a run resumes only on the same number of processes",
+    )
+    data_cache: Optional[str] = _opt(
+        None, "directory of the --data-files index (default: $DISTSEQ_CACHE, else ~/.cache/distseq)"
     )
     sequence_column: str = _opt("sequence", "column of --data-files holding each sequence (a list of numbers)")
     label_column: str = _opt("label", "column of --data-files holding each label")
@@ -317,6 +326,8 @@ class TrainConfig:
                                   f"--vocab-size")
         if d.data_files is not None:
             self._validate_data_files()
+        elif d.data_streaming:
+            raise ConfigError("--data-streaming", "applies to --data-files only; give --data-files or leave it out")
         if Path(t.run_dir).exists() and not Path(t.run_dir).is_dir():
             raise ConfigError("--run-dir", f"{t.run_dir} exists and is not a directory")
         return self
@@ -362,13 +373,16 @@ class TrainConfig:
 
         d = self.data
         conflicts = {
-            "--num-workers": d.num_workers != 0,  # rows are read in-process so order and resume state stay exact
-            "--dataset-size": d.dataset_size is not None,
-            "--verify-data": self.train.verify_data,  # it checks synthetic stream positions
+            "--dataset-size": d.dataset_size is not None,  # the files' row count is the dataset's size
+            # streamed rows are read in-process so that their order and resume state stay exact, and they carry
+            # no stream positions to verify
+            "--num-workers": d.data_streaming and d.num_workers != 0,
+            "--verify-data": d.data_streaming and self.train.verify_data,
         }
         for option, conflict in conflicts.items():
             if conflict:
-                raise ConfigError(option, "does not apply with --data-files; leave it out")
+                raise ConfigError(option, "does not apply with --data-files" + (" --data-streaming" if option !=
+                                  "--dataset-size" else " (the files' rows are the dataset)") + "; leave it out")
         if TASKS[d.task].tokens:
             raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
         if TASKS[d.task].head == "per-step":

@@ -59,7 +59,7 @@ def _generator(*words: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*words))
 
 
-class _LRU:
+class LRU:
     """A tiny per-instance cache (functools.lru_cache would pin the instance and share across them)."""
 
     def __init__(self, size: int, make: Callable):
@@ -93,9 +93,9 @@ class SampleSource:
         self.split_key = SPLIT_KEYS[split]
         self._block_generator = torch.Generator()  # reseeded per block: cheaper than a new one
         self.dataset_size = dataset_size
-        self._block = _LRU(cached_blocks, self._make_block)
-        self._epoch_order = _LRU(2, self._make_epoch_order)
-        self._within_block = _LRU(cached_blocks, self._make_within_block)
+        self._block = LRU(cached_blocks, self._make_block)
+        self._epoch_order = LRU(2, self._make_epoch_order)
+        self._within_block = LRU(cached_blocks, self._make_within_block)
 
     def sample_bytes(self) -> int:
         """Bytes of one sample as the stream carries it: x, y, its index (and length)."""

@@ -100,7 +100,8 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     from .data import SampleSource, eval_batches
     from .errors import CheckpointError
     from .export import WEIGHTS, model_from_checkpoint
-    from .files import FileStream, file_eval_batches, resolve_files
+    from .file_index import FileSource, open_index
+    from .files import resolve_files
     from .io import write_json
     from .runtime import fresh_accelerator, print0
     from .registry import TASKS
@@ -130,15 +131,15 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     started = time.perf_counter()
     if data_files:
         from .errors import ConfigError
-        from .files import check_files
 
         if task.head == "per-step":
             raise ConfigError("--data-files", f"needs one label per sequence; this checkpoint's task {cfg.data.task} "
                                               f"has one per step")
-        check_files(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column)
-        stream = FileStream(resolve_files(data_files), cfg.data.sequence_column, cfg.data.label_column, task, spec,
-                            rank, world, eval_batch_size(task, spec))
-        batches, expected = file_eval_batches(stream, accelerator, eval_batch_size(task, spec)), None
+        say = (lambda line: print(line, flush=True)) if accelerator.is_main_process else (lambda line: None)
+        index = open_index(resolve_files(data_files), task, spec, cfg.data.sequence_column, cfg.data.label_column,
+                           cfg.data.data_cache, say, progress=False)
+        expected = index.rows  # every row once, in the files' order
+        batches = eval_batches(FileSource(index, None, spec.variable), rank, world, expected, eval_batch_size(task, spec))
     else:
         expected = eval_size or cfg.data.eval_size
         source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "eval")

@@ -1,33 +1,27 @@
-"""Your own data: parquet or JSON-lines files streamed with ``datasets`` instead of a synthetic task.
+"""Your own data: what ``--data-files`` are, and what one row must hold.
 
-Each row holds a sequence (a list of numbers, or of F-number lists) and one label. Files are read
-with ``load_dataset(..., streaming=True)`` one at a time inside a generator that tags every row with
-its file and row number, so a bad row is reported by name; that generator is the ``datasets``
-IterableDataset handed to ``split_dataset_by_node`` (whole files per rank when the file count divides
-by the world size, else every W-th row). Its ``state_dict()`` is the resume state.
-
-Files are finite and ranks may hold different row counts, so every step the ranks agree (one
-all-reduce) whether each of them still has a full step of rows; the first rank to run dry ends
-training for all, and the rows left over on the others are not used. A partial last micro-batch is
-dropped. Rows are read in-process: their order and the resume state stay exact.
+Each row holds a sequence (a list of numbers, or of F-number lists) and one label. This module
+resolves the files (paths or globs, comma-separated, in that order; a glob's matches sorted),
+checks them cheaply before a run (each exists, holds rows and both columns), and turns one row into
+a sample or a one-line error naming the file and the row (``row_to_sample``). The indexed dataset
+(``file_index.py``) and the streaming path (``file_stream.py``) both report bad rows with it, and
+``predict`` parses its inputs with ``sequence_to_tensor``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
-from accelerate import Accelerator
-from datasets import IterableDataset, load_dataset
-from datasets.distributed import split_dataset_by_node
 
 from .errors import ConfigError, DataFileError
-from .tasks import Batch, Task, TaskSpec
+from .tasks import Task, TaskSpec
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -42,18 +36,25 @@ def resolve_files(pattern: str) -> List[str]:
         files += matches
     if not files:
         raise ConfigError("--data-files", "no files given")
+    seen = {}
+    for path in files:
+        real = str(Path(path).resolve())
+        if real in seen:
+            raise ConfigError("--data-files", f"{path} is listed twice (as {seen[real]} too): each file's rows count once")
+        seen[real] = path
     suffixes = {Path(f).suffix for f in files}
     if not suffixes <= FORMATS.keys() or len({FORMATS[s] for s in suffixes}) != 1:
         raise ConfigError("--data-files", f"files must all be .jsonl/.json or all .parquet (got {', '.join(sorted(suffixes))})")
     return files
 
 
-def _format(files: List[str]) -> str:
-    return FORMATS[Path(files[0]).suffix]
+def file_format(path: str) -> str:
+    """``parquet`` or ``json`` (JSON lines), from the file's suffix."""
+    return FORMATS[Path(path).suffix]
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def quiet_datasets():
     """datasets logs its own copy of a parse error; ours names the file in one line instead."""
     logger = logging.getLogger("datasets")
     level = logger.level
@@ -64,53 +65,54 @@ def _quiet_datasets():
         logger.setLevel(level)
 
 
-def _parse_error(path: str, error: Exception) -> DataFileError:
+def parse_error(path: str, error: Exception) -> DataFileError:
     return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (rows count from 0)")
 
 
-def _file_rows(files: List[str], data_format: str) -> Iterator[dict]:
-    for path in files:
-        rows = load_dataset(data_format, data_files=[path], streaming=True, split="train")
-        try:
-            with _quiet_datasets():
-                for row_number, row in enumerate(rows):
-                    yield {"file": path, "row": row_number, "data": row}
-        except Exception as error:  # a parse error deep inside pyarrow, which names the row
-            raise _parse_error(path, error) from None
+def first_json_row(path: str) -> Optional[tuple]:
+    """(row number, the first non-blank line of a JSON-lines file parsed), None for a file without rows."""
+    with open(path, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    return 0, json.loads(line)
+                except ValueError as error:
+                    raise DataFileError(f"{path}: row 0 (from 0): not valid JSON: {error}") from None
+    return None
 
 
-def _has_rows(path: str) -> bool:
-    """Whether a file holds at least one row: parquet from its footer, JSON lines from the first
-    non-blank byte (cheap for any size)."""
-    if _format([path]) == "parquet":
+def file_columns(path: str) -> Optional[List[str]]:
+    """The column names of a file (parquet: its schema; JSON lines: its first row), None when it holds no
+    rows; a one-line ConfigError when it cannot be read as its suffix says."""
+    if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_metadata(path).num_rows > 0
+            metadata = pq.read_metadata(path)
         except Exception as error:  # not a parquet file: one line naming it
             raise ConfigError("--data-files", f"{path} is not a readable parquet file: {str(error).splitlines()[0]}") from None
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 16), b""):
-            if chunk.strip():
-                return True
-    return False
+        return metadata.schema.to_arrow_schema().names if metadata.num_rows > 0 else None
+    try:
+        first = first_json_row(path)
+    except DataFileError as error:
+        raise ConfigError("--data-files", str(error)) from None
+    if first is None:
+        return None
+    if not isinstance(first[1], dict):
+        raise ConfigError("--data-files", f"{path}: row 0 (from 0): not a JSON object")
+    return list(first[1])
 
 
 def check_files(files: List[str], sequence_column: str, label_column: str) -> None:
-    """Every file has rows, and the first row of the first file has both columns (say which exist if not)."""
+    """Every file has rows and both columns (say which it has if not); cheap for any size: a parquet
+    footer, a JSON-lines file's first row."""
     for path in files:
-        if not _has_rows(path):
+        columns = file_columns(path)
+        if columns is None:
             raise ConfigError("--data-files", f"{path} has no rows (every file of --data-files must hold some)")
-    try:
-        with _quiet_datasets():
-            first = next(iter(load_dataset(_format(files), data_files=files[:1], streaming=True, split="train")))
-    except StopIteration:
-        raise ConfigError("--data-files", f"{files[0]} has no rows") from None
-    except Exception as error:
-        raise ConfigError("--data-files", str(_parse_error(files[0], error))) from None
-    for option, column in (("--sequence-column", sequence_column), ("--label-column", label_column)):
-        if column not in first:
-            raise ConfigError(option, f"column {column!r} is not in {files[0]} (columns: {', '.join(first)})")
+        for option, column in (("--sequence-column", sequence_column), ("--label-column", label_column)):
+            if column not in columns:
+                raise ConfigError(option, f"column {column!r} is not in {path} (columns: {', '.join(columns)})")
 
 
 def sequence_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskSpec):
@@ -174,95 +176,3 @@ def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task
                                 f"{task.name} (got {label!r})")
         return x, length, int(label)
     return x, length, float(label)
-
-
-class FileStream:
-    """Micro-batches of one rank's rows, in order, with the dataset's own resume state."""
-
-    def __init__(self, files: List[str], sequence_column: str, label_column: str, task: Task, spec: TaskSpec,
-                 rank: int, world_size: int, micro_batch: int):
-        dataset = IterableDataset.from_generator(_file_rows, gen_kwargs={"files": files, "data_format": _format(files)})
-        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        self.columns = (sequence_column, label_column)
-        self.task, self.spec, self.micro_batch = task, spec, micro_batch
-        self._rows: Optional[Iterator[dict]] = None
-
-    def state_dict(self) -> dict:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
-        self._rows = None
-
-    def next_micro_batch(self, partial: bool = False) -> Optional[Batch]:
-        """b rows as a batch; None when fewer than b remain (dropped), unless ``partial`` (then None at the end)."""
-        if self._rows is None:
-            self._rows = iter(self.dataset)
-        samples = []
-        for row in self._rows:
-            samples.append(row_to_sample(row, *self.columns, self.task, self.spec))
-            if len(samples) == self.micro_batch:
-                break
-        if not samples or (len(samples) < self.micro_batch and not partial):
-            return None
-        xs, lengths, ys = zip(*samples)
-        y_type = torch.int64 if self.task.head == "classes" else torch.float32
-        batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=y_type)}  # (b, T, F), (b,)
-        batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # a real row (padding rows carry -1)
-        if self.spec.variable:
-            batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
-        return batch
-
-
-class FileFeed:
-    """Finite files: every step, all ranks agree (one all-reduce) whether each still has a full step."""
-
-    CONTINUE, EXHAUSTED, FAILED = 0, 1, 2
-
-    def __init__(self, stream: FileStream, grad_accum: int, accelerator: Accelerator):
-        self.stream, self.grad_accum, self.accelerator = stream, grad_accum, accelerator
-
-    def state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def next_step(self) -> Optional[List[Batch]]:
-        status, error, step = self.CONTINUE, None, []
-        try:
-            while status == self.CONTINUE and len(step) < self.grad_accum:
-                batch = self.stream.next_micro_batch()
-                if batch is None:
-                    status = self.EXHAUSTED
-                else:
-                    step.append(batch)
-        except DataFileError as failure:
-            status, error = self.FAILED, failure
-        flag = torch.tensor(status, device=self.accelerator.device)
-        agreed = int(self.accelerator.reduce(flag, "max"))
-        if agreed == self.FAILED:
-            raise error or DataFileError("another process could not read its data files (its message names the row)")
-        return step if agreed == self.CONTINUE else None
-
-
-def file_eval_batches(stream: FileStream, accelerator: Accelerator, batch_size: int) -> list:
-    """All of this rank's rows as batches of ``batch_size``, padded (index -1) so that every rank holds
-    the same number of equally shaped batches for the gathers of evaluation."""
-    batches = []
-    while (batch := stream.next_micro_batch(partial=True)) is not None:
-        batches.append(batch)
-    count = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), "max"))
-    template = batches[0] if batches else None
-    if template is None:  # a rank without rows still joins every gather
-        spec, features = stream.spec, stream.task.num_features(stream.spec)
-        template = {"x": torch.zeros(1, spec.seq_len, features), "y": torch.zeros(1, dtype=torch.int64 if stream.task.head == "classes" else torch.float32), "index": torch.zeros(1, dtype=torch.int64)}
-        if spec.variable:
-            template["lengths"] = torch.full((1,), spec.seq_len, dtype=torch.int64)
-    padded = []
-    for i in range(count):
-        batch = batches[i] if i < len(batches) else {k: v[:0] for k, v in template.items()}
-        missing = batch_size - batch["x"].shape[0]
-        if missing:
-            filler = {k: v[:1].expand(missing, *v.shape[1:]) for k, v in template.items()}
-            filler["index"] = torch.full((missing,), -1, dtype=torch.int64)
-            batch = {k: torch.cat([batch[k], filler[k]]) for k in template}
-        padded.append(batch)
-    return padded

@@ -32,7 +32,9 @@ from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batch
 from .errors import CheckpointError, DataFileError, NonFiniteError, RunIOError, Stopped
 from .evaluation import Evaluator, eval_batch_size, forward
 from .failpoints import pause_point
-from .files import FileFeed, FileStream, resolve_files
+from .file_index import FileIndex, FileSource, open_index
+from .file_stream import FileFeed, FileStream
+from .files import resolve_files
 from .io import write_json
 from .flops import flops_per_token
 from .metrics import StepLogger, TrainingClock, start_tracking, summary, throughput
@@ -107,6 +109,7 @@ class Run:
     accounting: Optional[Accounting] = None
     clock: Optional[TrainingClock] = None
     nothing_left: Optional[dict] = None  # a finished run started again: its summary
+    files: Optional[FileIndex] = None  # indexed --data-files
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
     flops_per_token: float = 0.0  # training FLOPs per token of this model (flops.py)
 
@@ -167,6 +170,7 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # the launch's count; check_world_size confirms it
     d, t = cfg.data, cfg.train
     task, spec = TASKS[d.task], cfg.task_spec()
+    files = open_files(cfg)  # every row checked before anything of the run is written
     torch.manual_seed(t.seed)
     model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else build_model(cfg.model, task, spec)
@@ -188,7 +192,7 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     run = Run(cfg, accelerator, precision, signals, run_dir, task, spec,
               Layout(cfg.micro_batch_size(world), world, t.grad_accum_steps), model, optimizer, scheduler,
               checkpoints, Progress(first_step=t.start_step), t.start_step, None, config, model_name=model_name,
-              flops_per_token=flops_per_token(accelerator.unwrap_model(model), spec.seq_len))
+              flops_per_token=flops_per_token(accelerator.unwrap_model(model), spec.seq_len), files=files)
     data_state = resume(run)
     if run.nothing_left is not None:
         return run
@@ -205,6 +209,9 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     run.say(f"distseq: world_size={world} backend={accelerator.state.backend or 'none'} device={accelerator.device} "
             f"precision={precision.name} ({precision.reason}) micro_batch={layout.micro_batch} "
             f"grad_accum={layout.grad_accum} global_batch={layout.global_batch} run_dir={run.path}")
+    if files is not None:
+        run.say(f"distseq: data: {files.rows} rows in {len(files.files)} file(s); one epoch = "
+                f"{files.rows / layout.global_batch:.6g} steps of {layout.global_batch}, reshuffled each epoch")
 
     rank = accelerator.process_index
     run.clock = TrainingClock(run.progress.train_seconds, run.progress.wall_seconds)  # evaluation, saves pause it
@@ -229,10 +236,12 @@ def resume(run: Run) -> Optional[dict]:
     if path is None:
         return None
     check_compatible(meta, run.config, path)
+    check_same_data(run, meta, path)
     restored = load_checkpoint(accelerator, path, meta, run.model, run.optimizer)
-    if cfg.data.data_files and restored.world_size != accelerator.num_processes:
-        raise CheckpointError(f"{path}: --data-files runs resume only on the same number of processes "
-                            f"({restored.world_size}, not {accelerator.num_processes}): the files' split depends on it")
+    if cfg.data.data_streaming and restored.world_size != accelerator.num_processes:
+        raise CheckpointError(f"{path}: --data-streaming runs resume only on the same number of processes "
+                              f"({restored.world_size}, not {accelerator.num_processes}): the files' split depends "
+                              f"on it (indexed --data-files resume on any number)")
     run.start, run.resumed_from, run.progress = restored.step, path, Progress.restore(restored.progress)
     if "tokens" not in restored.progress:  # written before tokens were counted: exact for fixed lengths
         steps = (run.start - run.progress.first_step) * run.layout.global_batch
@@ -257,6 +266,34 @@ def resume(run: Run) -> Optional[dict]:
         run.say(f"distseq: {finished}; nothing to train")
         run.nothing_left = finished_summary(run, restored)
     return restored.data_state
+
+
+def check_same_data(run: Run, meta: dict, path: Path) -> None:
+    """An indexed --data-files run resumes only on the rows its checkpoint was trained on (their count and
+    content hash, wherever the files lie now)."""
+    if run.files is None:
+        return
+    then, now = meta.get("data"), run.files.identity()
+    if then is None:
+        raise CheckpointError(f"{path} was written by a --data-files run before the files were indexed: resume it "
+                              f"with --data-streaming (or --resume never in a new --run-dir)")
+    if (then.get("rows"), then.get("sha256")) != (now["rows"], now["sha256"]):
+        raise CheckpointError(f"{path} was trained on other data: {then.get('rows')} rows in {then.get('files')} "
+                              f"file(s), sha256 {str(then.get('sha256'))[:12]}; --data-files now hold {now['rows']} rows "
+                              f"in {now['files']}, sha256 {now['sha256'][:12]} (restore those files, or --resume never "
+                              f"in a new --run-dir)")
+
+
+def open_files(cfg: TrainConfig) -> Optional[FileIndex]:
+    """The index of --data-files (built where missing or stale), None for the synthetic stream or
+    --data-streaming. Before the Accelerator exists, so the launch's RANK says who prints."""
+    d = cfg.data
+    if not d.data_files or d.data_streaming:
+        return None
+    main = os.environ.get("RANK", "0") == "0"
+    return open_index(resolve_files(d.data_files), TASKS[d.task], cfg.task_spec(), d.sequence_column,
+                      d.label_column, d.data_cache, say=(lambda line: print(line, flush=True)) if main else
+                      (lambda line: None), progress=main and show_progress(cfg.log.progress))
 
 
 def finished_summary(run: Run, restored) -> dict:
@@ -290,13 +327,14 @@ def finished_summary(run: Run, restored) -> dict:
 def training_feed(run: Run, data_state: Optional[dict]):
     """This rank's micro-batches from the run's start: the synthetic stream, or the data files."""
     d, t, layout, rank = run.cfg.data, run.cfg.train, run.layout, run.accelerator.process_index
-    if d.data_files:
+    if d.data_streaming:
         stream = FileStream(resolve_files(d.data_files), d.sequence_column, d.label_column, run.task, run.spec,
                             rank, layout.world_size, layout.micro_batch)
         if data_state is not None:
             stream.load_state_dict(data_state)
         return FileFeed(stream, layout.grad_accum, run.accelerator)
-    source = SampleSource(d.task, run.spec, t.seed, d.block_size, "train", d.dataset_size)
+    source = (FileSource(run.files, t.seed, run.spec.variable) if run.files is not None else
+              SampleSource(d.task, run.spec, t.seed, d.block_size, "train", d.dataset_size))
     loader = train_loader(source, layout, rank, run.start, t.max_steps - run.start, d.samples_per_example,
                           d.num_workers, pin_memory=run.accelerator.device.type == "cuda")
     return SyntheticFeed(micro_batches(loader, layout.micro_batch), layout.grad_accum)
@@ -401,13 +439,32 @@ def record(run: Run, micro: list, done: int, outcome: Outcome) -> None:
 
 
 def save(run: Run, done: int, exhausted: bool = False) -> Path:
+    check_files_unchanged(run, done)
     progress = run.progress
     progress.train_seconds, progress.wall_seconds = run.clock.train_seconds(), run.clock.wall_seconds()
     progress.data_exhausted = exhausted
     progress.tokens = run.logger.flush_tokens()  # every rank saves here: the all-reduce is in lockstep
     with run.clock.pause():
         return run.checkpoints.save(done, run.model, run.optimizer, samples=done * run.layout.global_batch,
-                                    config=run.config, progress=vars(progress), data_state=run.feed.state_dict())
+                                    config=run.config, progress=vars(progress), data_state=run.feed.state_dict(),
+                                    data_identity=run.files.identity() if run.files is not None else None)
+
+
+def check_files_unchanged(run: Run, done: int) -> None:
+    """Before a checkpoint: the indexed files are still what was indexed (every rank agrees, one all-reduce).
+    Training reads the index, so the run itself is intact, but a checkpoint would claim data that the
+    files no longer hold: stop without writing it."""
+    if run.files is None:
+        return
+    change = run.files.changed()
+    if run.accelerator.num_processes > 1:
+        flag = torch.tensor(float(change is not None), device=run.accelerator.device)
+        if run.accelerator.reduce(flag, "max").item() and change is None:
+            change = "a data file changed (another process saw it)"
+    if change:
+        raise DataFileError(f"--data-files: {change} while this run trained on it; stopped at step {done} without "
+                            f"saving ({run.checkpoints.kept()}): restore the file to resume, or train anew on the "
+                            f"new data in a new --run-dir")
 
 
 def stop(run: Run, done: int, signum: int) -> None:

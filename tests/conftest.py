@@ -83,6 +83,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """The --data-files indexes of the whole session go to one fresh cache, never the user's."""
+    path = tmp_path_factory.mktemp("distseq-cache")
+    os.environ["DISTSEQ_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"

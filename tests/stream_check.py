@@ -1,7 +1,7 @@
 """Run by tests/test_multiprocess.py under torchrun: every rank consumes the trainer's stream exactly as
-the trainer does (train_loader + micro_batches) for several worker counts and dataset sizes; the ranks
-gather what they consumed over gloo and rank 0 checks it. Prints one JSON line per case; exit 1 on a
-violation."""
+the trainer does (train_loader + micro_batches) for several worker counts and dataset sizes, and, given
+data files (argv[1], comma-separated), over their index; the ranks gather what they consumed over gloo
+and rank 0 checks it. Prints one JSON line per case; exit 1 on a violation."""
 
 import json
 import sys
@@ -10,20 +10,29 @@ import torch
 import torch.distributed as dist
 
 from distseq.data import Layout, SampleSource, micro_batches, train_loader
+from distseq.file_index import FileSource, open_index
+from distseq.registry import TASKS
 from distseq.tasks import TaskSpec
 
 MICRO_BATCH, ACCUM, STEPS, FIRST_STEP = 8, 2, 13, 3
 
 
-def consume(world, rank, workers, dataset_size):
-    source = SampleSource("sum-sign", TaskSpec(6, 6), seed=5, block_size=32, dataset_size=dataset_size)
+def file_source(files):
+    """The files' index, built by whichever rank comes first (the others wait on its lock)."""
+    index = open_index(files.split(","), TASKS["sum-sign"], TaskSpec(6, 6), "sequence", "label", None,
+                       lambda line: None, progress=False)
+    return FileSource(index, seed=5, variable=False)
+
+
+def consume(world, rank, workers, source):
     layout = Layout(MICRO_BATCH, world, ACCUM)
     loader = train_loader(source, layout, rank, FIRST_STEP, STEPS, samples_per_example=40, num_workers=workers)
     batches = list(micro_batches(loader, MICRO_BATCH))  # run the loader to exhaustion
     index = torch.cat([b["index"] for b in batches])
     labels_ok = all(torch.equal(b["y"], (b["x"].sum(dim=(1, 2)) > 0).float()) for b in batches)
     return {"micro_batches": len(batches), "index": index.tolist(),
-            "data_ids": source.data_ids(index).tolist(), "labels_ok": labels_ok}
+            "data_ids": (source.row_ids(index) if isinstance(source, FileSource) else source.data_ids(index)).tolist(),
+            "labels_ok": labels_ok}
 
 
 def check(world, parts, dataset_size):
@@ -58,15 +67,21 @@ def main():
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     ok = True
+    sources = {None: lambda: SampleSource("sum-sign", TaskSpec(6, 6), seed=5, block_size=32),
+               100: lambda: SampleSource("sum-sign", TaskSpec(6, 6), seed=5, block_size=32, dataset_size=100)}
+    if len(sys.argv) > 1:
+        sources["files"] = lambda: file_source(sys.argv[1])
     for workers in (0, 1, 3):
-        for dataset_size in (None, 100):  # 100 samples: global batches straddle epochs
-            mine = consume(world, rank, workers, dataset_size)
+        for kind, make in sources.items():  # 100 samples or rows: global batches straddle epochs
+            source = make()
+            size = kind if kind != "files" else source.index.rows
+            mine = consume(world, rank, workers, source)
             parts = [None] * world
             dist.all_gather_object(parts, mine)
             if rank == 0:
-                failures = check(world, parts, dataset_size)
+                failures = check(world, parts, size)
                 ok &= not failures
-                print(json.dumps({"world_size": world, "workers": workers, "dataset_size": dataset_size,
+                print(json.dumps({"world_size": world, "workers": workers, "dataset_size": size, "source": kind,
                                   "samples": sum(len(p["index"]) for p in parts), "failures": failures}), flush=True)
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)

@@ -45,7 +45,8 @@ def strict_load(path):
 def test_skipped_steps_never_count_in_the_averages(tmp_path, cli):
     # 8 rows a step: rows 17, 27 and 35 spoil steps 3, 4 and 5
     data = adding_rows(tmp_path / "d.jsonl", 80, bad_rows=(17, 27, 35))
-    common = [*ADDING, "--data-files", str(data), "--on-nonfinite", "skip", "--max-skipped-fraction", "0.5"]
+    common = [*ADDING, "--data-files", str(data), "--data-streaming", "--on-nonfinite", "skip",
+              "--max-skipped-fraction", "0.5"]
     every_step, every_two = tmp_path / "one", tmp_path / "two"
     assert_ok(cli([*common, "--log-every", "1", "--run-dir", str(every_step)]))
     assert_ok(cli([*common, "--log-every", "2", "--run-dir", str(every_two)]))
@@ -65,7 +66,7 @@ def test_skipped_steps_never_count_in_the_averages(tmp_path, cli):
 def test_a_run_that_mostly_skips_stops(tmp_path, cli):
     data = adding_rows(tmp_path / "d.jsonl", 80, bad_rows=range(80))
     run = tmp_path / "run"
-    proc = cli([*ADDING, "--data-files", str(data), "--on-nonfinite", "skip", "--log-every", "1",
+    proc = cli([*ADDING, "--data-files", str(data), "--data-streaming", "--on-nonfinite", "skip", "--log-every", "1",
                         "--run-dir", str(run)])
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
@@ -77,7 +78,7 @@ def test_a_run_that_mostly_skips_stops(tmp_path, cli):
 def test_summary_is_strict_json_even_when_everything_was_skipped(tmp_path, cli):
     data = adding_rows(tmp_path / "d.jsonl", 80, bad_rows=range(80))
     run = tmp_path / "run"
-    assert_ok(cli([*ADDING, "--data-files", str(data), "--on-nonfinite", "skip", "--log-every", "5",
+    assert_ok(cli([*ADDING, "--data-files", str(data), "--data-streaming", "--on-nonfinite", "skip", "--log-every", "5",
                            "--max-skipped-fraction", "1", "--run-dir", str(run)]))
     result = strict_load(run / "summary.json")
     assert result["skipped_steps"] == 10 and result["status"] == "complete"
@@ -157,7 +158,8 @@ def test_train_can_be_called_again_in_one_interpreter(tmp_path):
 
 def test_a_finished_data_files_run_run_again_has_nothing_to_train(tmp_path, cli):
     data = adding_rows(tmp_path / "d.jsonl", 44)
-    args = [*ADDING, "--data-files", str(data), "--log-every", "1", "--run-dir", str(tmp_path / "run")]
+    args = [*ADDING, "--data-files", str(data), "--data-streaming", "--log-every", "1",
+            "--run-dir", str(tmp_path / "run")]
     assert_ok(cli(args))
     assert summary(tmp_path / "run")["step"] == 5  # 44 rows // 8
     again = cli(args)  # what a requeue does

@@ -56,17 +56,32 @@ def test_two_processes_share_the_stream_and_only_rank_0_writes(tmp_path):
     assert abs(summary(one)["eval/accuracy"] - result["eval/accuracy"]) < 1e-3
 
 
+def sum_sign_parquet(path, rows, seed):
+    """A parquet file of sum-sign rows (labels follow the values, as stream_check verifies)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = torch.randn(rows, 6, generator=torch.Generator().manual_seed(seed))
+    pq.write_table(pa.table({"sequence": x.tolist(), "label": (x.sum(1) > 0).long().tolist()}), path)
+    return str(path)
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_exact_sharding_across_ranks_and_workers(world_size):
-    """Real ranks x DataLoader workers {0, 1, 3} x infinite/finite data: every position exactly once."""
+def test_exact_sharding_across_ranks_and_workers(world_size, tmp_path):
+    """Real ranks x DataLoader workers {0, 1, 3} x infinite/finite synthetic data and indexed files (60 + 40
+    rows): every position exactly once, each epoch a permutation of the rows."""
+    files = f"{sum_sign_parquet(tmp_path / 'a.parquet', 60, 1)},{sum_sign_parquet(tmp_path / 'b.parquet', 40, 2)}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests" / "stream_check.py")]
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests" / "stream_check.py"),
+           files]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=cpu_env(), cwd=REPO)
     cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(cases) == 6, proc.stdout + proc.stderr[-3000:]
+    assert len(cases) == 9, proc.stdout + proc.stderr[-3000:]
+    assert [case["source"] for case in cases].count("files") == 3
     for case in cases:
         assert case["world_size"] == world_size
         assert case["samples"] == 13 * 16 * world_size
+        assert case["dataset_size"] in (None, 100)
         assert case["failures"] == [], case
     assert proc.returncode == 0
 

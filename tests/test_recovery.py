@@ -195,8 +195,9 @@ def adding_rows(path, rows, bad_row=None):
     return path
 
 
-FILE_ARGS = ["train", "--task", "adding", "--seq-len", "6", "--global-batch-size", "8", "--max-steps", "10",
-             "--checkpoint-every", "2", "--log-every", "1", "--eval-every", "0", "--eval-size", "32", "--no-progress"]
+FILE_ARGS = ["train", "--data-streaming", "--task", "adding", "--seq-len", "6", "--global-batch-size", "8",
+             "--max-steps", "10", "--checkpoint-every", "2", "--log-every", "1", "--eval-every", "0", "--eval-size", "32",
+             "--no-progress"]
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):

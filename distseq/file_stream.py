@@ -1,0 +1,105 @@
+"""``--data-streaming``: the user's files read once, in order, without an index.
+
+For data that does not fit on local disk. Files are read with ``load_dataset(..., streaming=True)``
+one at a time inside a generator that tags every row with its file and row number, so a bad row is
+reported by name; that generator is the ``datasets`` IterableDataset handed to
+``split_dataset_by_node`` (whole files per rank when the file count divides by the world size, else
+every W-th row). Its ``state_dict()`` is the resume state, so a run resumes only on the same number
+of processes, and a resume re-reads the current file up to its position.
+
+Files are finite and ranks may hold different row counts, so every step the ranks agree (one
+all-reduce) whether each of them still has a full step of rows; the first rank to run dry ends
+training for all, and the rows left over on the others are not used. A partial last micro-batch is
+dropped. Rows are read in-process: their order and the resume state stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional
+
+import torch
+from accelerate import Accelerator
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+from .errors import DataFileError
+from .files import file_format, parse_error, quiet_datasets, row_to_sample
+from .tasks import Batch, Task, TaskSpec
+
+
+def _file_rows(files: List[str]) -> Iterator[dict]:
+    for path in files:
+        rows = load_dataset(file_format(path), data_files=[path], streaming=True, split="train")
+        try:
+            with quiet_datasets():
+                for row_number, row in enumerate(rows):
+                    yield {"file": path, "row": row_number, "data": row}
+        except Exception as error:  # a parse error deep inside pyarrow, which names the row
+            raise parse_error(path, error) from None
+
+
+class FileStream:
+    """Micro-batches of one rank's rows, in order, with the dataset's own resume state."""
+
+    def __init__(self, files: List[str], sequence_column: str, label_column: str, task: Task, spec: TaskSpec,
+                 rank: int, world_size: int, micro_batch: int):
+        dataset = IterableDataset.from_generator(_file_rows, gen_kwargs={"files": files})
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.columns = (sequence_column, label_column)
+        self.task, self.spec, self.micro_batch = task, spec, micro_batch
+        self._rows: Optional[Iterator[dict]] = None
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self._rows = None
+
+    def next_micro_batch(self, partial: bool = False) -> Optional[Batch]:
+        """b rows as a batch; None when fewer than b remain (dropped), unless ``partial`` (then None at the end)."""
+        if self._rows is None:
+            self._rows = iter(self.dataset)
+        samples = []
+        for row in self._rows:
+            samples.append(row_to_sample(row, *self.columns, self.task, self.spec))
+            if len(samples) == self.micro_batch:
+                break
+        if not samples or (len(samples) < self.micro_batch and not partial):
+            return None
+        xs, lengths, ys = zip(*samples)
+        y_type = torch.int64 if self.task.head == "classes" else torch.float32
+        batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=y_type)}  # (b, T, F), (b,)
+        batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # a real row (padding rows carry -1)
+        if self.spec.variable:
+            batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
+        return batch
+
+
+class FileFeed:
+    """Finite files: every step, all ranks agree (one all-reduce) whether each still has a full step."""
+
+    CONTINUE, EXHAUSTED, FAILED = 0, 1, 2
+
+    def __init__(self, stream: FileStream, grad_accum: int, accelerator: Accelerator):
+        self.stream, self.grad_accum, self.accelerator = stream, grad_accum, accelerator
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def next_step(self) -> Optional[List[Batch]]:
+        status, error, step = self.CONTINUE, None, []
+        try:
+            while status == self.CONTINUE and len(step) < self.grad_accum:
+                batch = self.stream.next_micro_batch()
+                if batch is None:
+                    status = self.EXHAUSTED
+                else:
+                    step.append(batch)
+        except DataFileError as failure:
+            status, error = self.FAILED, failure
+        flag = torch.tensor(status, device=self.accelerator.device)
+        agreed = int(self.accelerator.reduce(flag, "max"))
+        if agreed == self.FAILED:
+            raise error or DataFileError("another process could not read its data files (its message names the row)")
+        return step if agreed == self.CONTINUE else None
