@@ -36,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,7 +54,8 @@ from .tasks import Batch, Task, TaskSpec
 
 INDEX_VERSION = 1
 CHUNK_BYTES = 64 << 20  # rows per record batch of an index: bounded memory while building, few chunks to gather from
-JSON_BLOCK_BYTES = 16 << 20
+JSON_BLOCK_BYTES = 16 << 20  # pyarrow parses JSON lines in blocks; a longer row retries with 8x larger ones
+MAX_JSON_BLOCK_BYTES = 1 << 30
 ORDER_KEY = 0x6669  # the files' shuffle has its own key: it never reuses the synthetic stream's
 
 
@@ -87,7 +89,8 @@ class RowShape:
 
     @property
     def row_bytes(self) -> int:
-        return 4 * self.seq_len * self.features + 8 + 4
+        """Bytes of one row in the index: x, y (int64 classes, else float32), length."""
+        return 4 * self.seq_len * self.features + (8 if self.head == "classes" else 4) + 4
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,9 @@ class FileIndex:
             except (OSError, pa.ArrowInvalid) as error:
                 raise DataFileError(f"{f.path}: its index {f.arrow} cannot be read ({str(error).splitlines()[0]}); "
                                     f"another job may have indexed the file again: restart the run") from None
+            if table.num_rows != f.rows:
+                raise DataFileError(f"{f.path}: its index {f.arrow} holds {table.num_rows} rows, not {f.rows}: it was "
+                                    f"damaged after this run opened it; restart the run")
             for batch in table.to_batches():
                 x = batch.column("x").flatten().to_numpy(zero_copy_only=True)
                 chunks.append((x.reshape(batch.num_rows, -1), batch.column("y").to_numpy(),
@@ -200,10 +206,13 @@ class FileSource:
         epochs, offsets = positions // n, positions % n
         if self.seed is None:
             return offsets
+        first = int(epochs[0])
+        if int(epochs[-1]) == first and bool((epochs == first).all()):  # one epoch (the usual case): no masks
+            return self._permutation(first)(offsets)
         ids = torch.empty_like(positions)
-        for epoch in torch.unique(epochs).tolist():
-            mask = epochs == epoch
-            ids[mask] = self._permutation(epoch)(offsets[mask])
+        for epoch in torch.unique(epochs).tolist():  # index_select/index_copy_: boolean masks cost ~1 ms each
+            where = torch.nonzero(epochs == epoch).squeeze(1)
+            ids.index_copy_(0, where, self._permutation(epoch)(offsets.index_select(0, where)))
         return ids
 
     def samples(self, positions: torch.Tensor) -> Batch:
@@ -281,7 +290,7 @@ def convert(table, first_row: int, path: str, task: Task, spec: TaskSpec, shape:
         numbers = pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False).astype(np.float32)
         bad[value_rows[~np.isfinite(numbers)]] = True  # nulls are NaN here
         y = pc.cast(label, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # (n,), nulls NaN
-        bad |= ~np.isfinite(y)
+        bad |= ~np.isfinite(y) | ~np.isfinite(y.astype(np.float32))
         if shape.head == "binary":
             bad |= (y != 0) & (y != 1)
         elif shape.head == "classes":
@@ -316,32 +325,51 @@ def _json_rows_one_by_one(path: str) -> Iterator[dict]:
             row += 1
 
 
-def _read_tables(path: str, shape: RowShape, task: Task, spec: TaskSpec) -> Iterator[Tuple[object, int]]:
-    """(table of the two columns, bytes of the file it covers) in order, about CHUNK_BYTES of index each."""
+@dataclass(frozen=True)
+class JsonReading:
+    """How pyarrow reads a JSON-lines file: one-feature steps as numbers or as 1-number lists (steps of
+    several features are always lists), and the block size (a row must fit in one block)."""
+
+    nested: bool
+    block_bytes: int
+
+
+class ReadAgain(Exception):
+    """pyarrow needs other options for this JSON-lines file; ``args[0]`` is the next JsonReading."""
+
+
+def _json_options(shape: RowShape, nested: bool):
     import pyarrow as pa
-
-    columns = [shape.sequence_column, shape.label_column]
-    rows_per_chunk = max(1, CHUNK_BYTES // shape.row_bytes)
-    size = os.path.getsize(path)
-    if file_format(path) == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            reader = pq.ParquetFile(path)
-            total = max(1, reader.metadata.num_rows)
-            for batch in reader.iter_batches(batch_size=rows_per_chunk, columns=columns):
-                yield pa.Table.from_batches([batch]), size * batch.num_rows // total
-        except (OSError, pa.ArrowException) as error:
-            raise DataFileError(f"{path}: cannot read: {str(error).splitlines()[0]}") from None
-        return
     import pyarrow.json as pj
 
-    step_type = pa.float64() if shape.features == 1 else pa.list_(pa.float64())
+    step_type = pa.list_(pa.float64()) if nested or shape.features > 1 else pa.float64()
     schema = pa.schema([(shape.sequence_column, pa.list_(step_type)), (shape.label_column, pa.float64())])
-    options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    return pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+
+
+def _read_parquet(path: str, shape: RowShape, rows_per_chunk: int) -> Iterator[Tuple[object, int]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    size = os.path.getsize(path)
+    try:
+        reader = pq.ParquetFile(path)
+        total = max(1, reader.metadata.num_rows)
+        for batch in reader.iter_batches(batch_size=rows_per_chunk, columns=[shape.sequence_column, shape.label_column]):
+            yield pa.Table.from_batches([batch]), size * batch.num_rows // total
+    except (OSError, pa.ArrowException) as error:
+        raise DataFileError(f"{path}: cannot read: {str(error).splitlines()[0]}") from None
+
+
+def _read_json(path: str, shape: RowShape, task: Task, spec: TaskSpec, rows_per_chunk: int,
+               reading: JsonReading) -> Iterator[Tuple[object, int]]:
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    size, options = os.path.getsize(path), _json_options(shape, reading.nested)
     pending, pending_rows, pending_bytes = [], 0, 0
     try:
-        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=JSON_BLOCK_BYTES), parse_options=options)
+        reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=reading.block_bytes), parse_options=options)
         for batch in reader:
             pending.append(batch)
             pending_rows += batch.num_rows
@@ -349,14 +377,54 @@ def _read_tables(path: str, shape: RowShape, task: Task, spec: TaskSpec) -> Iter
             if pending_rows >= rows_per_chunk:
                 yield pa.Table.from_batches(pending), min(size, pending_bytes)
                 pending, pending_rows, pending_bytes = [], 0, 0
-    except pa.ArrowInvalid as error:  # pyarrow names a row within its block: find the file's row in Python
-        for row in _json_rows_one_by_one(path):
-            row_to_sample(row, shape.sequence_column, shape.label_column, task, spec)
-        raise DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]}") from None
+    except pa.ArrowInvalid as error:
+        message = str(error)
+        if "straddl" in message and reading.block_bytes < MAX_JSON_BLOCK_BYTES:  # a row longer than a block
+            raise ReadAgain(JsonReading(reading.nested, reading.block_bytes * 8)) from None
+        if shape.features == 1 and not reading.nested and "changed from number to array" in message:
+            raise ReadAgain(JsonReading(True, reading.block_bytes)) from None  # steps written as [v]
+        raise _json_error(path, shape, task, spec, options, reading, error) from None
     except OSError as error:
         raise DataFileError(f"{path}: cannot read: {error.strerror or error}") from None
     if pending:
         yield pa.Table.from_batches(pending), min(size, pending_bytes)
+
+
+def _json_error(path: str, shape: RowShape, task: Task, spec: TaskSpec, options, reading: JsonReading,
+                error: Exception) -> DataFileError:
+    """The first row of a JSON-lines file that pyarrow refused, by number (pyarrow counts rows within its
+    block): Python's reading of the rows first, for ``row_to_sample``'s messages; then, for what Python
+    accepts but pyarrow does not (a duplicated key, a row mixing the forms of steps), pyarrow on groups
+    of lines and then on the lines of the group that fails."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    for row in _json_rows_one_by_one(path):
+        row_to_sample(row, shape.sequence_column, shape.label_column, task, spec)
+
+    def refuses(lines: List[bytes]) -> Optional[str]:
+        data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+        try:
+            pj.read_json(pa.BufferReader(data), parse_options=options,
+                         read_options=pj.ReadOptions(block_size=max(len(data) + 1, reading.block_bytes)))
+        except pa.ArrowInvalid as refusal:
+            return str(refusal).splitlines()[0]
+        return None
+
+    group: List[bytes] = []
+    with open(path, "rb") as handle:
+        lines = [line for line in handle if line.strip()] if os.path.getsize(path) < (256 << 20) else None
+    if lines is not None:
+        for first in range(0, len(lines), 4096):
+            group = lines[first:first + 4096]
+            if refuses(group):
+                for offset, line in enumerate(group):
+                    reason = refuses([line])
+                    if reason:
+                        reason = re.sub(r" in row 0$", "", reason)
+                        return DataFileError(f"{path}: row {first + offset} (from 0): cannot parse: {reason}")
+    return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (counted within a block of "
+                         f"{reading.block_bytes} bytes)")
 
 
 def _file_sha256(path: str) -> str:
@@ -376,15 +444,24 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
     schema = pa.schema([("x", pa.list_(pa.float32(), shape.seq_len * shape.features)),
                         ("y", pa.int64() if shape.head == "classes" else pa.float32()), ("length", pa.int32())])
     tmp = arrow.with_name(f".tmp-{os.getpid()}-{arrow.name}")
-    rows = 0
+    rows_per_chunk = max(1, CHUNK_BYTES // shape.row_bytes)
+    reading = JsonReading(nested=False, block_bytes=JSON_BLOCK_BYTES)
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for table, covered in _read_tables(path, shape, task, spec):
-                x, y, lengths = convert(table, rows, path, task, spec, shape)
-                flat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-                writer.write_batch(pa.record_batch([flat, pa.array(y), pa.array(lengths)], schema=schema))
-                rows += len(y)
-                advance(covered)
+        while True:
+            rows = 0
+            tables = (_read_parquet(path, shape, rows_per_chunk) if file_format(path) == "parquet" else
+                      _read_json(path, shape, task, spec, rows_per_chunk, reading))
+            try:
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                    for table, covered in tables:
+                        x, y, lengths = convert(table, rows, path, task, spec, shape)
+                        flat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+                        writer.write_batch(pa.record_batch([flat, pa.array(y), pa.array(lengths)], schema=schema))
+                        rows += len(y)
+                        advance(covered)
+                break
+            except ReadAgain as again:
+                reading = again.args[0]
         if rows == 0:
             raise DataFileError(f"{path} has no rows (every file of --data-files must hold some)")
         with open(tmp, "rb+") as handle:
@@ -419,12 +496,24 @@ class IndexCache:
         if record is None:
             return "new"
         stat = os.stat(path)
-        if (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns) and \
-                Path(record.get("arrow", "")).is_file():
-            return None
         if record.get("size") != stat.st_size:
             return f"changed size ({record.get('size')} -> {stat.st_size} bytes) since it was indexed"
-        return "was modified since it was indexed" if record.get("mtime_ns") != stat.st_mtime_ns else "lost its index"
+        if record.get("mtime_ns") != stat.st_mtime_ns:
+            return "was modified since it was indexed"
+        if not Path(record.get("arrow", "")).is_file():
+            return "lost its index"
+        return None if self._intact(record) else "has a damaged index"
+
+    def _intact(self, record: dict) -> bool:
+        """The index file opens (its memory map: no copy) with the recorded rows and this row shape."""
+        import pyarrow as pa
+
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(record["arrow"])).read_all()
+            width = table.schema.field("x").type.list_size
+        except (OSError, KeyError, AttributeError, pa.ArrowException):
+            return False
+        return table.num_rows == record.get("rows") and width == self.shape.seq_len * self.shape.features
 
     def entry(self, path: str, advance: Callable[[int], None]) -> IndexedFile:
         """``path``'s current entry, built first when it is missing or stale, under an exclusive lock of

@@ -24,6 +24,7 @@ from .errors import ConfigError, DataFileError
 from .tasks import Task, TaskSpec
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def resolve_files(pattern: str) -> List[str]:
@@ -121,6 +122,8 @@ def sequence_to_tensor(sequence, where: str, column: str, task: Task, spec: Task
     if task.tokens:
         return _tokens_to_tensor(sequence, where, column, task, spec)
     try:
+        if _holds_bool(sequence):  # torch would take True as 1.0: a boolean is not a number here
+            raise TypeError
         x = torch.tensor(sequence, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError):
         raise DataFileError(f"{where}: {column!r} is not a list of numbers") from None
@@ -139,6 +142,13 @@ def sequence_to_tensor(sequence, where: str, column: str, task: Task, spec: Task
     padded = torch.zeros(spec.seq_len, features)
     padded[:length] = x
     return padded, length
+
+
+def _holds_bool(sequence) -> bool:
+    """Whether a sequence (a list of numbers, or of lists of numbers) holds a boolean anywhere."""
+    if not isinstance(sequence, list):
+        return isinstance(sequence, bool)
+    return any(isinstance(v, bool) or (isinstance(v, list) and any(isinstance(w, bool) for w in v)) for v in sequence)
 
 
 def _tokens_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskSpec):
@@ -167,12 +177,14 @@ def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task
     x, length = sequence_to_tensor(sequence, where, sequence_column, task, spec)
     if not isinstance(label, (int, float)) or isinstance(label, bool) or not math.isfinite(label):
         raise DataFileError(f"{where}: {label_column!r} is not a number ({label!r})")
+    if abs(label) > FLOAT32_MAX:
+        raise DataFileError(f"{where}: {label_column!r} is too large for float32 ({label!r})")
     if task.head == "binary" and label not in (0, 1):
-        raise DataFileError(f"{where}: {label_column!r} must be 0 or 1 for --task {task.name} (got {label!r})")
+        raise DataFileError(f"{where}: {label_column!r} must be 0 or 1 for --task {task.name} (got {label:g})")
     if task.head == "classes":
         classes = task.num_outputs(spec)
         if label != int(label) or not 0 <= label < classes:
             raise DataFileError(f"{where}: {label_column!r} must be a class in 0..{classes - 1} for --task "
-                                f"{task.name} (got {label!r})")
+                                f"{task.name} (got {label:g})")
         return x, length, int(label)
     return x, length, float(label)

@@ -163,11 +163,13 @@ def alias_table(weights: Tuple[float, ...]) -> Tuple[torch.Tensor, torch.Tensor]
 class Permutation:
     """A seeded permutation of ``[0, n)`` evaluated at any index in O(1), without materialising it.
 
-    A balanced Feistel network on the smallest even number of bits that holds ``n`` (a bijection of
-    ``[0, 4^h)`` for any round function), then cycle-walking: an image at or past ``n`` is mapped
-    again until it lands inside, which keeps a bijection of ``[0, n)`` (the domain is under 4n, so
-    about 4 rounds of walking at worst on average). Every row is equally likely at every position, rows
-    that are neighbours in a file end up far apart, and position ``i`` costs a fixed number of integer
+    A Feistel network on a rectangle (FFX's alternating form with modular addition): index ``x`` of
+    ``[0, a*b)``, ``a = ceil(sqrt(n))``, ``b = ceil(n / a)``, is the pair ``(x div b, x mod b)``, and
+    each round adds a keyed mix of one part to the other modulo its size, which is invertible for
+    any mix, so the network is a bijection of ``[0, a*b)``. Cycle-walking maps the few images at or
+    past ``n`` (fewer than ``a``, about ``1/sqrt(n)`` of them) again until they land inside, which
+    keeps a bijection of ``[0, n)``. Every row is equally likely at every position, rows that are
+    neighbours in a file end up far apart, and position ``i`` costs a fixed number of integer
     operations: what a shuffled pass over 10^9 rows needs when a full ``randperm`` would take 8 GB.
     """
 
@@ -177,30 +179,35 @@ class Permutation:
         """``keys``: ROUNDS independent, well-mixed integers (``data.derive_seed``), one per round."""
         if n < 1 or len(keys) != self.ROUNDS:
             raise ValueError(f"a permutation of {n} items with {len(keys)} round keys")
-        bits = max(2, (n - 1).bit_length())
-        self.n, self.half = n, (bits + 1) // 2  # bits of each half; the domain is 4^half >= n
-        self.mask = (1 << self.half) - 1
+        self.n = n
+        self.rows = math.isqrt(n - 1) + 1  # a: the left part's size (a >= sqrt(n), below 2^31 for n < 2^62)
+        self.cols = -(-n // self.rows)  # b: the right part's size; a * b >= n
         self.keys = [k & 0x7FFFFFFF for k in keys]
 
-    def _round(self, right: torch.Tensor, key: int) -> torch.Tensor:
-        """A 31-bit integer mix (every product stays under 2^63: no int64 overflow)."""
-        v = (right ^ key) * 0x7FEB352D
+    @staticmethod
+    def _mix(part: torch.Tensor, key: int) -> torch.Tensor:
+        """A keyed 31-bit integer mix (every product stays under 2^63: no int64 overflow)."""
+        v = (part ^ key) * 0x7FEB352D
         v = (v ^ (v >> 15)) & 0x7FFFFFFF
         v = v * 0x2C1B3C6D
         v = (v ^ (v >> 12)) & 0x7FFFFFFF
-        return (v ^ (v >> 14)) & self.mask
+        return v ^ (v >> 14)
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
-        left, right = x >> self.half, x & self.mask
-        for key in self.keys:
-            left, right = right, left ^ self._round(right, key)
-        return (left << self.half) | right
+        left, right = x // self.cols, x % self.cols
+        for r, key in enumerate(self.keys):
+            if r % 2:
+                right = (right + self._mix(left, key)) % self.cols
+            else:
+                left = (left + self._mix(right, key)) % self.rows
+        return left * self.cols + right
 
     def __call__(self, positions: torch.Tensor) -> torch.Tensor:
-        """The images of ``positions`` (int64 in [0, n), any shape)."""
+        """The images of ``positions`` (int64 in [0, n), one dimension)."""
         out = self._network(positions)
-        outside = out >= self.n
-        while bool(outside.any()):
-            out[outside] = self._network(out[outside])
-            outside = out >= self.n
+        walking = torch.nonzero(out >= self.n).squeeze(1)  # (k,) where the image fell outside
+        while walking.numel():
+            again = self._network(out[walking])
+            out[walking] = again
+            walking = walking[again >= self.n]
         return out
