@@ -86,6 +86,25 @@ def test_bench_quick_writes_every_key(quick_bench):
     assert "overhead_ratio" in proc.stdout and "stream_ratio=" in proc.stdout
 
 
+def test_bench_quick_files_suite_reads_the_same_rows_both_ways(quick_bench):
+    out, proc = quick_bench
+    bench = json.loads((out / "bench.json").read_text())
+    for key in ("files_ratio", "files_seek_ratio", "files_index_seconds", "files_index_mb"):
+        assert finite(bench[key]) and bench[key] > 0, key
+    files = bench["suites"]["files"]
+    assert files["index_rows"] == 10**5 and files["seek_position"] == 10**7  # --quick: the seek cycles epochs
+    assert finite(files["files_ratio_jsonl"]) and finite(files["files_ratio_variable"])
+    assert set(files["cases"]) == {"parquet", "jsonl", "variable"}
+    for name, case in files["cases"].items():
+        # a digest of every row each side read, in order: the ratio compares reading the same rows
+        assert case["checksum_distseq"] == case["checksum_reference"], name
+        assert case["timed_rows"] >= 2 * 16384
+        assert case["distseq_rows_per_sec"] > 0 and case["reference_rows_per_sec"] > 0
+        assert case["index_mb"] > 0 and case["file_mb"] > 0
+    assert files["cases"]["variable"]["variable"] and not files["cases"]["jsonl"]["variable"]
+    assert "files_ratio=" in proc.stdout and "| `files_ratio` |" in (out / "report.md").read_text()
+
+
 def test_bench_quick_report_embeds_its_plots(quick_bench):
     out, _ = quick_bench
     assert PLOTS <= {p.name for p in out.glob("*.png")}

@@ -17,6 +17,9 @@ GOALS = {
     "stream_ratio": (">=", 0.5),
     "seek_ratio": ("<=", 1.1),
     "token_stream_ratio": (">=", 0.5),
+    "files_ratio": (">=", 0.5),
+    "files_seek_ratio": ("<=", 1.1),
+    "files_index_seconds": ("<=", 60),
 }
 
 PLOTS_HINT = "plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), then run distseq bench again"
@@ -47,6 +50,11 @@ def headline_rows(bench: Dict) -> List[tuple]:
         "stream_ratio": "stream samples/s / raw torch.randn (sum-sign, seq 10)",
         "seek_ratio": "first batch at sample 10^12 / at 0",
         "token_stream_ratio": "stream tokens/s / torch.randint blocks, lowest of mqar, induction, selective-copy (seq 2048)",
+        "files_ratio": "--data-files rows/s (indexed, shuffled stream) / raw pyarrow take of the same rows from the "
+                       "file read into memory (parquet, seq 10, batch 256)",
+        "files_seek_ratio": "first batch of --data-files at position 10^7 / at 0 (opening the cached index)",
+        "files_index_seconds": "seconds to index a generated parquet file (10^7 rows, seq 10; 10^5 with --quick)",
+        "files_index_mb": "that index's size on disk (MB)",
         "time_to_99_s": "training seconds of the default preset to 0.99 held-out accuracy",
         "seed_recipe_seconds": "training seconds of the original recipe (10 epochs, plain script)",
         "seed_recipe_accuracy": "its held-out accuracy",
@@ -256,6 +264,14 @@ def details(suites: Dict) -> List[str]:
         from .stream import stream_table
 
         lines += ["- **stream**:", "", "```", stream_table(suites["stream"]), "```"]
+    if "files" in suites:
+        from .files import files_table
+
+        f = suites["files"]
+        lines += [f"- **files**: the trainer's stream over the index (micro-batch {f['micro_batch']}, 0 workers, "
+                  "shuffled) vs pyarrow `take` of the same row ids from the file read into memory beforehand (untimed), medians "
+                  f"of {f['sizes']['repeats']} alternating repeats; first batch: medians of {f['seek_repeats']} "
+                  f"alternating repeats ({f['seek_note']}).", "", "```", files_table(f), "```"]
     return lines
 
 

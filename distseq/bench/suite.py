@@ -13,6 +13,7 @@ from pathlib import Path
 from ..io import write_json
 from ..metrics import peak_memory
 from .accuracy import accuracy_suite
+from .files import files_suite
 from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite
 from .recall import recall_suite
@@ -23,6 +24,7 @@ SUITES = {
     "overhead": overhead_suite,
     "scaling": scaling_suite,
     "stream": stream_suite,
+    "files": files_suite,
     "accuracy": accuracy_suite,
     "precision": precision_suite,
     "profile": profile_suite,
@@ -39,6 +41,7 @@ def main(argv=None) -> int:
     result["peak_rss_mb"] = max(memory["peak_rss_mb"], children)
     if "peak_cuda_memory_mb" in memory:
         result["peak_cuda_memory_mb"] = memory["peak_cuda_memory_mb"]
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # run on its own, OUT need not exist yet
     write_json(Path(out_dir) / f"{name}.json", result)
     return 0
 
