@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         "suite, PNG plots (with the optional matplotlib extra: pip install -e '.[bench]') and OUT/report.md. "
         "Every figure is a ratio against a reference measured in the same run: overhead (distseq train vs a "
         "plain PyTorch loop), scaling (2 CPU processes vs 1), stream (the data pipeline vs raw torch.randn), "
+        "files (indexed --data-files vs raw pyarrow), "
         "accuracy (time to 0.99 vs the original example's recipe), precision (probe of every model kind), "
         "profile (where a step's time goes), recall (induction heads and MQAR: attention vs an LSTM). The full run "
-        "takes about 18 minutes on 2 cores, 13 of them recall.",
+        "takes about 19 minutes on 2 cores, 13 of them recall.",
     )
     bench.add_argument("suites", nargs="*", metavar="SUITE",
                        help="suites to run, from: " + ", ".join(SUITE_NAMES) + " (default: all)")
