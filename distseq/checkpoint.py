@@ -344,12 +344,22 @@ def check_compatible(meta: dict, config: dict, path: Path) -> None:
 
     for section, names in IDENTITY.items():
         for name in names:
-            then = meta["config"][section].get(name, getattr(SECTIONS[section](), name))
+            if (section, name) == ("data", "data_files") and "data" in meta:
+                continue  # indexed files are identified by their content (meta "data"), wherever they lie now
+            then = meta["config"][section].get(name, _default_then(meta, section, name, SECTIONS))
             now = config[section].get(name)
             if then != now:
                 option = "--model" if name == "kind" else "--" + name.replace("_", "-")
                 raise CheckpointError(f"{path} was written with {option} {then}; this run has {now} "
                                       f"(resume with the same value, or --resume never in a new --run-dir)")
+
+
+def _default_then(meta: dict, section: str, name: str, sections: dict):
+    """The value an option newer than the checkpoint had in effect: its default, except that --data-files
+    were streamed before --data-streaming existed."""
+    if (section, name) == ("data", "data_streaming"):
+        return meta["config"]["data"].get("data_files") is not None
+    return getattr(sections[section](), name)
 
 
 def changed_options(meta: dict, config: dict) -> Dict[str, list]:

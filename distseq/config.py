@@ -79,7 +79,8 @@ class DataConfig:
         "when a process runs out of rows, and a run resumes only on the same number of processes",
     )
     data_cache: Optional[str] = _opt(
-        None, "directory of the --data-files index (default: $DISTSEQ_CACHE, else ~/.cache/distseq)"
+        None, "directory of the --data-files index (default: $DISTSEQ_CACHE, else $XDG_CACHE_HOME/distseq or "
+        "~/.cache/distseq; keep it on local disk)"
     )
     sequence_column: str = _opt("sequence", "column of --data-files holding each sequence (a list of numbers)")
     label_column: str = _opt("label", "column of --data-files holding each label")

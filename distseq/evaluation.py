@@ -92,15 +92,16 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
                  data_files: Optional[str], output: Path) -> dict:
     """``distseq eval``: the newest intact (or the given) checkpoint on held-out data; writes ``output``.
 
-    A reader: it takes no lock and never fails because a running job's --keep-last deleted a
-    checkpoint under it (the main process reads the weights once, as verified, and shares them)."""
+    A reader of the run: it takes no lock of the run directory and never fails because a running job's
+    --keep-last deleted a checkpoint under it (the main process reads the weights once, as verified, and
+    shares them). ``data_files`` are indexed like training's (the index's cache and its lock)."""
     from accelerate.utils import broadcast_object_list
 
     from .checkpoint import newest_verified, read_meta
     from .data import SampleSource, eval_batches
     from .errors import CheckpointError
     from .export import WEIGHTS, model_from_checkpoint
-    from .file_index import FileSource, open_index
+    from .file_index import FileSource, check_same_everywhere, open_index
     from .files import resolve_files
     from .io import write_json
     from .runtime import fresh_accelerator, print0
@@ -137,7 +138,8 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
                                               f"has one per step")
         say = (lambda line: print(line, flush=True)) if accelerator.is_main_process else (lambda line: None)
         index = open_index(resolve_files(data_files), task, spec, cfg.data.sequence_column, cfg.data.label_column,
-                           cfg.data.data_cache, say, progress=False)
+                           cfg.data.data_cache, say, progress=False).open()
+        check_same_everywhere(index, accelerator)
         expected = index.rows  # every row once, in the files' order
         batches = eval_batches(FileSource(index, None, spec.variable), rank, world, expected, eval_batch_size(task, spec))
     else:

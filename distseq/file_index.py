@@ -46,33 +46,46 @@ import numpy as np
 import torch
 
 from .data import LRU, derive_seed
-from .errors import ConfigError, DataFileError, RunIOError
+from .errors import ConfigError, DataFileError, DistseqError, RunIOError
 from .files import check_files, file_format, row_to_sample
 from .io import write_json
 from .sampling import Permutation
 from .tasks import Batch, Task, TaskSpec
 
 INDEX_VERSION = 1
-CHUNK_BYTES = 64 << 20  # rows per record batch of an index: bounded memory while building, few chunks to gather from
+CHUNK_BYTES = 64 << 20  # bytes per record batch of an index: bounded memory while building, few chunks to gather from
 JSON_BLOCK_BYTES = 16 << 20  # pyarrow parses JSON lines in blocks; a longer row retries with 8x larger ones
 MAX_JSON_BLOCK_BYTES = 1 << 30
 ORDER_KEY = 0x6669  # the files' shuffle has its own key: it never reuses the synthetic stream's
 
 
+class UnreadableFile(DataFileError):
+    """A data file that could not be read (an I/O error): it may pass, so the index does not remember it."""
+
+
+class BadData(DataFileError):
+    """A bad row (or file) found while indexing. Every process reads the same files and meets it alike, or
+    reads it from the index's record, so the main process says it for all."""
+
+    every_rank = False
+
+
 def cache_root(option: Optional[str]) -> Path:
     """Where indexes live: --data-cache, else $DISTSEQ_CACHE, else the user's cache directory."""
     if option:
-        return Path(option).expanduser()
+        return Path(option).expanduser().absolute()
     if os.environ.get("DISTSEQ_CACHE"):
-        return Path(os.environ["DISTSEQ_CACHE"]).expanduser()
+        return Path(os.environ["DISTSEQ_CACHE"]).expanduser().absolute()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "distseq"
+    return Path(base).absolute() / "distseq"
 
 
 @dataclass(frozen=True)
 class RowShape:
-    """What every row must be, hence what an index holds: part of its cache key."""
+    """What every row must be, hence what an index holds: part of its cache key. The task is there too:
+    an index remembers a bad row's message, which names the task."""
 
+    task: str
     sequence_column: str
     label_column: str
     seq_len: int
@@ -84,7 +97,7 @@ class RowShape:
     @classmethod
     def of(cls, task: Task, spec: TaskSpec, sequence_column: str, label_column: str) -> "RowShape":
         classes = task.num_outputs(spec) if task.head == "classes" else 0
-        return cls(sequence_column, label_column, spec.seq_len, spec.min_seq_len, task.num_features(spec),
+        return cls(task.name, sequence_column, label_column, spec.seq_len, spec.min_seq_len, task.num_features(spec),
                    task.head, classes)
 
     @property
@@ -93,7 +106,7 @@ class RowShape:
         return 4 * self.seq_len * self.features + (8 if self.head == "classes" else 4) + 4
 
 
-@dataclass(frozen=True)
+@dataclass
 class IndexedFile:
     """One file's entry as it was indexed."""
 
@@ -105,7 +118,8 @@ class IndexedFile:
     sha256: str  # of the file's bytes
 
     def change(self) -> Optional[str]:
-        """How the file differs from when it was indexed (size, modification time), None if it does not."""
+        """How the file differs from when it was indexed (gone, size, content), None if it does not: a new
+        modification time alone (a touch, a backup tool) is checked against the content's sha256."""
         try:
             stat = os.stat(self.path)
         except OSError:
@@ -113,7 +127,9 @@ class IndexedFile:
         if stat.st_size != self.size:
             return f"{self.path} changed size ({self.size} -> {stat.st_size} bytes)"
         if stat.st_mtime_ns != self.mtime_ns:
-            return f"{self.path} was modified"
+            if _file_sha256(self.path) != self.sha256:
+                return f"{self.path} was modified"
+            self.mtime_ns = stat.st_mtime_ns  # the same bytes: hash again only after the next change
         return None
 
 
@@ -140,6 +156,13 @@ class FileIndex:
     def changed(self) -> Optional[str]:
         """The first file that differs from its index now (size, modification time, gone), else None."""
         return next(filter(None, (f.change() for f in self.files)), None)
+
+    def open(self) -> "FileIndex":
+        """Map every index file now (else the first read does): a damaged or vanished one is then one
+        line in the main process, not a DataLoader worker's traceback."""
+        if self._chunks is None:
+            self._open()
+        return self
 
     def _open(self) -> None:
         import pyarrow as pa
@@ -357,7 +380,9 @@ def _read_parquet(path: str, shape: RowShape, rows_per_chunk: int) -> Iterator[T
         total = max(1, reader.metadata.num_rows)
         for batch in reader.iter_batches(batch_size=rows_per_chunk, columns=[shape.sequence_column, shape.label_column]):
             yield pa.Table.from_batches([batch]), size * batch.num_rows // total
-    except (OSError, pa.ArrowException) as error:
+    except OSError as error:
+        raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
+    except pa.ArrowException as error:
         raise DataFileError(f"{path}: cannot read: {str(error).splitlines()[0]}") from None
 
 
@@ -366,17 +391,16 @@ def _read_json(path: str, shape: RowShape, task: Task, spec: TaskSpec, rows_per_
     import pyarrow as pa
     import pyarrow.json as pj
 
-    size, options = os.path.getsize(path), _json_options(shape, reading.nested)
-    pending, pending_rows, pending_bytes = [], 0, 0
+    options = _json_options(shape, reading.nested)
+    pending, pending_rows = [], 0
     try:
         reader = pj.open_json(path, read_options=pj.ReadOptions(block_size=reading.block_bytes), parse_options=options)
         for batch in reader:
             pending.append(batch)
             pending_rows += batch.num_rows
-            pending_bytes += batch.nbytes
-            if pending_rows >= rows_per_chunk:
-                yield pa.Table.from_batches(pending), min(size, pending_bytes)
-                pending, pending_rows, pending_bytes = [], 0, 0
+            if pending_rows >= rows_per_chunk:  # pyarrow makes a batch of each block: about block_bytes of the file
+                yield pa.Table.from_batches(pending), len(pending) * reading.block_bytes
+                pending, pending_rows = [], 0
     except pa.ArrowInvalid as error:
         message = str(error)
         if "straddl" in message and reading.block_bytes < MAX_JSON_BLOCK_BYTES:  # a row longer than a block
@@ -385,9 +409,9 @@ def _read_json(path: str, shape: RowShape, task: Task, spec: TaskSpec, rows_per_
             raise ReadAgain(JsonReading(True, reading.block_bytes)) from None  # steps written as [v]
         raise _json_error(path, shape, task, spec, options, reading, error) from None
     except OSError as error:
-        raise DataFileError(f"{path}: cannot read: {error.strerror or error}") from None
+        raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
     if pending:
-        yield pa.Table.from_batches(pending), min(size, pending_bytes)
+        yield pa.Table.from_batches(pending), len(pending) * reading.block_bytes
 
 
 def _json_error(path: str, shape: RowShape, task: Task, spec: TaskSpec, options, reading: JsonReading,
@@ -446,6 +470,7 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
     tmp = arrow.with_name(f".tmp-{os.getpid()}-{arrow.name}")
     rows_per_chunk = max(1, CHUNK_BYTES // shape.row_bytes)
     reading = JsonReading(nested=False, block_bytes=JSON_BLOCK_BYTES)
+    size, reported = os.path.getsize(path), 0  # bytes of the file the progress bar was told of
     try:
         while True:
             rows = 0
@@ -458,10 +483,13 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
                         flat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
                         writer.write_batch(pa.record_batch([flat, pa.array(y), pa.array(lengths)], schema=schema))
                         rows += len(y)
+                        covered = min(covered, size - reported)
                         advance(covered)
+                        reported += covered
                 break
             except ReadAgain as again:
                 reading = again.args[0]
+        advance(size - reported)
         if rows == 0:
             raise DataFileError(f"{path} has no rows (every file of --data-files must hold some)")
         with open(tmp, "rb+") as handle:
@@ -491,15 +519,19 @@ class IndexCache:
             return None
 
     def stale(self, path: str) -> Optional[str]:
-        """Why ``path`` needs indexing ("new", or how it changed), None when its entry is current."""
+        """Why ``path`` needs indexing ("new", or how it changed), None when its entry is current. A file
+        whose modification time alone moved (a touch, a copy that kept the bytes) is current if its
+        bytes still hash to the recorded sha256."""
         record = self.record(path)
         if record is None:
             return "new"
         stat = os.stat(path)
         if record.get("size") != stat.st_size:
             return f"changed size ({record.get('size')} -> {stat.st_size} bytes) since it was indexed"
-        if record.get("mtime_ns") != stat.st_mtime_ns:
+        if record.get("mtime_ns") != stat.st_mtime_ns and record.get("sha256") != _file_sha256(path):
             return "was modified since it was indexed"
+        if "error" in record:
+            return None  # this version of the file is known bad: entry() says why
         if not Path(record.get("arrow", "")).is_file():
             return "lost its index"
         return None if self._intact(record) else "has a damaged index"
@@ -523,35 +555,91 @@ class IndexCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             lock = open(self.dir / f"{name}.lock", "a+")
         except OSError as error:
-            raise ConfigError("--data-cache", f"cannot write indexes in {self.dir}: {error.strerror or error} "
-                                              f"(choose a writable directory)") from None
+            raise _every_rank(ConfigError("--data-cache", f"cannot write indexes in {self.dir}: "
+                                          f"{error.strerror or error} (choose a writable directory)")) from None
         with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            stat = os.stat(path)
-            if self.stale(path) is not None:
-                try:
-                    self._rebuild(path, name, stat, advance)
-                except OSError as error:
-                    raise RunIOError(f"cannot write the index of {path} in {self.dir}: {error.strerror or error} "
-                                     f"(nothing of the run was written; --data-cache chooses another place)") from None
-            record = self.record(path)
-        if (record["size"], record["mtime_ns"]) != (stat.st_size, stat.st_mtime_ns):
-            raise DataFileError(f"{path} changed while it was being indexed; run again")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as error:  # e.g. a Lustre mount without -o flock
+                raise _every_rank(ConfigError("--data-cache", f"{self.dir} does not support file locks "
+                                              f"({error.strerror or error}); choose a local directory")) from None
+            try:
+                if self.stale(path) is not None:
+                    self._rebuild(path, name, advance)
+                record = self.record(path)
+                if record is None:
+                    raise _every_rank(DataFileError(f"{path}: its index record vanished from {self.dir} while "
+                                                    f"this run read it (was the cache cleaned?); run again"))
+                stat = os.stat(path)
+                if record["mtime_ns"] != stat.st_mtime_ns:  # touched, same bytes: remember the new time
+                    with contextlib.suppress(OSError):
+                        write_json(self.dir / f"{name}.json", {**record, "mtime_ns": stat.st_mtime_ns})
+                    record["mtime_ns"] = stat.st_mtime_ns
+            except OSError as error:
+                raise _every_rank(RunIOError(f"cannot write the index of {path} in {self.dir}: "
+                                             f"{error.strerror or error} (nothing of the run was written; "
+                                             f"--data-cache chooses another place)")) from None
+        if "error" in record:  # found by whoever indexed this version of the file: every process says the same
+            raise BadData(record["error"])
         return IndexedFile(path, record["arrow"], record["rows"], record["size"], record["mtime_ns"], record["sha256"])
 
-    def _rebuild(self, path: str, name: str, stat: os.stat_result, advance: Callable[[int], None]) -> None:
-        old = self.record(path)
+    def _rebuild(self, path: str, name: str, advance: Callable[[int], None]) -> None:
+        """Index ``path`` and record it; a bad row is recorded too (for this size and modification time),
+        so the other processes of the job, and later runs, report it without reading the file again.
+        Runs under the entry's lock, so whatever else of this entry lies in the cache (an older index,
+        a build killed half-way) is no one's: it is removed (a job that maps an older index keeps its copy
+        on a local file system)."""
+        stat = os.stat(path)
         arrow = self.dir / f"{name}-{stat.st_mtime_ns}-{stat.st_size}.arrow"
         started = time.perf_counter()
-        rows, sha = _build(path, arrow, self.shape, self.task, self.spec, advance)
-        record = {"path": os.path.abspath(path), "arrow": str(arrow), "rows": rows, "size": stat.st_size,
-                  "mtime_ns": stat.st_mtime_ns, "sha256": sha, "index_bytes": arrow.stat().st_size,
-                  "seconds": round(time.perf_counter() - started, 3), "shape": asdict(self.shape),
-                  "version": INDEX_VERSION}
-        write_json(self.dir / f"{name}.json", record)
-        if old and old.get("arrow") and old["arrow"] != str(arrow):  # a job that maps it keeps its copy
+        record = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                  "shape": asdict(self.shape), "version": INDEX_VERSION}
+        try:
+            rows, sha = _build(path, arrow, self.shape, self.task, self.spec, advance)
+        except UnreadableFile:  # an I/O error may pass: not remembered
+            raise
+        except DataFileError as error:
             with contextlib.suppress(OSError):
-                os.unlink(old["arrow"])
+                write_json(self.dir / f"{name}.json", {**record, "error": str(error)})
+                self._remove_others(name, keep=None)
+            raise BadData(str(error)) from None
+        now = os.stat(path)
+        if (now.st_size, now.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            os.unlink(arrow)
+            raise _every_rank(DataFileError(f"{path} changed while it was being indexed; run again when it is "
+                                            f"complete"))
+        record.update(arrow=str(arrow), rows=rows, sha256=sha, index_bytes=arrow.stat().st_size,
+                      seconds=round(time.perf_counter() - started, 3))
+        write_json(self.dir / f"{name}.json", record)
+        self._remove_others(name, keep=arrow)
+
+    def _remove_others(self, name: str, keep: Optional[Path]) -> None:
+        for other in [*self.dir.glob(f"{name}-*.arrow"), *self.dir.glob(f".tmp-*-{name}-*.arrow")]:
+            if other != keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(other)
+
+
+def _every_rank(error: DistseqError) -> DistseqError:
+    """An error this process met on its own (its disk, its timing): it prints it itself."""
+    error.every_rank = True
+    return error
+
+
+def check_same_everywhere(index: FileIndex, accelerator) -> None:
+    """Every process indexed the same rows (nodes with their own copies of the data may differ): one
+    all-gather of the identities; a difference would silently duplicate and drop samples."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    identities = gather_object([index.identity()])  # (world,) on every rank
+    differ = [rank for rank, identity in enumerate(identities) if identity != identities[0]]
+    if differ:
+        first, theirs = identities[0], identities[differ[0]]
+        raise BadData(f"--data-files differ between processes: rank {differ[0]} reads {theirs['rows']} rows "
+                      f"(sha256 {theirs['sha256'][:12]}), rank 0 {first['rows']} (sha256 {first['sha256'][:12]}); "
+                      f"{len(differ)} rank(s) differ from rank 0: give every node the same files")
 
 
 def open_index(files: List[str], task: Task, spec: TaskSpec, sequence_column: str, label_column: str,

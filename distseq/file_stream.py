@@ -15,6 +15,8 @@ dropped. Rows are read in-process: their order and the resume state stay exact.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Iterator, List, Optional
 
 import torch
@@ -23,8 +25,24 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from .errors import DataFileError
-from .files import file_format, parse_error, quiet_datasets, row_to_sample
+from .files import file_format, row_to_sample
 from .tasks import Batch, Task, TaskSpec
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets logs its own copy of a parse error; ours names the file in one line instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def parse_error(path: str, error: Exception) -> DataFileError:
+    return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (rows count from 0)")
 
 
 def _file_rows(files: List[str]) -> Iterator[dict]:
@@ -56,8 +74,8 @@ class FileStream:
         self.dataset.load_state_dict(state)
         self._rows = None
 
-    def next_micro_batch(self, partial: bool = False) -> Optional[Batch]:
-        """b rows as a batch; None when fewer than b remain (dropped), unless ``partial`` (then None at the end)."""
+    def next_micro_batch(self) -> Optional[Batch]:
+        """b rows as a batch; None when fewer than b remain (they are dropped)."""
         if self._rows is None:
             self._rows = iter(self.dataset)
         samples = []
@@ -65,12 +83,12 @@ class FileStream:
             samples.append(row_to_sample(row, *self.columns, self.task, self.spec))
             if len(samples) == self.micro_batch:
                 break
-        if not samples or (len(samples) < self.micro_batch and not partial):
+        if len(samples) < self.micro_batch:
             return None
         xs, lengths, ys = zip(*samples)
         y_type = torch.int64 if self.task.head == "classes" else torch.float32
         batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=y_type)}  # (b, T, F), (b,)
-        batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # a real row (padding rows carry -1)
+        batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # streamed rows carry no stream position
         if self.spec.variable:
             batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
         return batch

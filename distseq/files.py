@@ -10,10 +10,8 @@ a sample or a one-line error naming the file and the row (``row_to_sample``). Th
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
-import logging
 import math
 from pathlib import Path
 from typing import List, Optional
@@ -52,22 +50,6 @@ def resolve_files(pattern: str) -> List[str]:
 def file_format(path: str) -> str:
     """``parquet`` or ``json`` (JSON lines), from the file's suffix."""
     return FORMATS[Path(path).suffix]
-
-
-@contextlib.contextmanager
-def quiet_datasets():
-    """datasets logs its own copy of a parse error; ours names the file in one line instead."""
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def parse_error(path: str, error: Exception) -> DataFileError:
-    return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (rows count from 0)")
 
 
 def first_json_row(path: str) -> Optional[tuple]:

@@ -32,7 +32,7 @@ from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batch
 from .errors import CheckpointError, DataFileError, NonFiniteError, RunIOError, Stopped
 from .evaluation import Evaluator, eval_batch_size, forward
 from .failpoints import pause_point
-from .file_index import FileIndex, FileSource, open_index
+from .file_index import FileIndex, FileSource, check_same_everywhere, open_index
 from .file_stream import FileFeed, FileStream
 from .files import resolve_files
 from .io import write_json
@@ -177,6 +177,8 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     precision = resolve_precision(t.precision, cfg, local_device(), model)  # probes this very model
     accelerator = build_accelerator(cfg, precision)
     check_world_size(accelerator, t.expect_world_size)
+    if files is not None:
+        check_same_everywhere(files, accelerator)
     run_dir = cleanup.enter_context(open_run_dir(accelerator, cfg))
     cleanup.callback(accelerator.end_training)  # trackers end before the run dir's lock is released
     world, config = accelerator.num_processes, cfg.to_dict()
@@ -273,10 +275,7 @@ def check_same_data(run: Run, meta: dict, path: Path) -> None:
     content hash, wherever the files lie now)."""
     if run.files is None:
         return
-    then, now = meta.get("data"), run.files.identity()
-    if then is None:
-        raise CheckpointError(f"{path} was written by a --data-files run before the files were indexed: resume it "
-                              f"with --data-streaming (or --resume never in a new --run-dir)")
+    then, now = meta.get("data") or {}, run.files.identity()  # check_compatible refused streamed checkpoints
     if (then.get("rows"), then.get("sha256")) != (now["rows"], now["sha256"]):
         raise CheckpointError(f"{path} was trained on other data: {then.get('rows')} rows in {then.get('files')} "
                               f"file(s), sha256 {str(then.get('sha256'))[:12]}; --data-files now hold {now['rows']} rows "
@@ -291,9 +290,10 @@ def open_files(cfg: TrainConfig) -> Optional[FileIndex]:
     if not d.data_files or d.data_streaming:
         return None
     main = os.environ.get("RANK", "0") == "0"
-    return open_index(resolve_files(d.data_files), TASKS[d.task], cfg.task_spec(), d.sequence_column,
-                      d.label_column, d.data_cache, say=(lambda line: print(line, flush=True)) if main else
-                      (lambda line: None), progress=main and show_progress(cfg.log.progress))
+    index = open_index(resolve_files(d.data_files), TASKS[d.task], cfg.task_spec(), d.sequence_column,
+                       d.label_column, d.data_cache, say=(lambda line: print(line, flush=True)) if main else
+                       (lambda line: None), progress=main and show_progress(cfg.log.progress))
+    return index.open()
 
 
 def finished_summary(run: Run, restored) -> dict:

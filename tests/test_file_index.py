@@ -19,6 +19,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -31,7 +33,7 @@ import pytest
 import torch
 
 import distseq.file_index as fi
-from conftest import run_main, summary
+from conftest import REPO, cpu_env, free_port, run_main, summary
 from distseq.data import derive_seed
 from distseq.file_index import FileSource, open_index
 from distseq.files import resolve_files
@@ -866,6 +868,32 @@ def test_a_corrupt_index_is_rebuilt_with_one_line(how, tiny_chunks, tmp_path, ca
     assert again.returncode == 0 and "distseq: index" not in again.stdout
 
 
+def test_a_bad_file_is_read_once_and_its_error_remembered(tmp_path, monkeypatch):
+    """The first process to index a bad file records its error for that version of the file: the job's
+    other processes and later runs say the same line without reading it again; a fixed file is indexed."""
+    from distseq.errors import DataFileError
+
+    seqs, labels = make_rows(50, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"sequence": [0.5] * T, "label": 7}) + "\n")
+    with pytest.raises(DataFileError) as first:
+        index_of([path], tmp_path / "cache")
+    assert f"{path}: row 50 (from 0): 'label' must be 0 or 1" in str(first.value)
+    assert not first.value.every_rank  # every process meets it alike: rank 0 prints it
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the file was read again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fi, "_build", no_build)
+        with pytest.raises(DataFileError) as again:
+            index_of([path], tmp_path / "cache")
+    assert str(again.value) == str(first.value)
+    path.write_text(path.read_text().replace('"label": 7', '"label": 1.0'))  # another size: seen as changed
+    assert index_of([path], tmp_path / "cache").rows == 51
+
+
 # --- 5. identity and changes --------------------------------------------------------------------
 def test_identity_is_the_content_not_the_path(tmp_path):
     (tmp_path / "one").mkdir()
@@ -897,6 +925,10 @@ def test_changed_names_a_modified_or_removed_file(tmp_path):
     assert index.changed() is None
     stat = b.stat()
     os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert index.changed() is None  # a touch: the same bytes (hashed once, then the new time is remembered)
+    text = b.read_text()
+    b.write_text(text.replace("0.", "1.", 1))  # same size, other bytes
+    os.utime(b, ns=(stat.st_atime_ns, stat.st_mtime_ns + 3_000_000_000))
     assert index.changed() == f"{b} was modified"
     with open(b, "a") as handle:
         handle.write(jsonl_line(np.zeros((T, 1)), 0) + "\n")
@@ -926,19 +958,27 @@ def test_resume_on_changed_data_is_refused(tmp_path, capsys):
     assert str(path) in proc.stdout and "indexing it again" in proc.stdout  # the rebuild was announced
 
 
-def test_a_file_modified_while_training_stops_without_saving(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("change", ["touched", "rewritten"])
+def test_a_file_modified_while_training_stops_without_saving(change, tmp_path, capsys, monkeypatch):
+    """Other bytes under a running job stop it at the next checkpoint, which is not written; a touch (a new
+    modification time, the same bytes: a backup tool, a sync) does not."""
     path = write_jsonl(tmp_path / "a.jsonl", *make_rows(100, 1))
     real, calls = FileSource.samples, []
 
     def samples(self, positions):
         calls.append(len(positions))
-        if len(calls) == 1:  # while the run trains (this call feeds several steps): the file is touched
+        if len(calls) == 1:  # while the run trains (this call feeds several steps): the file changes
+            if change == "rewritten":
+                path.write_text(path.read_text().replace("0.", "1.", 1))  # the same size
             os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
         return real(self, positions)
 
     monkeypatch.setattr(FileSource, "samples", samples)
     proc = cli(train_args([path], tmp_path, "--checkpoint-every", "3"), capsys)
     err = proc.stderr.strip()
+    if change == "touched":
+        assert proc.returncode == 0 and summary(tmp_path / "run")["step"] == 6, proc.stderr
+        return
     assert proc.returncode == 2 and len(err.splitlines()) == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr)
     assert f"{path} was modified while this run trained on it" in err and "stopped at step 3 without saving" in err
     assert not (tmp_path / "run" / "checkpoints").is_dir() or not any((tmp_path / "run" / "checkpoints").iterdir())
@@ -958,15 +998,91 @@ def test_resume_on_the_same_bytes_rewritten_is_accepted(tmp_path, capsys):
 
 
 def test_resume_from_a_copy_at_another_path(tmp_path, capsys):
-    """What the code does: --data-files is part of a checkpoint's identity, so the same bytes at another
-    path are refused by name before their content is compared (the index identity alone would accept)."""
+    """Indexed files are identified by their content: the same bytes at another path resume (the change of
+    --data-files is reported); other bytes there are refused."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     path = write_jsonl(tmp_path / "one" / "a.jsonl", *make_rows(100, 1))
     copy = Path(shutil.copy(path, tmp_path / "two" / "a.jsonl"))
     assert cli(train_args([path], tmp_path), capsys).returncode == 0
     proc = cli(train_args([copy], tmp_path, "--max-steps", "12"), capsys)
-    err = proc.stderr.strip()
-    assert proc.returncode == 2 and len(err.splitlines()) == 1, proc.stderr
-    assert "--data-files" in err and str(path) in err and str(copy) in err and "step-00000006" in err
-    assert index_of([copy], tmp_path / "cache").identity() == index_of([path], tmp_path / "cache").identity()
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in proc.stdout and f"--data-files {path} -> {copy}" in proc.stdout
+    assert summary(tmp_path / "run")["step"] == 12
+    write_jsonl(copy, *make_rows(100, 5))
+    refused = cli(train_args([copy], tmp_path, "--max-steps", "18"), capsys)
+    assert refused.returncode == 2 and "was trained on other data" in refused.stderr
+
+
+def test_old_index_files_and_debris_are_removed_when_an_entry_is_rebuilt(tmp_path):
+    """Good, then bad, then fixed: one index file is left, and a build killed half-way leaves nothing."""
+    seqs, labels = make_rows(60, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    cache = tmp_path / "cache"
+    index_of([path], cache)
+    (cache / "files" / f".tmp-999-{Path(index_of([path], cache).files[0].arrow).name}").write_bytes(b"half")
+    with open(path, "a") as handle:
+        handle.write(json.dumps({"sequence": [0.5] * T, "label": 3}) + "\n")
+    with pytest.raises(Exception, match="must be 0 or 1"):
+        index_of([path], cache)
+    assert list((cache / "files").glob("*.arrow")) == [] and list((cache / "files").glob(".tmp-*")) == []
+    path.write_text(path.read_text().replace('"label": 3', '"label": 1.0'))
+    index = index_of([path], cache)
+    assert index.rows == 61 and [str(p) for p in (cache / "files").glob("*.arrow")] == [index.files[0].arrow]
+
+
+def test_an_io_error_while_indexing_is_not_remembered(tmp_path, monkeypatch):
+    """A read that fails (EIO) is one line for this run; the next run reads the file again."""
+    import pyarrow.json as pj
+
+    from distseq.errors import DataFileError
+
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(30, 1))
+    real = pj.open_json
+
+    def failing(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(pj, "open_json", failing)
+    with pytest.raises(DataFileError, match=f"{path}: cannot read: Input/output error") as error:
+        index_of([path], tmp_path / "cache")
+    assert error.value.every_rank  # this process met it: it says so itself
+    monkeypatch.setattr(pj, "open_json", real)
+    assert index_of([path], tmp_path / "cache").rows == 30
+
+
+RANKS_READ_OTHER_FILES = """
+import sys
+from accelerate import Accelerator
+from distseq.file_index import check_same_everywhere, open_index
+from distseq.registry import TASKS
+from distseq.tasks import TaskSpec
+
+accelerator = Accelerator(cpu=True)
+files = sys.argv[1 + accelerator.process_index]  # node-local copies that differ
+index = open_index([files], TASKS["sum-sign"], TaskSpec(6, 6), "sequence", "label", sys.argv[3],
+                   lambda line: None, progress=False)
+try:
+    check_same_everywhere(index, accelerator)
+    outcome = "same"
+except Exception as error:
+    outcome = f"{type(error).__name__}: {error} every_rank={error.every_rank}"
+with open(f"{sys.argv[3]}/rank{accelerator.process_index}.txt", "w") as out:
+    out.write(outcome)
+"""
+
+
+def test_ranks_that_indexed_different_rows_are_stopped(tmp_path):
+    """Two real processes whose copies of the data differ: both stop, with one line naming the ranks."""
+    script = tmp_path / "check.py"
+    script.write_text(RANKS_READ_OTHER_FILES)
+    a = write_jsonl(tmp_path / "a.jsonl", *make_rows(40, 1))
+    b = write_jsonl(tmp_path / "b.jsonl", *make_rows(30, 2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(a), str(b), str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=cpu_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        line = (tmp_path / "cache" / f"rank{rank}.txt").read_text()
+        assert line.startswith("BadData: --data-files differ between processes: rank 1 reads 30 rows"), line
+        assert "rank 0 40 (sha256" in line and line.endswith("every_rank=False")

@@ -295,3 +295,22 @@ def test_a_streamed_run_resumes_only_on_the_same_process_count(tmp_path):
                              timeout=180)
     assert proc.returncode != 0
     assert "--data-streaming runs resume only on the same number of processes (1, not 2)" in proc.stderr
+
+
+def test_a_checkpoint_from_before_the_index_resumes_streamed(tmp_path):
+    """A --data-files checkpoint written before --data-streaming existed (its config lacks the option):
+    its files were streamed, so it resumes with --data-streaming and is refused, naming it, without."""
+    data, run_dir = write_jsonl(tmp_path / "a.jsonl", 200), tmp_path / "run"
+    assert_ok(run_distseq(file_args([data], run_dir, "--data-streaming", "--max-steps", "2")))
+    meta_path = run_dir / "checkpoints" / "step-00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["data"]["data_streaming"], meta["config"]["data"]["data_cache"]
+    meta_path.write_text(json.dumps(meta))
+    refused = run_distseq(file_args([data], run_dir, "--max-steps", "4"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith(f"{meta_path.parent} was written with --data-streaming True; this run "
+                                           f"has False (resume with the same value, or --resume never in a new "
+                                           f"--run-dir)")
+    resumed = run_distseq(file_args([data], run_dir, "--data-streaming", "--max-steps", "4"))
+    assert_ok(resumed)
+    assert "resuming from" in resumed.stdout and summary(run_dir)["step"] == 4
