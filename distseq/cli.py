@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "applied over --preset, and command-line options override it",
     )
     train.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+    train.add_argument("--index-only", action="store_true",
+                       help="build (or check) the index of --data-files and exit, writing nothing of the run: e.g. "
+                       "once per node before a large job, so its processes do not wait for it at start-up")
     _add_config_options(train)
 
     bench = commands.add_parser(
@@ -241,12 +244,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .loop import train
+    from .loop import open_files, train
 
     cfg = config_from_args(args)
-    if args.print_config:
+    if args.print_config or args.index_only:
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    if args.index_only:
+        if not cfg.data.data_files or cfg.data.data_streaming:
+            raise ConfigError("--index-only", "needs --data-files (indexed, not --data-streaming)")
+        index = open_files(cfg)
+        print(f"distseq: index of {len(index.files)} file(s) ready: {index.rows} rows, sha256 "
+              f"{index.identity()['sha256'][:12]}", flush=True)
         return
     train(cfg)
 

@@ -314,3 +314,16 @@ def test_a_checkpoint_from_before_the_index_resumes_streamed(tmp_path):
     resumed = run_distseq(file_args([data], run_dir, "--data-streaming", "--max-steps", "4"))
     assert_ok(resumed)
     assert "resuming from" in resumed.stdout and summary(run_dir)["step"] == 4
+
+
+def test_index_only_builds_the_index_and_writes_nothing_of_the_run(tmp_path, capsys):
+    data, run_dir = write_jsonl(tmp_path / "a.jsonl", 30), tmp_path / "run"
+    main(file_args([data], run_dir, "--index-only"))
+    out = capsys.readouterr().out
+    assert "distseq: indexing 1 of 1 data file(s)" in out and "distseq: index of 1 file(s) ready: 30 rows" in out
+    assert not run_dir.exists()
+    proc = run_distseq(file_args([data], run_dir, "--max-steps", "2"))
+    assert_ok(proc)
+    assert "indexing" not in proc.stdout  # built already
+    code, err = run_in_process(["train", "--index-only", "--run-dir", str(run_dir)], capsys)
+    assert code == 2 and err.endswith("--index-only: needs --data-files (indexed, not --data-streaming)")
