@@ -331,21 +331,32 @@ def convert(table, first_row: int, path: str, task: Task, spec: TaskSpec, shape:
     return x.reshape(n, T * F), y_out, lengths.astype(np.int32)
 
 
-def _json_rows_one_by_one(path: str) -> Iterator[dict]:
-    """The rows of a JSON-lines file parsed by Python, for a file pyarrow could not parse: slow, exact."""
-    row = 0
+JSON_GROUP_LINES = 4096  # lines parsed at once while looking for the row pyarrow refuses
+
+
+def _json_row(path: str, row: int, line: bytes) -> dict:
+    """One line of a JSON-lines file as ``row_to_sample``'s input; a one-line error if it is not an object."""
+    try:
+        data = json.loads(line)
+    except ValueError as error:
+        raise DataFileError(f"{path}: row {row} (from 0): not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise DataFileError(f"{path}: row {row} (from 0): not a JSON object")
+    return {"file": path, "row": row, "data": data}
+
+
+def _line_groups(path: str) -> Iterator[Tuple[int, List[bytes]]]:
+    """(row of the first line, the non-blank lines) in groups of JSON_GROUP_LINES, streamed."""
+    group, first = [], 0
     with open(path, "rb") as handle:
         for line in handle:
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except ValueError as error:
-                raise DataFileError(f"{path}: row {row} (from 0): not valid JSON: {error}") from None
-            if not isinstance(data, dict):
-                raise DataFileError(f"{path}: row {row} (from 0): not a JSON object")
-            yield {"file": path, "row": row, "data": data}
-            row += 1
+            if line.strip():
+                group.append(line)
+                if len(group) == JSON_GROUP_LINES:
+                    yield first, group
+                    first, group = first + len(group), []
+    if group:
+        yield first, group
 
 
 @dataclass(frozen=True)
@@ -407,48 +418,52 @@ def _read_json(path: str, shape: RowShape, task: Task, spec: TaskSpec, rows_per_
             raise ReadAgain(JsonReading(reading.nested, reading.block_bytes * 8)) from None
         if shape.features == 1 and not reading.nested and "changed from number to array" in message:
             raise ReadAgain(JsonReading(True, reading.block_bytes)) from None  # steps written as [v]
-        raise _json_error(path, shape, task, spec, options, reading, error) from None
+        raise _json_error(path, shape, task, spec, reading, error) from None
     except OSError as error:
         raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None
     if pending:
         yield pa.Table.from_batches(pending), len(pending) * reading.block_bytes
 
 
-def _json_error(path: str, shape: RowShape, task: Task, spec: TaskSpec, options, reading: JsonReading,
+def _json_error(path: str, shape: RowShape, task: Task, spec: TaskSpec, reading: JsonReading,
                 error: Exception) -> DataFileError:
-    """The first row of a JSON-lines file that pyarrow refused, by number (pyarrow counts rows within its
-    block): Python's reading of the rows first, for ``row_to_sample``'s messages; then, for what Python
-    accepts but pyarrow does not (a duplicated key, a row mixing the forms of steps), pyarrow on groups
-    of lines and then on the lines of the group that fails."""
+    """The one-line error of the first row of a JSON-lines file that pyarrow refused, by its number in the file
+    (pyarrow counts rows within its block). pyarrow parses groups of lines, then each line of the first group
+    it refuses; the rows of that group up to the refused one then go through ``row_to_sample`` in order, for
+    its messages (a string among numbers, a missing label); pyarrow's own message names what Python would
+    accept (a duplicated key). One-feature steps may be numbers or 1-number lists: lines are refused only
+    when pyarrow reads them in neither form. Streamed: no file is held in memory."""
     import pyarrow as pa
     import pyarrow.json as pj
 
-    for row in _json_rows_one_by_one(path):
-        row_to_sample(row, shape.sequence_column, shape.label_column, task, spec)
+    forms = [_json_options(shape, nested) for nested in ((reading.nested, not reading.nested)
+                                                           if shape.features == 1 else (True,))]
 
     def refuses(lines: List[bytes]) -> Optional[str]:
+        """pyarrow's message when it reads ``lines`` in no form, else None."""
         data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
-        try:
-            pj.read_json(pa.BufferReader(data), parse_options=options,
-                         read_options=pj.ReadOptions(block_size=max(len(data) + 1, reading.block_bytes)))
-        except pa.ArrowInvalid as refusal:
-            return str(refusal).splitlines()[0]
-        return None
+        messages = []
+        for options in forms:
+            try:
+                pj.read_json(pa.BufferReader(data), parse_options=options,
+                             read_options=pj.ReadOptions(block_size=max(len(data) + 1, reading.block_bytes)))
+                return None
+            except pa.ArrowInvalid as refusal:
+                messages.append(str(refusal).splitlines()[0])
+        return messages[0]
 
-    group: List[bytes] = []
-    with open(path, "rb") as handle:
-        lines = [line for line in handle if line.strip()] if os.path.getsize(path) < (256 << 20) else None
-    if lines is not None:
-        for first in range(0, len(lines), 4096):
-            group = lines[first:first + 4096]
-            if refuses(group):
-                for offset, line in enumerate(group):
-                    reason = refuses([line])
-                    if reason:
-                        reason = re.sub(r" in row 0$", "", reason)
-                        return DataFileError(f"{path}: row {first + offset} (from 0): cannot parse: {reason}")
-    return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (counted within a block of "
-                         f"{reading.block_bytes} bytes)")
+    for first, group in _line_groups(path):
+        if refuses(group) is None:
+            continue
+        for offset, line in enumerate(group):
+            row_to_sample(_json_row(path, first + offset, line), shape.sequence_column, shape.label_column, task, spec)
+            reason = refuses([line])
+            if reason:
+                return DataFileError(f"{path}: row {first + offset} (from 0): cannot parse: "
+                                     f"{re.sub(r' in row 0$', '', reason)}")
+    return DataFileError(f"{path}: cannot parse: {str(error).splitlines()[0]} (the row counted within a block of "
+                         f"{reading.block_bytes} bytes; rows that write one-feature steps both as numbers and as "
+                         f"[v] lists cannot be read together)")
 
 
 def _file_sha256(path: str) -> str:

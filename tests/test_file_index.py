@@ -1086,3 +1086,17 @@ def test_ranks_that_indexed_different_rows_are_stopped(tmp_path):
         line = (tmp_path / "cache" / f"rank{rank}.txt").read_text()
         assert line.startswith("BadData: --data-files differ between processes: rank 1 reads 30 rows"), line
         assert "rank 0 40 (sha256" in line and line.endswith("every_rank=False")
+
+
+def test_jsonl_mixing_the_forms_of_steps_across_rows_is_one_line(tmp_path):
+    """Steps as numbers in one row and as [v] lists in the next: each row reads alone, the file not."""
+    from distseq.errors import DataFileError
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"sequence": [0.5] * T, "label": 1}) + "\n"
+                    + json.dumps({"sequence": [[0.5]] * T, "label": 0}) + "\n")
+    with pytest.raises(DataFileError) as error:
+        index_of([path], tmp_path / "cache")
+    message = str(error.value)
+    assert message.startswith(f"{path}: cannot parse: ") and "both as numbers and as [v] lists" in message
+    assert len(message.splitlines()) == 1
