@@ -37,7 +37,7 @@ from safetensors.torch import load as load_safetensors, save as save_safetensors
 from .data import derive_seed
 from .errors import CheckpointError, RunIOError
 from .failpoints import failpoint
-from .io import write_durably, write_json
+from .io import sha256_file, write_durably, write_json
 from .registry import PLUGINS
 
 FORMAT_VERSION = 1
@@ -199,14 +199,6 @@ def apply_retention(run_dir: Path, step: int, keep_last: int) -> None:
         except OSError:
             continue  # deleted by someone else, or not ours to delete: retention is best effort
         shutil.rmtree(doomed, ignore_errors=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -48,7 +48,7 @@ import torch
 from .data import LRU, derive_seed
 from .errors import ConfigError, DataFileError, DistseqError, RunIOError
 from .files import check_files, file_format, row_to_sample
-from .io import write_json
+from .io import sha256_file, write_json
 from .sampling import Permutation
 from .tasks import Batch, Task, TaskSpec
 
@@ -127,7 +127,7 @@ class IndexedFile:
         if stat.st_size != self.size:
             return f"{self.path} changed size ({self.size} -> {stat.st_size} bytes)"
         if stat.st_mtime_ns != self.mtime_ns:
-            if _file_sha256(self.path) != self.sha256:
+            if sha256_file(self.path) != self.sha256:
                 return f"{self.path} was modified"
             self.mtime_ns = stat.st_mtime_ns  # the same bytes: hash again only after the next change
         return None
@@ -466,14 +466,6 @@ def _json_error(path: str, shape: RowShape, task: Task, spec: TaskSpec, reading:
                          f"[v] lists cannot be read together)")
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, advance: Callable[[int], None]
            ) -> Tuple[int, str]:
     """Validate and convert ``path`` into the Arrow file ``arrow`` (written under a temporary name, then
@@ -513,7 +505,7 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return rows, _file_sha256(path)
+    return rows, sha256_file(path)
 
 
 class IndexCache:
@@ -543,7 +535,7 @@ class IndexCache:
         stat = os.stat(path)
         if record.get("size") != stat.st_size:
             return f"changed size ({record.get('size')} -> {stat.st_size} bytes) since it was indexed"
-        if record.get("mtime_ns") != stat.st_mtime_ns and record.get("sha256") != _file_sha256(path):
+        if record.get("mtime_ns") != stat.st_mtime_ns and record.get("sha256") != sha256_file(path):
             return "was modified since it was indexed"
         if "error" in record:
             return None  # this version of the file is known bad: entry() says why
