@@ -336,7 +336,7 @@ def check_compatible(meta: dict, config: dict, path: Path) -> None:
 
     for section, names in IDENTITY.items():
         for name in names:
-            if (section, name) == ("data", "data_files") and "data" in meta:
+            if (section, name) == ("data", "data_files") and "data" in meta and config["data"].get("data_files"):
                 continue  # indexed files are identified by their content (meta "data"), wherever they lie now
             then = meta["config"][section].get(name, _default_then(meta, section, name, SECTIONS))
             now = config[section].get(name)

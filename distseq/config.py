@@ -373,6 +373,8 @@ class TrainConfig:
         from .files import check_files, resolve_files  # reads the first row: only when files are used
 
         d = self.data
+        if d.data_cache is not None and not d.data_cache.strip():
+            raise ConfigError("--data-cache", "is empty: give a directory, or leave it out for the default")
         conflicts = {
             "--dataset-size": d.dataset_size is not None,  # the files' row count is the dataset's size
             # streamed rows are read in-process so that their order and resume state stay exact, and they carry

@@ -30,6 +30,8 @@ def resolve_files(pattern: str) -> List[str]:
     files: List[str] = []
     for part in filter(None, (p.strip() for p in pattern.split(","))):
         matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        if len(matches) == 1 and Path(matches[0]).is_dir():
+            raise ConfigError("--data-files", f"{part} is a directory: give its files (e.g. {Path(part) / '*.parquet'})")
         if not matches or not all(Path(m).is_file() for m in matches):
             raise ConfigError("--data-files", f"no such file: {part}")
         files += matches
@@ -148,6 +150,12 @@ def _tokens_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskS
     return padded, length
 
 
+def _shown(value, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task, spec: TaskSpec):
     """One row -> (x (T, F) zero-padded, length, y); DataFileError naming the file and row otherwise."""
     where = f"{row['file']}: row {row['row']} (from 0)"
@@ -158,7 +166,7 @@ def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task
         raise DataFileError(f"{where}: missing {missing!r}")
     x, length = sequence_to_tensor(sequence, where, sequence_column, task, spec)
     if not isinstance(label, (int, float)) or isinstance(label, bool) or not math.isfinite(label):
-        raise DataFileError(f"{where}: {label_column!r} is not a number ({label!r})")
+        raise DataFileError(f"{where}: {label_column!r} is not a number ({_shown(label)})")
     if abs(label) > FLOAT32_MAX:
         raise DataFileError(f"{where}: {label_column!r} is too large for float32 ({label!r})")
     if task.head == "binary" and label not in (0, 1):

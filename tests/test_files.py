@@ -327,3 +327,31 @@ def test_index_only_builds_the_index_and_writes_nothing_of_the_run(tmp_path, cap
     assert "indexing" not in proc.stdout  # built already
     code, err = run_in_process(["train", "--index-only", "--run-dir", str(run_dir)], capsys)
     assert code == 2 and err.endswith("--index-only: needs --data-files (indexed, not --data-streaming)")
+
+
+def test_a_files_run_resumed_without_its_files_is_refused(tmp_path):
+    data, run_dir = write_jsonl(tmp_path / "a.jsonl", 40), tmp_path / "run"
+    assert_ok(run_distseq(file_args([data], run_dir, "--max-steps", "2")))
+    args = [a for a in file_args([data], run_dir, "--max-steps", "4") if a != str(data)]
+    args.remove("--data-files")
+    proc = run_distseq(args)
+    assert proc.returncode == 2
+    assert f"was written with --data-files {data}; this run has None" in proc.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data-cache", " "], "--data-cache: is empty: give a directory, or leave it out for the default"),
+    (["--data-files", "{dir}"], "--data-files: {dir} is a directory: give its files (e.g. {dir}/*.parquet)"),
+])
+def test_empty_cache_and_directory_are_one_line(extra, message, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "ok.jsonl", 20)
+    extra = [e.format(dir=tmp_path) for e in extra]
+    code, err = run_in_process(file_args([data], tmp_path / "run", *extra), capsys)
+    assert code == 2 and err.endswith(message.format(dir=tmp_path)), err
+
+
+def test_a_huge_bad_value_is_quoted_short(tmp_path, capsys):
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"seq": [0.1] * 6, "target": "x" * 100_000}) + "\n")
+    code, err = run_in_process(file_args([path], tmp_path / "run"), capsys)
+    assert code == 2 and len(err) < 300 and "'target' is not a number ('xxxx" in err and "(100002 characters)" in err

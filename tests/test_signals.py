@@ -6,6 +6,7 @@ starts with SIGINT ignored (POSIX) and distseq keeps an inherited SIG_IGN, so ea
 restores the default disposition of the signal it will receive (``preexec_fn``), as a terminal would.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -174,3 +175,23 @@ def test_signal_during_imports_is_one_line_not_a_traceback(signum, code, tmp_pat
     assert err.strip(), "no message on stderr"
     assert "nothing was saved" in err.strip().splitlines()[-1], err
     assert not list(run_dir.rglob("step-*"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves(signum, tmp_path):
+    """SLURM's preemption and Ctrl-C signal the whole process group, DataLoader workers included: the workers
+    ignore it, the main process saves at the step boundary and exits 143 (130), no worker traceback."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "distseq.cli", "train", "--max-steps", "100000", "--log-every", "5",
+                             "--eval-every", "0", "--eval-size", "64", "--global-batch-size", "24", "--hidden-size", "8",
+                             "--num-workers", "2", "--no-progress", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO,
+                            start_new_session=True, preexec_fn=disposition(SIGINT=signal.SIG_DFL))
+    seen = wait_for_line(proc, "step=10/")
+    os.killpg(proc.pid, signum)
+    code, out, err = finish(proc, seen)
+    assert code == (143 if signum == signal.SIGTERM else 130), err[-3000:]
+    result = summary(run_dir)
+    saved = run_dir / "checkpoints" / f"step-{result['step']:08d}"
+    assert saved.is_dir() and f"saved {saved} at step {result['step']}" in out
+    assert "Traceback" not in err and "DataLoader worker" not in err
