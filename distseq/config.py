@@ -375,17 +375,18 @@ class TrainConfig:
         d = self.data
         if d.data_cache is not None and not d.data_cache.strip():
             raise ConfigError("--data-cache", "is empty: give a directory, or leave it out for the default")
-        conflicts = {
-            "--dataset-size": d.dataset_size is not None,  # the files' row count is the dataset's size
+        streamed = "does not apply with --data-files --data-streaming; leave it out"
+        conflicts = {  # option: (given, why not)
+            "--dataset-size": (d.dataset_size is not None,
+                               "does not apply with --data-files (the files' rows are the dataset); leave it out"),
             # streamed rows are read in-process so that their order and resume state stay exact, and they carry
             # no stream positions to verify
-            "--num-workers": d.data_streaming and d.num_workers != 0,
-            "--verify-data": d.data_streaming and self.train.verify_data,
+            "--num-workers": (d.data_streaming and d.num_workers != 0, streamed),
+            "--verify-data": (d.data_streaming and self.train.verify_data, streamed),
         }
-        for option, conflict in conflicts.items():
-            if conflict:
-                raise ConfigError(option, "does not apply with --data-files" + (" --data-streaming" if option !=
-                                  "--dataset-size" else " (the files' rows are the dataset)") + "; leave it out")
+        for option, (given, why_not) in conflicts.items():
+            if given:
+                raise ConfigError(option, why_not)
         if TASKS[d.task].tokens:
             raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
         if TASKS[d.task].head == "per-step":
