@@ -1069,6 +1069,7 @@ except Exception as error:
     outcome = f"{type(error).__name__}: {error} every_rank={error.every_rank}"
 with open(f"{sys.argv[3]}/rank{accelerator.process_index}.txt", "w") as out:
     out.write(outcome)
+accelerator.end_training()  # a group left to the interpreter's exit may abort (SIGABRT) when its peer left first
 """
 
 
