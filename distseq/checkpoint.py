@@ -21,8 +21,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,15 +34,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors, save as save_safetensors
+from safetensors.torch import save as save_safetensors
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .data import derive_seed
 from .errors import CheckpointError, RunIOError
 from .failpoints import failpoint
 from .io import sha256_file, write_durably, write_json
 from .registry import PLUGINS
+from .state import STATE, checkpoint_group, load_state, load_whole_state, save_state, whole_weights
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights and optimizer in state/ (DCP); 1: model.safetensors + trainer_state.pt (read)
+READABLE_VERSIONS = (1, 2)
+WEIGHTS = "model.safetensors"
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 # Fields that define what a step's samples are and the model's shape: a checkpoint resumes only if
 # they match. Everything else (max_steps, lr, world size, logging, ...) may change across a resume.
@@ -98,8 +104,45 @@ def _any_rank(accelerator: Accelerator, failed: bool) -> bool:
     return bool(accelerator.reduce(flag, "max").item())
 
 
-def _io_failure(error: OSError) -> str:
-    return f"cannot write {error.filename or 'a checkpoint file'}: {error.strerror or error}"
+def _cause(error: BaseException) -> BaseException:
+    """DCP wraps every rank's failure into one CheckpointException: the first rank's own error."""
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _io_failure(error: BaseException) -> str:
+    """One line for a failed write."""
+    error = _cause(error)
+    if isinstance(error, OSError):
+        return f"cannot write {error.filename or 'a checkpoint file'}: {error.strerror or error}"
+    return f"cannot write the checkpoint: {_first_line(error)}"
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose state is being written in the background (--async-checkpoint)."""
+
+    step: int
+    final: Path
+    future: object  # DCP's Future of this rank's write
+    thread: Optional[threading.Thread] = None  # main process: waits for the write, then completes the checkpoint
+    problem: str = ""
+
+    def finish(self) -> str:
+        """Wait for this rank's part; '' when the checkpoint is complete (main) or the write succeeded."""
+        if self.thread is not None:
+            self.thread.join()
+            return self.problem
+        try:
+            self.future.result()
+        except (Exception, CheckpointException) as error:  # DCP reports every rank's failure to every rank
+            return _io_failure(error)
+        return ""
 
 
 def save_checkpoint(
@@ -116,12 +159,17 @@ def save_checkpoint(
     data_state: Optional[dict] = None,
     data_identity: Optional[dict] = None,
     previous: Optional[Path] = None,
-) -> Path:
-    """Write the checkpoint of ``step`` atomically on every rank's behalf; returns its directory.
+    sharding: str = "none",
+    group=None,
+    asynchronous: bool = False,
+):
+    """Write the checkpoint of ``step`` atomically on every rank's behalf; returns its directory, or
+    with ``asynchronous`` a PendingSave once the state is copied to host memory.
 
-    A failed write on any rank (no space, no permission, read-only file system) removes the
-    temporary directory and raises RunIOError on every rank, naming the file and ``previous``, the
-    newest complete checkpoint, which is untouched.
+    The weights and optimizer state go through ``torch.distributed.checkpoint`` into ``state/``: each
+    rank writes its own file, in parallel. A failed write on any rank (no space, no permission,
+    read-only file system) removes the temporary directory and raises RunIOError on every rank,
+    naming the file and ``previous``, the newest complete checkpoint, which is untouched.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
@@ -137,18 +185,16 @@ def save_checkpoint(
     if _any_rank(accelerator, bool(problem)):
         raise RunIOError(f"{problem or 'the main process could not create the checkpoint directory'}; {kept}")
 
-    full_state = accelerator.get_state_dict(model)  # every rank: a collective gather under FSDP
     files: Dict[str, bytes] = {f"rng-rank{rank}.pt": _torch_bytes(rng_state())}
     if data_state is not None:
         files[f"data-rank{rank}.json"] = json.dumps(data_state).encode()
-    if accelerator.is_main_process:
-        files["model.safetensors"] = save_safetensors(weights_for_safetensors(full_state))
-        files["trainer_state.pt"] = _torch_bytes({"optimizer": optimizer.state_dict()})
+    future = None
     try:
         for name, data in files.items():
             write_durably(tmp / name, data)
             failpoint("checkpoint-partial", step)
-    except OSError as error:
+        future = save_state(tmp / STATE, model, optimizer, group, asynchronous)  # async: once copied to host
+    except (Exception, CheckpointException) as error:  # OSError, or DCP's report of every rank's failure
         problem = _io_failure(error)
     if _any_rank(accelerator, bool(problem)):
         if accelerator.is_main_process:
@@ -157,35 +203,51 @@ def save_checkpoint(
         error.every_rank = bool(problem)  # the rank that met it names the file itself
         raise error
 
+    meta = {"format_version": FORMAT_VERSION, "step": step, "samples": samples,
+            "world_size": accelerator.num_processes, "sharding": sharding, "config": config, "progress": progress,
+            **({"data": data_identity} if data_identity is not None else {}),
+            "plugins": list(PLUGINS),  # what eval, predict, export and load_model import again
+            "versions": versions()}
+    if asynchronous:
+        pending = PendingSave(step, final, future)
+        if accelerator.is_main_process:
+            def complete_in_background() -> None:
+                failpoint("checkpoint-background", step)
+                problem = PendingSave(step, final, future).finish()
+                pending.problem = problem or _complete(tmp, final, meta, files)
+                if not pending.problem and keep_last:
+                    apply_retention(Path(run_dir), step, keep_last)
+
+            pending.thread = threading.Thread(target=complete_in_background, name=f"checkpoint-{step}")
+            pending.thread.start()
+        return pending
     if accelerator.is_main_process:
-        try:
-            names = sorted(p.name for p in tmp.iterdir())
-            hashes = {name: sha256_bytes(files[name]) if name in files else sha256_file(tmp / name) for name in names}
-            write_json(tmp / "meta.json", {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "samples": samples,
-                "world_size": accelerator.num_processes,
-                "config": config,
-                "progress": progress,
-                **({"data": data_identity} if data_identity is not None else {}),
-                "plugins": list(PLUGINS),  # what eval, predict, export and load_model import again
-                "versions": versions(),
-                "sha256": hashes,
-            })
-            _fsync_dir(tmp)
-            failpoint("checkpoint-before-rename", step)
-            _replace_dir(tmp, final)
-            _fsync_dir(final.parent)
-        except OSError as error:
-            problem = _io_failure(error)
-            shutil.rmtree(tmp, ignore_errors=True)
+        problem = _complete(tmp, final, meta, files)
     if _any_rank(accelerator, bool(problem)):
         raise RunIOError(f"{problem or 'the main process could not complete the checkpoint'}; {kept}")
     if accelerator.is_main_process and keep_last:
         apply_retention(Path(run_dir), step, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _complete(tmp: Path, final: Path, meta: dict, files: Dict[str, bytes]) -> str:
+    """Main process, once every rank's files are written: meta.json lists each file with its sha256,
+    then the directory is fsynced and renamed to ``step-N``. '' on success, else the one-line problem
+    (the temporary directory is removed)."""
+    try:
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        hashes = {name: sha256_bytes(files[name]) if name in files else sha256_file(tmp / name) for name in names}
+        write_json(tmp / "meta.json", {**meta, "sha256": hashes})
+        _fsync_dir(tmp / STATE)
+        _fsync_dir(tmp)
+        failpoint("checkpoint-before-rename", meta["step"])
+        _replace_dir(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _io_failure(error)
+    return ""
 
 
 def apply_retention(run_dir: Path, step: int, keep_last: int) -> None:
@@ -261,8 +323,9 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
             or not all(isinstance(config.get(section), dict) for section in ("data", "model", "optim", "train"))):
         raise CheckpointError(f"{meta_file} lacks an integer step, samples, world_size or the config sections (damaged)")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {version}; this distseq reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has format version {version}; this distseq reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     kept: Dict[str, bytes] = {}
     for name, expected in meta["sha256"].items():
         file = path / name
@@ -278,6 +341,12 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
             raise CheckpointError(f"cannot read {file}: {error.strerror or error}") from None
         if actual != expected:
             raise CheckpointError(f"{file} does not match its sha256 in meta.json (damaged)")
+    if WEIGHTS in keep and WEIGHTS not in meta["sha256"]:  # sharded state: the whole weights, gathered once
+        try:
+            kept[WEIGHTS] = save_safetensors(weights_for_safetensors(whole_weights(path / STATE)))
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, CheckpointException) as error:
+            raise CheckpointError(_vanished(path) if not path.is_dir() else
+                                  f"cannot read {path / STATE}: {_first_line(_cause(error))}") from None
     return meta, kept
 
 
@@ -380,12 +449,16 @@ def weights_for_safetensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 
 class CheckpointManager:
     """Owns RUN/checkpoints for a run: the checkpoint it resumes from (verified once), whether a step
-    saves (every --checkpoint-every steps, the last step, a stop), the atomic save and --keep-last."""
+    saves (every --checkpoint-every steps, the last step, a stop), the atomic save, --keep-last, and
+    the one background save in flight under --async-checkpoint."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, every: int, keep_last: int, max_steps: int):
+    def __init__(self, accelerator: Accelerator, run_dir: Path, every: int, keep_last: int, max_steps: int,
+                 sharding: str = "none", asynchronous: bool = False, timeout_s: int = 600):
         self.accelerator, self.run_dir, self.every, self.keep_last = accelerator, Path(run_dir), every, keep_last
-        self.max_steps = max_steps
+        self.max_steps, self.sharding, self.asynchronous = max_steps, sharding, asynchronous
         self.newest: Optional[Path] = None  # the newest complete checkpoint of this run's history
+        self.group = checkpoint_group(timeout_s)
+        self.pending: Optional[PendingSave] = None
 
     def select(self, resume: str, log: Callable[[str], None]) -> Tuple[Optional[Path], Optional[dict]]:
         path, meta = select_checkpoint(self.accelerator, self.run_dir, resume, log)
@@ -396,11 +469,41 @@ class CheckpointManager:
         return done == self.max_steps or bool(self.every and done % self.every == 0) or stopping
 
     def save(self, done: int, model, optimizer, *, samples: int, config: dict, progress: dict,
-             data_state: Optional[dict], data_identity: Optional[dict] = None) -> Path:
-        self.newest = save_checkpoint(self.accelerator, self.run_dir, model, optimizer, step=done, samples=samples,
-                                      config=config, progress=progress, keep_last=self.keep_last,
-                                      data_state=data_state, data_identity=data_identity, previous=self.newest)
-        return self.newest
+             data_state: Optional[dict], data_identity: Optional[dict] = None) -> None:
+        """Save ``done``; in the background under --async-checkpoint, after the previous one completed."""
+        self.wait()
+        saved = save_checkpoint(self.accelerator, self.run_dir, model, optimizer, step=done, samples=samples,
+                                config=config, progress=progress, keep_last=self.keep_last,
+                                data_state=data_state, data_identity=data_identity, previous=self.newest,
+                                sharding=self.sharding, group=self.group, asynchronous=self.asynchronous)
+        if isinstance(saved, PendingSave):
+            self.pending = saved
+        else:
+            self.newest = saved
+
+    def wait(self) -> None:
+        """Every rank: the background save in flight is complete (its step-N exists) before this returns;
+        its failure on any rank is a RunIOError on every rank."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        problem = pending.finish()
+        if _any_rank(self.accelerator, bool(problem)):
+            kept = f"kept {self.newest}" if self.newest else "no earlier checkpoint of this run exists"
+            error = RunIOError(f"the background checkpoint of step {pending.step} failed: "
+                               f"{problem or 'on another process'}; {kept}")
+            error.every_rank = bool(problem)
+            raise error
+        self.newest = pending.final
+
+    def close(self) -> None:
+        """The run ends early (an error): let a background save finish on this rank, with no collective."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            problem = pending.finish()
+            if problem and self.accelerator.is_main_process:
+                print(f"distseq: the background checkpoint of step {pending.step} was not completed: {problem}",
+                      flush=True)
 
     def kept(self) -> str:
         """What an error message says survives."""
@@ -416,15 +519,18 @@ class Restored:
     progress: dict
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, meta: dict, model, optimizer) -> Restored:
+def load_checkpoint(accelerator: Accelerator, path: Path, meta: dict, model, optimizer, group=None) -> Restored:
     """Restore weights, optimizer and (same rank count) this rank's RNG from ``path``, verified already
-    by ``select_checkpoint`` (``meta`` is its meta.json)."""
+    by ``select_checkpoint`` (``meta`` is its meta.json). The state reshards: any number of ranks, any
+    sharding, loads any checkpoint."""
     try:
-        accelerator.unwrap_model(model).load_state_dict(load_safetensors((path / "model.safetensors").read_bytes()))
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, SafetensorError, KeyError, ValueError, OSError) as error:
-        raise CheckpointError(f"{path}: cannot load: {str(error).splitlines()[0]}") from None
+        if meta["format_version"] == 1:
+            load_whole_state(path / WEIGHTS, path / "trainer_state.pt", model, optimizer)
+        else:
+            load_state(path / STATE, model, optimizer, group)
+    except (RuntimeError, SafetensorError, KeyError, ValueError, OSError, pickle.UnpicklingError,
+            CheckpointException) as error:
+        raise CheckpointError(f"{path}: cannot load: {_first_line(_cause(error))}") from None
     rank = accelerator.process_index
     rng_file, data_file = path / f"rng-rank{rank}.pt", path / f"data-rank{rank}.json"
     same_world = meta["world_size"] == accelerator.num_processes

@@ -26,6 +26,7 @@ POSITIONS = ("sinusoidal", "learned", "rope")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 ON_NONFINITE = ("stop", "skip")
+SHARDINGS = ("auto", "none", "ddp", "fsdp")
 
 
 def _opt(default: Any, help: str, *, option: Optional[str] = None, choices: tuple = (),
@@ -147,6 +148,12 @@ class LoopConfig:
         "was skipped: a run that mostly skips is not training"
     )
     requeue: bool = _opt(False, "under SLURM, after saving on SIGTERM/SIGUSR1/SIGHUP, ask SLURM to requeue the job")
+    sharding: str = _opt(
+        "auto", "how the model's state lies across processes: none = one process; ddp = every process holds the "
+        "whole model, gradients are all-reduced; fsdp = parameters, gradients and optimizer state are sharded "
+        "(FSDP2 per block and at the root, on CPU as on GPU); auto = fsdp under an accelerate FSDP config, "
+        "else ddp on several processes, none on one", choices=SHARDINGS,
+    )
 
 
 @dataclass(slots=True)
@@ -162,6 +169,11 @@ class CheckpointConfig:
     overwrite: bool = _opt(
         False, "start fresh in a --run-dir that holds an earlier run: its contents are first moved aside, in one "
         "atomic rename, to RUN.replaced-<time> beside it (nothing is deleted)"
+    )
+    async_checkpoint: bool = _opt(
+        False, "write checkpoints in the background: the state is copied to host memory, training continues while "
+        "each process writes its shard, and the checkpoint is named step-N only once the write is complete (at "
+        "most one in flight; the last checkpoint of a run is waited for)"
     )
 
 
@@ -280,6 +292,12 @@ class TrainConfig:
             _in_range("--expect-world-size", t.expect_world_size, 1, MAX_WORLD)
         if not 0.0 <= t.max_skipped_fraction <= 1.0:
             raise ConfigError("--max-skipped-fraction", f"must be between 0 and 1 (got {t.max_skipped_fraction})")
+        if t.sharding == "none" and world_size > 1:
+            raise ConfigError("--sharding", f"none trains on one process; this launch started {world_size} "
+                                            f"(choose ddp, fsdp or auto)")
+        if t.sharding == "fsdp" and t.precision == "fp16":
+            raise ConfigError("--precision", "fp16 needs a gradient scaler that FSDP2's sharded gradients do not have "
+                                             "here; under --sharding fsdp choose --precision bf16, no or auto")
         c = self.checkpoint
         _in_range("--checkpoint-every", c.checkpoint_every, 0, MAX_POSITION)
         _in_range("--keep-last", c.keep_last, 0, MAX_POSITION)

@@ -44,6 +44,7 @@ from .precision import Precision, resolve_precision
 from .profiling import StepProfiler, format_profile
 from .registry import TASKS
 from .rundir import RunDir, open_run_dir
+from .sharding import full_value, quiet_fsdp_warnings, resolve_sharding, set_gradient_sync, shard_model
 from .runtime import (StopSignals, build_accelerator, check_world_size, exit_code, local_device, print0,
                       request_requeue, set_cpu_threads, show_progress, signal_name)
 from .tasks import Task, TaskSpec
@@ -112,6 +113,7 @@ class Run:
     files: Optional[FileIndex] = None  # indexed --data-files
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
     flops_per_token: float = 0.0  # training FLOPs per token of this model (flops.py)
+    sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
 
     @property
     def path(self) -> Path:
@@ -174,8 +176,10 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     torch.manual_seed(t.seed)
     model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else build_model(cfg.model, task, spec)
-    precision = resolve_precision(t.precision, cfg, local_device(), model)  # probes this very model
-    accelerator = build_accelerator(cfg, precision)
+    sharding = resolve_sharding(t.sharding, int(os.environ.get("WORLD_SIZE", "1")))
+    # probes this very model, as it will run: under FSDP2's policy when sharded
+    precision = resolve_precision(t.precision, cfg, local_device(), model, sharded=sharding == "fsdp")
+    accelerator = build_accelerator(cfg, precision, sharding)
     check_world_size(accelerator, t.expect_world_size)
     if files is not None:
         check_same_everywhere(files, accelerator)
@@ -187,14 +191,24 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
                             f"{run_dir.moved_aside}")
     pause_point("startup")
 
+    model_flops = flops_per_token(model, spec.seq_len)
+    sharded = ""
+    if sharding == "fsdp":  # before the optimizer exists: it must hold the sharded parameters
+        sharded = shard_model(model, precision.name, accelerator.device)
+        quiet_fsdp_warnings()
     optimizer, scheduler = build_optimizer(model, cfg.optim, t.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (docs/design.md, invariant 4)
+    if sharding == "fsdp":
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (docs/design.md, invariant 4)
     checkpoints = CheckpointManager(accelerator, run_dir.path, cfg.checkpoint.checkpoint_every,
-                                    cfg.checkpoint.keep_last, t.max_steps)
+                                    cfg.checkpoint.keep_last, t.max_steps, sharding, cfg.checkpoint.async_checkpoint,
+                                    t.dist_timeout_s)
+    cleanup.callback(checkpoints.close)  # a background save completes before the run dir's lock is released
     run = Run(cfg, accelerator, precision, signals, run_dir, task, spec,
               Layout(cfg.micro_batch_size(world), world, t.grad_accum_steps), model, optimizer, scheduler,
               checkpoints, Progress(first_step=t.start_step), t.start_step, None, config, model_name=model_name,
-              flops_per_token=flops_per_token(accelerator.unwrap_model(model), spec.seq_len), files=files)
+              flops_per_token=model_flops, files=files, sharding=sharding)
     data_state = resume(run)
     if run.nothing_left is not None:
         return run
@@ -209,8 +223,10 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     start_tracking(accelerator, cfg.flat(), purge_step=purge)
     layout = run.layout
     run.say(f"distseq: world_size={world} backend={accelerator.state.backend or 'none'} device={accelerator.device} "
-            f"precision={precision.name} ({precision.reason}) micro_batch={layout.micro_batch} "
+            f"sharding={sharding} precision={precision.name} ({precision.reason}) micro_batch={layout.micro_batch} "
             f"grad_accum={layout.grad_accum} global_batch={layout.global_batch} run_dir={run.path}")
+    if sharded:
+        run.say(f"distseq: {sharded}")
     if files is not None:
         run.say(f"distseq: data: {files.rows} rows in {len(files.files)} file(s); one epoch = "
                 f"{files.rows / layout.global_batch:.6g} steps of {layout.global_batch}, reshuffled each epoch")
@@ -239,7 +255,7 @@ def resume(run: Run) -> Optional[dict]:
         return None
     check_compatible(meta, run.config, path)
     check_same_data(run, meta, path)
-    restored = load_checkpoint(accelerator, path, meta, run.model, run.optimizer)
+    restored = load_checkpoint(accelerator, path, meta, run.model, run.optimizer, run.checkpoints.group)
     if cfg.data.data_streaming and restored.world_size != accelerator.num_processes:
         raise CheckpointError(f"{path}: --data-streaming runs resume only on the same number of processes "
                               f"({restored.world_size}, not {accelerator.num_processes}): the files' split depends "
@@ -252,7 +268,7 @@ def resume(run: Run) -> Optional[dict]:
         if run.spec.variable:
             run.progress.tokens_estimated_before = run.start
     run.say(f"distseq: resuming from {path} (step {run.start}, {restored.samples} samples, "
-            f"written by {restored.world_size} process(es))"
+            f"written by {restored.world_size} process(es), sharding {meta.get('sharding', 'ddp')})"
             + (f"; --start-step {cfg.train.start_step} applies to a fresh start only" if cfg.train.start_step else ""))
     if not run.progress.config_history:  # a checkpoint from before histories were kept
         run.progress.config_history.append({"step": run.progress.first_step, "config": meta["config"]})
@@ -378,6 +394,7 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
         y = batch["y"].to(device, non_blocking=True)
         tokens += int(batch["lengths"].sum()) if "lengths" in batch else y.shape[0] * run.spec.seq_len
         with accelerator.accumulate(model):
+            set_gradient_sync(model, accelerator.sync_gradients)
             with run.profiler.span("forward_backward"):
                 logits = forward(model, batch, device, run.spec.variable)
                 losses = task.loss(logits, y)  # (b,)
@@ -401,7 +418,7 @@ def optimizer_step(run: Run, loss: torch.Tensor, correct: torch.Tensor, solved: 
                    done: int) -> Outcome:
     """Clip, agree with every rank on non-finite values and stop signals, then step unless non-finite."""
     accelerator, t = run.accelerator, run.cfg.train
-    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip or math.inf)
+    grad_norm = full_value(accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip or math.inf))
     bad = ~torch.isfinite(loss)
     if run.precision.name != "fp16":  # under fp16 the grad scaler owns overflow: it skips those steps itself
         bad |= ~torch.isfinite(grad_norm)
@@ -438,7 +455,7 @@ def record(run: Run, micro: list, done: int, outcome: Outcome) -> None:
             f"saving" + (f" (kept {run.checkpoints.newest})" if run.checkpoints.newest else ""))
 
 
-def save(run: Run, done: int, exhausted: bool = False) -> Path:
+def save(run: Run, done: int, exhausted: bool = False) -> None:
     with run.clock.pause():  # a touched file is hashed here: not training time
         check_files_unchanged(run, done)
     progress = run.progress
@@ -446,7 +463,7 @@ def save(run: Run, done: int, exhausted: bool = False) -> Path:
     progress.data_exhausted = exhausted
     progress.tokens = run.logger.flush_tokens()  # every rank saves here: the all-reduce is in lockstep
     with run.clock.pause():
-        return run.checkpoints.save(done, run.model, run.optimizer, samples=done * run.layout.global_batch,
+        run.checkpoints.save(done, run.model, run.optimizer, samples=done * run.layout.global_batch,
                                     config=run.config, progress=vars(progress), data_state=run.feed.state_dict(),
                                     data_identity=run.files.identity() if run.files is not None else None)
 
@@ -470,6 +487,7 @@ def check_files_unchanged(run: Run, done: int) -> None:
 
 def stop(run: Run, done: int, signum: int) -> None:
     """Every rank saved at ``done`` on a stop signal: write the summary and raise Stopped."""
+    run.checkpoints.wait()
     run.logger.close()
     code, name = exit_code(signum), signal_name(signum)
     status = "interrupted" if signum == signal.SIGINT else "preempted"
@@ -492,6 +510,7 @@ def finish(run: Run, done: int) -> dict:
             run.logger.log(done, run.scheduler.get_last_lr()[0], run.progress.skipped_steps)
         run.evaluator.run(done)
         save(run, done, exhausted=True)
+    run.checkpoints.wait()  # the last checkpoint is complete before the summary names it
     out = write_summary(run, done, "complete")
     board = (f"\n  tensorboard tensorboard --logdir {run.path / 'tensorboard'}"
              if "tensorboard" in run.cfg.trackers() else "")
@@ -507,7 +526,7 @@ def write_summary(run: Run, done: int, status: str) -> dict:
     progress.tokens = run.logger.tokens_total  # the last step was logged or saved: nothing is pending
     extra = {**throughput((done - progress.first_step) * layout.global_batch, progress.tokens, seconds,
                           run.flops_per_token, run.accelerator.device, run.accelerator.num_processes),
-             "checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch,
+             "checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch, "sharding": run.sharding,
              "global_batch": layout.global_batch, "start_step": progress.first_step,
              "skipped_steps": progress.skipped_steps, "status": status,
              "resumed_from": str(run.resumed_from) if run.resumed_from else None,

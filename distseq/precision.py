@@ -7,6 +7,7 @@ native bf16). So every request is checked with one forward+backward under the au
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -28,7 +29,15 @@ class Precision:
     reason: str  # one line for the operator
 
 
-def _step(model, x, lengths, precision: str, device: torch.device) -> None:
+def _step(model, x, lengths, precision: str, device: torch.device, params: bool = False) -> None:
+    """One forward+backward under autocast, or (``params``: FSDP2's policy) with the weights themselves
+    in the precision's dtype, as FSDP all-gathers them."""
+    if params and precision != "no":
+        dtype = DTYPES[precision]
+        model = copy.deepcopy(model).to(dtype)
+        x = x.to(dtype) if x.is_floating_point() else x
+        model(x, lengths).float().sum().backward()
+        return
     with torch.autocast(device.type, dtype=DTYPES.get(precision, torch.float32), enabled=precision != "no"):
         loss = model(x, lengths).float().sum()
     loss.backward()
@@ -41,14 +50,15 @@ def _inputs(cfg: TrainConfig, batch: int, device: torch.device):
     return x, lengths
 
 
-def runs_under(precision: str, cfg: TrainConfig, device: torch.device, model: Optional[nn.Module] = None) -> str:
+def runs_under(precision: str, cfg: TrainConfig, device: torch.device, model: Optional[nn.Module] = None,
+               params: bool = False) -> str:
     """One forward+backward of ``model`` (default: the configured one, built here) under ``precision``;
     '' if it works, else the error. The run's own model is probed without a trace: its gradients are
     cleared and the random state (inputs, dropout) is restored, so training starts exactly as unprobed."""
     model = (model if model is not None else build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec())).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
-            _step(model, *_inputs(cfg, 2, device), precision, device)
+            _step(model, *_inputs(cfg, 2, device), precision, device, params)
         except RuntimeError as error:
             return str(error).splitlines()[0]
         finally:
@@ -61,9 +71,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device,
-                      model: Optional[nn.Module] = None) -> Precision:
+                      model: Optional[nn.Module] = None, sharded: bool = False) -> Precision:
     """Turn --precision into what actually runs, or raise a ConfigError naming the alternatives.
-    ``model`` is the run's model (probed as it is); absent, the configured one is built."""
+    ``model`` is the run's model (probed as it is); absent, the configured one is built. ``sharded``:
+    the model will run under FSDP2's policy (bf16 weights, no fp16), so that is what is probed."""
     if requested == "no":
         return Precision("no", "fp32 as requested")
     cpu = device.type == "cpu"
@@ -71,19 +82,19 @@ def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device,
         if cpu:
             if not cpu_has_native_bf16():
                 return Precision("no", "auto on CPU: fp32 (this CPU has no native bf16)")
-            error = runs_under("bf16", cfg, device, model)
+            error = runs_under("bf16", cfg, device, model, sharded)
             if error:
                 return Precision("no", f"auto on CPU: fp32 ({cfg.model.kind} fails under bf16: {error})")
             return Precision("bf16", "auto on CPU: bf16 (native bf16; probed forward+backward works)")
-        for candidate in (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]:
-            if not runs_under(candidate, cfg, device, model):
+        for candidate in (["bf16"] if torch.cuda.is_bf16_supported() else []) + ([] if sharded else ["fp16"]):
+            if not runs_under(candidate, cfg, device, model, sharded):
                 return Precision(candidate, f"auto on {device.type}: {candidate} (probed forward+backward works)")
         return Precision("no", f"auto on {device.type}: fp32 (no autocast precision ran {cfg.model.kind})")
     if requested == "fp16" and cpu:
         raise ConfigError("--precision", "fp16 does not run on CPU (accelerate would ignore it); choose --precision no or bf16")
     if requested == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision", "bf16 is not supported by this GPU; choose --precision no or fp16")
-    error = runs_under(requested, cfg, device, model)
+    error = runs_under(requested, cfg, device, model, sharded)
     if error:
         other = "bf16" if requested == "fp16" and not cpu else "no"
         raise ConfigError("--precision", f"{requested} fails for --model {cfg.model.kind} on {device.type} ({error}); "

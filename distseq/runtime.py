@@ -79,9 +79,18 @@ def trackers(cfg: TrainConfig) -> list:
     return out
 
 
-def build_accelerator(cfg: TrainConfig, precision: Precision) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, precision: Precision, sharding: str) -> Accelerator:
+    """The run's Accelerator. distseq owns the sharding (sharding.py), so accelerate is never given an
+    FSDP plugin; under FSDP the precision is FSDP2's policy, so accelerate adds no autocast."""
+    from .sharding import accelerate_without_fsdp
+
+    with accelerate_without_fsdp():
+        return _accelerator(cfg, "no" if sharding == "fsdp" else precision.name)
+
+
+def _accelerator(cfg: TrainConfig, mixed_precision: str) -> Accelerator:
     return fresh_accelerator(
-        mixed_precision=precision.name,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=trackers(cfg) or None,
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
