@@ -4,14 +4,16 @@ A directory whose name is ``step-N`` is complete by construction: every rank wri
 into ``.tmp-step-N``, each file is fsynced, the main process lists every file with its sha256 in
 ``meta.json`` after all ranks agree their writes succeeded, and only then renames the directory.
 Older checkpoints are renamed out of the ``step-N`` namespace before they are deleted, and only after
-the new one is complete. A checkpoint is verified (every hash) once when it is selected; loading
-reads tensors with safetensors or ``torch.load(weights_only=True)``: nothing in it executes code.
+the new one is complete. A checkpoint is verified (every hash) once when it is selected; reading it
+executes no code from it (state.py).
 
-Files: ``model.safetensors`` and ``trainer_state.pt`` (optimizer state) from the main process;
-``rng-rank{r}.pt`` (torch RNG states) and, for --data-files --data-streaming, ``data-rank{r}.json``
-(the rank's ``datasets`` state) from each rank; ``meta.json`` (step, samples, world size, the
-resolved config, the run's progress so far: training seconds, evaluations, skipped steps, changes of
-options; for indexed --data-files, ``data``: the rows' count and content hash).
+Files: ``state/`` (weights and optimizer state through torch.distributed.checkpoint, one file per
+rank; state.py), ``rng-rank{r}.pt`` (torch RNG states) and, for --data-files --data-streaming,
+``data-rank{r}.json`` (the rank's ``datasets`` state) from each rank; ``meta.json`` (step, samples,
+world size, sharding, the resolved config, the run's progress so far: training seconds, evaluations,
+skipped steps, changes of options; for indexed --data-files, ``data``: the rows' count and content
+hash). Version 1 held ``model.safetensors`` + ``trainer_state.pt`` instead of ``state/``; it still loads.
+With --async-checkpoint the state is written in the background and the rename waits for it.
 The learning-rate schedule is not stored: it is a function of the step and the options.
 """
 

@@ -7,7 +7,6 @@ native bf16). So every request is checked with one forward+backward under the au
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -33,10 +32,9 @@ def _step(model, x, lengths, precision: str, device: torch.device, params: bool 
     """One forward+backward under autocast, or (``params``: FSDP2's policy) with the weights themselves
     in the precision's dtype, as FSDP all-gathers them."""
     if params and precision != "no":
-        dtype = DTYPES[precision]
-        model = copy.deepcopy(model).to(dtype)
-        x = x.to(dtype) if x.is_floating_point() else x
-        model(x, lengths).float().sum().backward()
+        from .sharding import as_fsdp_computes
+
+        as_fsdp_computes(model, DTYPES[precision])(x, lengths).sum().backward()
         return
     with torch.autocast(device.type, dtype=DTYPES.get(precision, torch.float32), enabled=precision != "no"):
         loss = model(x, lengths).float().sum()

@@ -73,11 +73,13 @@ def shard_model(model: nn.Module, precision: str, device: torch.device) -> str:
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
     compute = torch.bfloat16 if precision == "bf16" else None
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     units = blocks(model)
     for block in units:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # the root's output in fp32 for the loss; the blocks' stay in the compute dtype for the root's own layers
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32,
+                                                                 output_dtype=torch.float32))
     total = sum(p.numel() for p in model.parameters())
     return (f"fsdp: {len(units)} block(s) + root sharded over {world} process(es), {total:,} parameters, "
             f"compute {'bf16' if compute else 'fp32'}, reductions fp32")
@@ -107,3 +109,22 @@ def full_value(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def as_fsdp_computes(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` that computes as FSDP2's policy makes it (for the precision probe, which runs
+    before any process group): parameters in ``dtype``, buffers as they are, floating inputs cast to
+    ``dtype`` where each block and the root begin, the root's output in fp32."""
+    import copy
+
+    def cast_inputs(module, args, kwargs):
+        cast = lambda value: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    probe = copy.deepcopy(model)
+    for param in probe.parameters():
+        param.data = param.data.to(dtype)
+    for unit in [*blocks(probe), probe]:
+        unit.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    probe.register_forward_hook(lambda module, args, output: output.float())
+    return probe
