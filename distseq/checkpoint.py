@@ -19,6 +19,7 @@ The learning-rate schedule is not stored: it is a function of the step and the o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -205,8 +206,10 @@ def save_checkpoint(
         error.every_rank = bool(problem)  # the rank that met it names the file itself
         raise error
 
+    # a copy: the loop goes on changing its progress while a background save has yet to write meta.json
     meta = {"format_version": FORMAT_VERSION, "step": step, "samples": samples,
-            "world_size": accelerator.num_processes, "sharding": sharding, "config": config, "progress": progress,
+            "world_size": accelerator.num_processes, "sharding": sharding, "config": config,
+            "progress": copy.deepcopy(progress),
             **({"data": data_identity} if data_identity is not None else {}),
             "plugins": list(PLUGINS),  # what eval, predict, export and load_model import again
             "versions": versions()}
