@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from conftest import checkpoint_weights  # tests/ is this script's directory: on sys.path
 
 
 def main() -> int:
@@ -33,7 +34,7 @@ def main() -> int:
     train = [sys.executable, "-m", "distseq.cli", "train", "--max-steps", str(args.steps), "--checkpoint-every", "7",
              "--keep-last", "2", "--log-every", "50", "--eval-every", "0", "--eval-size", "64",
              "--global-batch-size", "64", "--hidden-size", "32", "--no-progress"]
-    final = f"checkpoints/step-{args.steps:08d}/model.safetensors"
+    final = f"checkpoints/step-{args.steps:08d}"  # a step-N directory exists only when complete
     with tempfile.TemporaryDirectory() as tmp:
         reference, chaos = Path(tmp) / "reference", Path(tmp) / "chaos"
         subprocess.run([*train, "--run-dir", str(reference)], env=env, check=True, capture_output=True)
@@ -50,7 +51,7 @@ def main() -> int:
             if (chaos / final).exists():
                 break
         out = subprocess.run([*train, "--run-dir", str(chaos)], env=env, check=True, capture_output=True, text=True)
-        a, b = load_file(reference / final), load_file(chaos / final)
+        a, b = checkpoint_weights(reference / final), checkpoint_weights(chaos / final)
         identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         print(json.dumps({"kills_tried": kill + 1, "kills_landed": landed, "runs_that_resumed": resumed,
                           "steps": args.steps, "bit_identical": identical}))

@@ -55,6 +55,35 @@ def two_process_args() -> list:
             "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 
+def checkpoint_weights(checkpoint_dir) -> dict:
+    """The whole weights of a checkpoint (``{name: tensor}``, the names of an export's model.safetensors),
+    read from its ``state/`` as torch.distributed.checkpoint wrote it, whatever the sharding."""
+    from distseq.state import whole_weights
+
+    return whole_weights(Path(checkpoint_dir) / "state")
+
+
+def checkpoint_training_state(checkpoint_dir):
+    """``(model, optimizer)`` as a checkpoint saved them: the model its meta.json's config builds and a
+    fresh AdamW (lr 1, no weight decay) under a schedule (which adds ``initial_lr``, as training's does),
+    both filled from its ``state/`` by distseq's own loading, so the optimizer's param_groups and moments
+    are the saved ones. DCP loads the keys the fresh ones hold: these are all that training saves."""
+    import torch
+
+    from distseq.export import config_of
+    from distseq.models import build_model
+    from distseq.registry import TASKS
+    from distseq.state import load_state
+
+    meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
+    cfg = config_of(meta["config"])
+    model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.0)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    load_state(Path(checkpoint_dir) / "state", model, optimizer, None)
+    return model, optimizer
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 

@@ -21,13 +21,13 @@ def setup_nothing(run: Path, tmp: Path) -> None:
 
 
 def truncate_weights(run: Path, tmp: Path) -> None:
-    path = run / CKPT / "model.safetensors"
+    path = run / CKPT / "state" / "__0_0.distcp"  # the weights and optimizer state of rank 0
     path.write_bytes(path.read_bytes()[:64])
 
 
 def wrong_sha(run: Path, tmp: Path) -> None:
     meta = json.loads((run / CKPT / "meta.json").read_text())
-    meta["sha256"]["trainer_state.pt"] = "0" * 64
+    meta["sha256"]["state/.metadata"] = "0" * 64
     (run / CKPT / "meta.json").write_text(json.dumps(meta))
 
 
@@ -100,9 +100,9 @@ CASES = [
     ("different data", train("--seq-len", "12"), setup_nothing, 2, "was written with --seq-len 10; this run has 12"),
     ("different global batch", train("--global-batch-size", "128"), setup_nothing, 2,
      "was written with --global-batch-size 64; this run has 128"),
-    ("truncated weights", train("--resume", C), truncate_weights, 2, "model.safetensors does not match its sha256"),
-    ("wrong sha256", train("--resume", C), wrong_sha, 2, "trainer_state.pt does not match its sha256"),
-    ("newer format", train("--resume", C), newer_format, 2, "has format version 99; this distseq reads version 1"),
+    ("truncated weights", train("--resume", C), truncate_weights, 2, "state/__0_0.distcp does not match its sha256"),
+    ("wrong sha256", train("--resume", C), wrong_sha, 2, "state/.metadata does not match its sha256"),
+    ("newer format", train("--resume", C), newer_format, 2, "has format version 99; this distseq reads versions 1, 2"),
     ("meta not json", train("--resume", C), meta_not_json, 2, "meta.json is not valid JSON"),
     ("incomplete checkpoint", train("--resume", C), meta_missing, 2, "has no meta.json (incomplete)"),
     ("huge max steps", train("--max-steps", str(10**19)), setup_nothing, 2,
@@ -197,7 +197,7 @@ CASES = [
     ("eval checkpoint missing", ["eval", "--run-dir", R, "--checkpoint", T + "/none"], setup_nothing, 2,
      "{tmp}/none is not a checkpoint directory"),
     ("eval damaged checkpoint", ["eval", "--run-dir", R, "--checkpoint", C], truncate_weights, 2,
-     "model.safetensors does not match its sha256"),
+     "state/__0_0.distcp does not match its sha256"),
     ("eval data file missing", ["eval", "--run-dir", R, "--data-files", T + "/none.jsonl"], setup_nothing, 2,
      "--data-files: no such file"),
     ("eval data file empty", ["eval", "--run-dir", R, "--output", T + "/e.json", "--data-files", T + "/d.jsonl"],
@@ -226,7 +226,7 @@ CASES = [
     ("export out unwritable", ["export", "--checkpoint", C, "--out", "/proc/distseq-export"], setup_nothing, 2,
      "--out: cannot write to /proc/distseq-export"),
     ("export damaged checkpoint", ["export", "--checkpoint", C, "--out", T + "/out"], wrong_sha, 2,
-     "trainer_state.pt does not match its sha256"),
+     "state/.metadata does not match its sha256"),
     ("predict output empty", ["predict", "--checkpoint", C, "--random", "2", "--output", ""], setup_nothing, 2,
      "--output: must not be empty"),
     # probe

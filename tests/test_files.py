@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import (REPO, accelerate_launch, assert_ok, cpu_env, free_port, run_distseq, summary,
+from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary,
                       two_process_args)
 from distseq.accounting import Digest
 from distseq.cli import main
@@ -42,7 +41,7 @@ def file_args(files, run_dir, *extra):
 
 
 def weights(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def assert_bit_identical(a, b):

@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, assert_ok, cpu_env, free_port, run_distseq, summary
+from conftest import REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary
 from distseq.config import TrainConfig
 from distseq.precision import cpu_has_native_bf16, resolve_precision, runs_under
 
@@ -59,7 +58,21 @@ def test_gpu_config_loads_with_accelerates_loader(name):
         assert (actual.value if hasattr(actual, "value") else actual) == value, field
     assert config.num_processes >= config.num_machines
     if name == "fsdp.yaml":
-        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.multiproc
+def test_the_fsdp_config_launches_sharded_training_on_cpu(tmp_path):
+    """fsdp.yaml on a CPU machine: two gloo ranks whose parameters distseq shards with FSDP2."""
+    proc = accelerate_launch(["--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
+                              "--main_process_port", str(free_port())],
+                             [*ARGS, "--run-dir", str(tmp_path / "run"), "--expect-world-size", "2"])
+    assert_ok(proc)
+    result = summary(tmp_path / "run")
+    assert (result["world_size"], result["backend"], result["sharding"]) == (2, "gloo", "fsdp")
+    assert "sharding=fsdp" in proc.stdout and "distseq: fsdp: " in proc.stdout
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "meta.json").read_text())
+    assert meta["sharding"] == "fsdp" and {"state/__0_0.distcp", "state/__1_0.distcp"} <= set(meta["sha256"])
 
 
 @pytest.mark.multiproc
@@ -92,8 +105,8 @@ def test_two_nodes_on_loopback_train_together(tmp_path):
     assert result["world_size"] == 2 and result["backend"] == "gloo"
     assert [d["count"] for d in result["data_accounting"]["per_rank"]] == [96, 96]
     assert_ok(run_distseq([*ARGS, "--run-dir", str(tmp_path / "one")]))
-    a = load_file(tmp_path / "one" / "checkpoints" / "step-00000006" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "checkpoints" / "step-00000006" / "model.safetensors")
+    a = checkpoint_weights(tmp_path / "one" / "checkpoints" / "step-00000006")
+    b = checkpoint_weights(tmp_path / "two" / "checkpoints" / "step-00000006")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, assert_ok, cpu_env, free_port, run_distseq, summary, two_process_args
+from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary,
+                      two_process_args)
 from distseq.accounting import Digest
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -44,13 +44,14 @@ def test_two_processes_share_the_stream_and_only_rank_0_writes(tmp_path):
     assert per_rank[0].merge(per_rank[1]) == Digest.of_range(0, 512)
     assert per_rank[0] != per_rank[1]
 
-    # only the main process writes, but for each rank's own RNG state in the checkpoint; each log line once
-    assert files(two) == files(one) | {(3, "rng-rank1.pt")}
+    # only the main process writes, but for each rank's own parts of the checkpoint (its RNG state, its
+    # state/__{rank}_0.distcp); each log line once
+    assert files(two) == files(one) | {(3, "rng-rank1.pt"), (4, "__1_0.distcp")}
     assert proc.stdout.count("step=4/8 train/loss=") == 1 and proc.stdout.count("distseq: done") == 1
 
     # same global batch on 1 or 2 processes: same weights up to float error, same held-out count
-    a = load_file(one / "checkpoints" / "step-00000008" / "model.safetensors")
-    b = load_file(two / "checkpoints" / "step-00000008" / "model.safetensors")
+    a = checkpoint_weights(one / "checkpoints" / "step-00000008")
+    b = checkpoint_weights(two / "checkpoints" / "step-00000008")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert abs(summary(one)["eval/accuracy"] - result["eval/accuracy"]) < 1e-3
@@ -100,8 +101,8 @@ def test_a_token_task_on_two_processes_counts_every_token_once(tmp_path):
     assert first["tokens"] == second["tokens"] == 4 * 16 * 64  # steps x samples x seq 64 of the preset
     per_rank = [Digest(**d) for d in second["data_accounting"]["per_rank"]]
     assert per_rank[0].merge(per_rank[1]) == Digest.of_range(0, 4 * 16)
-    a = load_file(one / "checkpoints" / "step-00000004" / "model.safetensors")
-    b = load_file(two / "checkpoints" / "step-00000004" / "model.safetensors")
+    a = checkpoint_weights(one / "checkpoints" / "step-00000004")
+    b = checkpoint_weights(two / "checkpoints" / "step-00000004")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     for key in ("eval/accuracy", "eval/sequence_accuracy"):

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, assert_ok, cpu_env, run_distseq, run_main, summary, two_process_args
+from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, run_distseq, run_main, summary,
+                      two_process_args)
 from distseq.registry import MODELS, PLUGINS, TASKS
 
 SECTION = "## Your own model and task"
@@ -97,7 +97,7 @@ def test_a_config_file_and_python_name_the_registered_kinds(plugin, tmp_path, ca
     assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
     assert "a module given to distseq.train(model=...) loads back only as a registered model" in exported.stderr
     assert not torch.equal(mine[1].weight.detach(), before)  # the instance itself was trained
-    saved = load_file(tmp_path / "api" / "checkpoints" / "step-00000004" / "model.safetensors")
+    saved = checkpoint_weights(tmp_path / "api" / "checkpoints" / "step-00000004")
     assert torch.equal(saved["inner.1.weight"], mine[1].weight.detach())  # and its weights checkpointed
 
 

@@ -3,8 +3,10 @@
 Every process here is real: SIGKILL from outside or from a failpoint, SIGTERM/SIGUSR1, gloo on loopback.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +15,10 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from conftest import REPO, assert_ok, cpu_env, free_port, run_distseq, scalars, summary, two_process_args
+from conftest import (REPO, assert_ok, checkpoint_training_state, checkpoint_weights, cpu_env, free_port,
+                      run_distseq, scalars, summary, two_process_args)
 from distseq.accounting import Digest
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
@@ -27,7 +30,7 @@ BASE = ["train", "--max-steps", str(STEPS), "--checkpoint-every", "5", "--keep-l
 
 
 def weights(run_dir, step=STEPS):
-    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def assert_bit_identical(a, b):
@@ -66,7 +69,8 @@ def test_retention_keeps_the_newest(reference, tmp_path):
         "step-00000030", "step-00000035", "step-00000040"]
     meta = json.loads((run_dir / "checkpoints" / "step-00000040" / "meta.json").read_text())
     assert meta["step"] == 40 and meta["samples"] == 40 * GLOBAL_BATCH and meta["world_size"] == 1
-    assert meta["format_version"] == 1 and set(meta["versions"]) >= {"torch", "accelerate", "distseq"}
+    assert meta["format_version"] == 2 and meta["sharding"] == "none"
+    assert set(meta["versions"]) >= {"torch", "accelerate", "distseq"}
     assert_bit_identical(weights(run_dir), reference)  # a fresh run is deterministic
 
 
@@ -96,7 +100,7 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(reference, tmp_path):
     code, _, _ = signal_after(popen(args), "step=25/", signal.SIGKILL)
     assert code == -signal.SIGKILL
     newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    weights_file = newest / "model.safetensors"
+    weights_file = newest / "state" / "__0_0.distcp"  # the weights and optimizer state of the one rank
     weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
     restarted = run_distseq(args)
     assert_ok(restarted)
@@ -104,6 +108,47 @@ def test_damaged_newest_checkpoint_is_reported_and_skipped(reference, tmp_path):
     step = int(newest.name.split("-")[1])
     assert f"resuming from {newest.with_name(f'step-{step - 5:08d}')}" in restarted.stdout
     assert_bit_identical(weights(run_dir), reference)
+
+
+def as_version_1(checkpoint):
+    """Rewrite a checkpoint of one process into the layout distseq wrote before DCP (format 1):
+    model.safetensors (whole weights), trainer_state.pt ({"optimizer": the torch optimizer's
+    state_dict, keyed by parameter position}), no state/, and meta.json's manifest to match."""
+    model, optimizer = checkpoint_training_state(checkpoint)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              checkpoint / "model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict()}, checkpoint / "trainer_state.pt")
+    shutil.rmtree(checkpoint / "state")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["format_version"] = 1
+    meta.pop("sharding")  # version 1 had no such field
+    kept = {name for name in meta["sha256"] if not name.startswith("state/")}  # rng-rank0.pt
+    names = sorted(kept | {"model.safetensors", "trainer_state.pt"})
+    meta["sha256"] = {name: hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() for name in names}
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_version_1_checkpoint_resumes_bit_exact(tmp_path):
+    """A checkpoint in the layout before DCP (model.safetensors + trainer_state.pt) still resumes, to the
+    same weights, bit for bit, as the run never interrupted."""
+    whole, old = tmp_path / "whole", tmp_path / "old"
+    args = [*BASE, "--max-steps", "8", "--checkpoint-every", "4"]
+    assert_ok(run_distseq([*args, "--run-dir", str(whole)]))
+    shutil.copytree(whole, old)
+    step_4 = old / "checkpoints" / "step-00000004"
+    reference_4 = checkpoint_weights(step_4)
+    as_version_1(step_4)
+    assert sorted(p.name for p in step_4.iterdir()) == ["meta.json", "model.safetensors", "rng-rank0.pt",
+                                                        "trainer_state.pt"]
+    assert_bit_identical(load_file(step_4 / "model.safetensors"), reference_4)
+    shutil.rmtree(old / "checkpoints" / "step-00000008")
+
+    resumed = run_distseq([*args, "--run-dir", str(old)])
+    assert_ok(resumed)
+    assert f"resuming from {step_4}" in resumed.stdout
+    assert summary(old)["status"] == "complete" and summary(old)["step"] == 8
+    assert json.loads((old / "checkpoints" / "step-00000008" / "meta.json").read_text())["format_version"] == 2
+    assert_bit_identical(weights(old, 8), weights(whole, 8))
 
 
 def test_sigterm_saves_exits_143_and_resumes_bit_exact(reference, tmp_path):

@@ -5,9 +5,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import assert_ok, run_distseq, run_main, scalars, summary
+from conftest import assert_ok, checkpoint_training_state, checkpoint_weights, run_distseq, run_main, scalars, summary
 from distseq import TrainConfig
 from distseq.config import OptimConfig
 from distseq.optim import apply_options, build_optimizer, lr_factor
@@ -17,7 +16,7 @@ BASE = ["train", "--hidden-size", "16", "--global-batch-size", "32", "--log-ever
 
 
 def weights(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors")
+    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def expected_lr(step, max_steps, **optim):
@@ -60,8 +59,9 @@ def test_changed_options_take_effect_from_the_resumed_step(first_half, tmp_path,
     lrs = dict(scalars(changed)["train/lr"])
     for step in (11, 15, 20):  # logged after the step: the rate for the next one
         assert lrs[step] == pytest.approx(expected_lr(step, 20, lr=0.03), rel=1e-6), step
-    state = torch.load(changed / "checkpoints" / "step-00000020" / "trainer_state.pt", weights_only=True)
-    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.1
+    _, saved = checkpoint_training_state(changed / "checkpoints" / "step-00000020")
+    assert saved.param_groups[0]["weight_decay"] == 0.1 and saved.param_groups[0]["initial_lr"] == 0.03
+    assert saved.param_groups[0]["lr"] == pytest.approx(expected_lr(20, 20, lr=0.03), rel=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(weights(same, 20).values(), weights(changed, 20).values()))
 
     # config.json is what ran; config_history.json and the summary keep how it got there

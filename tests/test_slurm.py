@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, free_port, summary
+from conftest import REPO, checkpoint_weights, free_port, summary
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -136,6 +135,6 @@ def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, tmp
     assert result["status"] == "complete" and result["step"] == 600 and result["world_size"] == 2
     stopped = int(result["resumed_from"].rsplit("-", 1)[1])
     assert 100 <= stopped < 600
-    a = load_file(reference / "checkpoints" / "step-00000600" / "model.safetensors")
-    b = load_file(run_dir / "checkpoints" / "step-00000600" / "model.safetensors")
+    a = checkpoint_weights(reference / "checkpoints" / "step-00000600")
+    b = checkpoint_weights(run_dir / "checkpoints" / "step-00000600")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

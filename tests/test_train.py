@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY, assert_ok, run_distseq, scalars, summary
+from conftest import TINY, assert_ok, checkpoint_weights, run_distseq, scalars, summary
 from distseq.config import PRESETS, preset
 from distseq.precision import cpu_has_native_bf16
 from distseq.tasks import TASKS
@@ -41,8 +40,9 @@ def test_preset_trains_and_writes_outputs(name, run_dir):
     checkpoint = run_dir / "checkpoints" / "step-00000006"
     meta = json.loads((checkpoint / "meta.json").read_text())
     assert meta["step"] == 6 and meta["config"]["model"]["kind"] == configured.model.kind
-    assert set(meta["sha256"]) == {"model.safetensors", "trainer_state.pt", "rng-rank0.pt"}
-    weights = load_file(checkpoint / "model.safetensors")
+    assert meta["format_version"] == 2 and meta["sharding"] == "none"
+    assert set(meta["sha256"]) == {"state/.metadata", "state/__0_0.distcp", "rng-rank0.pt"}
+    weights = checkpoint_weights(checkpoint)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 6
     # the operator is told where everything is
@@ -84,8 +84,8 @@ def test_gradient_accumulation_matches_a_large_batch(tmp_path):
             "--global-batch-size", "64", "--grad-clip", "0", "--precision", "no"]
     assert_ok(run_distseq([*base, "--run-dir", str(tmp_path / "a")]))
     assert_ok(run_distseq([*base, "--run-dir", str(tmp_path / "b"), "--grad-accum-steps", "2"]))
-    a = load_file(tmp_path / "a" / "checkpoints" / "step-00000008" / "model.safetensors")
-    b = load_file(tmp_path / "b" / "checkpoints" / "step-00000008" / "model.safetensors")
+    a = checkpoint_weights(tmp_path / "a" / "checkpoints" / "step-00000008")
+    b = checkpoint_weights(tmp_path / "b" / "checkpoints" / "step-00000008")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
@@ -105,4 +105,5 @@ def test_every_model_trains_on_every_task_in_process(task, model, tmp_path):
     result = train(cfg)
     assert result["task"] == task and result["model"] == cfg.model.kind and result["step"] == 4
     assert math.isfinite(result["eval/loss"]) and 0 <= result["eval/accuracy"] <= 1
-    assert (tmp_path / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
+    checkpoint = tmp_path / "checkpoints" / "step-00000004"
+    assert (checkpoint / "state" / "__0_0.distcp").is_file() and checkpoint_weights(checkpoint)
