@@ -134,7 +134,7 @@ class PendingSave:
     final: Path
     future: object  # DCP's Future of this rank's write
     thread: Optional[threading.Thread] = None  # main process: waits for the write, then completes the checkpoint
-    problem: str = ""
+    problem: str = "its completion did not run"  # the main process's thread sets the outcome
 
     def finish(self) -> str:
         """Wait for this rank's part; '' when the checkpoint is complete (main) or the write succeeded."""
@@ -191,20 +191,19 @@ def save_checkpoint(
     files: Dict[str, bytes] = {f"rng-rank{rank}.pt": _torch_bytes(rng_state())}
     if data_state is not None:
         files[f"data-rank{rank}.json"] = json.dumps(data_state).encode()
-    future = None
     try:
         for name, data in files.items():
             write_durably(tmp / name, data)
             failpoint("checkpoint-partial", step)
+    except OSError as error:
+        problem = _io_failure(error)
+    _agree_written(accelerator, problem, tmp, kept)  # before DCP's own collectives, which a failed rank would skip
+    future = None
+    try:
         future = save_state(tmp / STATE, model, optimizer, group, asynchronous)  # async: once copied to host
     except (Exception, CheckpointException) as error:  # OSError, or DCP's report of every rank's failure
         problem = _io_failure(error)
-    if _any_rank(accelerator, bool(problem)):
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        error = RunIOError(f"{problem or 'another process could not write its checkpoint files'}; {kept}")
-        error.every_rank = bool(problem)  # the rank that met it names the file itself
-        raise error
+    _agree_written(accelerator, problem, tmp, kept)
 
     # a copy: the loop goes on changing its progress while a background save has yet to write meta.json
     meta = {"format_version": FORMAT_VERSION, "step": step, "samples": samples,
@@ -218,10 +217,13 @@ def save_checkpoint(
         if accelerator.is_main_process:
             def complete_in_background() -> None:
                 failpoint("checkpoint-background", step)
-                problem = PendingSave(step, final, future).finish()
-                pending.problem = problem or _complete(tmp, final, meta, files)
-                if not pending.problem and keep_last:
-                    apply_retention(Path(run_dir), step, keep_last)
+                try:
+                    problem = PendingSave(step, final, future).finish()
+                    pending.problem = problem or _complete(tmp, final, meta, files)
+                    if not pending.problem and keep_last:
+                        apply_retention(Path(run_dir), step, keep_last)
+                except BaseException as error:  # whatever ends this thread is the save's outcome
+                    pending.problem = pending.problem or f"cannot complete the checkpoint: {_first_line(error)}"
 
             pending.thread = threading.Thread(target=complete_in_background, name=f"checkpoint-{step}")
             pending.thread.start()
@@ -234,6 +236,16 @@ def save_checkpoint(
         apply_retention(Path(run_dir), step, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _agree_written(accelerator: Accelerator, problem: str, tmp: Path, kept: str) -> None:
+    """Every rank learns whether any rank failed to write its part; then all raise the same RunIOError."""
+    if _any_rank(accelerator, bool(problem)):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = RunIOError(f"{problem or 'another process could not write its checkpoint files'}; {kept}")
+        error.every_rank = bool(problem)  # the rank that met it names the file itself
+        raise error
 
 
 def _complete(tmp: Path, final: Path, meta: dict, files: Dict[str, bytes]) -> str:
@@ -504,11 +516,12 @@ class CheckpointManager:
     def close(self) -> None:
         """The run ends early (an error): let a background save finish on this rank, with no collective."""
         pending, self.pending = self.pending, None
-        if pending is not None:
+        if pending is not None and self.accelerator.is_main_process:
             problem = pending.finish()
-            if problem and self.accelerator.is_main_process:
-                print(f"distseq: the background checkpoint of step {pending.step} was not completed: {problem}",
-                      flush=True)
+            print(f"distseq: the background checkpoint of step {pending.step} " +
+                  (f"was not completed: {problem}" if problem else f"completed: {pending.final}"), flush=True)
+        elif pending is not None:
+            pending.finish()
 
     def kept(self) -> str:
         """What an error message says survives."""

@@ -295,9 +295,14 @@ class TrainConfig:
         if t.sharding == "none" and world_size > 1:
             raise ConfigError("--sharding", f"none trains on one process; this launch started {world_size} "
                                             f"(choose ddp, fsdp or auto)")
-        if t.sharding == "fsdp" and t.precision == "fp16":
-            raise ConfigError("--precision", "fp16 needs a gradient scaler that FSDP2's sharded gradients do not have "
-                                             "here; under --sharding fsdp choose --precision bf16, no or auto")
+        if t.precision == "fp16" and t.sharding in ("fsdp", "auto"):
+            from .sharding import resolve_sharding  # auto follows the launch (an FSDP config)
+
+            if resolve_sharding(t.sharding, world_size) == "fsdp":
+                raise ConfigError("--precision", f"fp16 needs a gradient scaler that FSDP2's sharded gradients do not "
+                                                 f"have here; under --sharding {t.sharding}"
+                                                 f"{' (fsdp: an FSDP launch)' if t.sharding == 'auto' else ''} choose "
+                                                 f"--precision bf16, no or auto")
         c = self.checkpoint
         _in_range("--checkpoint-every", c.checkpoint_every, 0, MAX_POSITION)
         _in_range("--keep-last", c.keep_last, 0, MAX_POSITION)

@@ -268,7 +268,8 @@ def resume(run: Run) -> Optional[dict]:
         if run.spec.variable:
             run.progress.tokens_estimated_before = run.start
     run.say(f"distseq: resuming from {path} (step {run.start}, {restored.samples} samples, "
-            f"written by {restored.world_size} process(es), sharding {meta.get('sharding', 'ddp')})"
+            f"written by {restored.world_size} process(es), sharding "
+            f"{meta.get('sharding', 'ddp' if restored.world_size > 1 else 'none')})"
             + (f"; --start-step {cfg.train.start_step} applies to a fresh start only" if cfg.train.start_step else ""))
     if not run.progress.config_history:  # a checkpoint from before histories were kept
         run.progress.config_history.append({"step": run.progress.first_step, "config": meta["config"]})

@@ -30,16 +30,21 @@ from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 STATE = "state"  # the DCP directory inside a checkpoint
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata",)
-_METADATA_NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                   ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                   ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+# every global a legitimate .metadata names (torch 2.13), exactly: module and name, never a dotted path
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module in _METADATA_MODULES or (module, name) in _METADATA_NAMES
-                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+        if "." not in name and ((module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"state/.metadata refers to {module}.{name}, which a checkpoint never holds")
 
@@ -114,8 +119,10 @@ def save_state(directory: Path, model, optimizer, group, asynchronous: bool):
 def load_state(directory: Path, model, optimizer, group) -> None:
     """Fill the model and optimizer, as they lie on this rank, from a saved ``state/``."""
     state = training_state(model, optimizer)
+    reader = SafeReader(directory)
+    reader.read_metadata()  # its refusal as it is: DCP would fall back to per-rank metadata and hide it
     with _alone():
-        dcp.load(state, storage_reader=SafeReader(directory), planner=SafeLoadPlanner(), process_group=group,
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group,
                  no_dist=no_dist(group))
     set_state_dict(model, raw_optimizer(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -135,7 +142,11 @@ def whole_weights(directory: Path) -> Dict[str, torch.Tensor]:
 def load_whole_state(weights_file: Path, optimizer_file: Path, model, optimizer) -> None:
     """A version-1 checkpoint: whole weights and the optimizer's state keyed by parameter position,
     which becomes keyed by name so that torch places it on any layout (FSDP shards it)."""
-    weights = load_safetensors(Path(weights_file).read_bytes())
+    loaded = load_safetensors(Path(weights_file).read_bytes())
+    # the model's own order on every rank: under FSDP each tensor is one collective, and safetensors'
+    # order differs from process to process
+    weights = {name: loaded[name] for name in model.state_dict() if name in loaded}
+    weights.update((name, loaded[name]) for name in sorted(loaded) if name not in weights)  # refused by name
     saved = torch.load(optimizer_file, weights_only=True)["optimizer"]
     optim = raw_optimizer(optimizer)
     name_of = {id(p): name for name, p in getattr(model, "module", model).named_parameters()}  # DDP's wrapper

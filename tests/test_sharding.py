@@ -5,6 +5,7 @@ disk. The model is a two-block causal decoder, so both block units and the root 
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -276,9 +277,21 @@ def test_a_forged_state_metadata_executes_nothing(tmp_path, capsys):
         assert result.returncode == 2, result.stderr
         assert "state/.metadata refers to posix.system, which a checkpoint never holds" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+    def text(value):  # pickle's SHORT_BINUNICODE
+        return b"\x8c" + bytes([len(value)]) + value.encode()
+
+    # a dotted name inside an admitted module (pickle resolves it through the module's own imports)
+    dotted = (b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.system") + b"\x93"
+              + text(f"touch {marker}") + b"\x85R.")
+    (checkpoint / "state" / ".metadata").write_bytes(dotted)
+    meta["sha256"]["state/.metadata"] = hashlib.sha256(dotted).hexdigest()
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    result = run_main(["export", "--checkpoint", checkpoint, "--out", tmp_path / "export"], capsys)
+    assert result.returncode == 2
+    assert "refers to torch.distributed.checkpoint.metadata.os.system, which a checkpoint never holds" in result.stderr
     skipped = run_main(["eval", "--run-dir", run], capsys)  # choosing the newest: reported and skipped
     assert skipped.returncode == 2 and "distseq: skipping checkpoint: " in skipped.stdout
-    assert "refers to posix.system" in skipped.stdout
+    assert "refers to torch.distributed.checkpoint.metadata.os.system" in skipped.stdout
     assert not marker.exists()
 
 
@@ -313,3 +326,24 @@ def test_sigterm_with_a_background_save_in_flight_saves_and_resumes_bit_exact(un
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert_ok(train(2, run, 16, "--sharding", "fsdp", "--async-checkpoint"))
     assert_bit_identical(checkpoint_weights(run / "checkpoints" / "step-00000016"), uninterrupted_fsdp)
+
+
+@pytest.mark.multiproc
+def test_a_version_1_checkpoint_resumes_under_fsdp(reshard_chain, tmp_path):
+    """A checkpoint of the layout before DCP (whole weights, optimizer state by position) loads into FSDP
+    shards on 2 ranks: the same order of tensors on every rank, the same training as from its DCP twin."""
+    from test_recovery import as_version_1
+
+    run = tmp_path / "run"
+    shutil.copytree(reshard_chain[0], run)
+    for later in (16, 20):
+        shutil.rmtree(run / "checkpoints" / f"step-{later:08d}")
+    step_12 = run / "checkpoints" / "step-00000012"  # written by 2 DDP ranks
+    as_version_1(step_12)
+    resumed = train(2, run, 16, "--sharding", "fsdp")
+    assert_ok(resumed)
+    assert f"resuming from {step_12} (step 12, {12 * G} samples, written by 2 process(es), sharding ddp)" in \
+        resumed.stdout
+    assert_consumed(run, 12, 16)
+    assert_close(checkpoint_weights(run / "checkpoints" / "step-00000016"),
+                 checkpoint_weights(reshard_chain[0] / "checkpoints" / "step-00000016"))
