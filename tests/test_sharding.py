@@ -347,3 +347,61 @@ def test_a_version_1_checkpoint_resumes_under_fsdp(reshard_chain, tmp_path):
     assert_consumed(run, 12, 16)
     assert_close(checkpoint_weights(run / "checkpoints" / "step-00000016"),
                  checkpoint_weights(reshard_chain[0] / "checkpoints" / "step-00000016"))
+
+
+ONE_RANK_CANNOT_WRITE = """
+import errno, json, sys, time
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+from torch import nn
+import distseq.checkpoint as checkpoint
+from distseq.errors import RunIOError
+from distseq.runtime import fresh_accelerator
+from distseq.state import checkpoint_group
+
+run_dir, asynchronous = sys.argv[1], sys.argv[2] == "async"
+accelerator = fresh_accelerator()
+rank = accelerator.process_index
+written = checkpoint.write_durably
+
+def no_space_on_rank_1(path, data):  # this rank's disk is full; the other's is not
+    if rank == 1:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return written(path, data)
+
+checkpoint.write_durably = no_space_on_rank_1
+model = nn.Linear(4, 4)
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 4)).sum().backward()
+optimizer.step()
+started = time.perf_counter()
+try:
+    saved = checkpoint.save_checkpoint(accelerator, run_dir, model, optimizer, step=1, samples=1, config={},
+                                       progress={}, group=checkpoint_group(60), asynchronous=asynchronous)
+    outcome = f"saved {saved}"
+except RunIOError as error:
+    outcome = f"RunIOError: {error}"
+with open(f"{run_dir}/rank{rank}.json", "w") as out:
+    json.dump({"outcome": outcome, "seconds": time.perf_counter() - started}, out)
+accelerator.end_training()
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_one_rank_that_cannot_write_stops_every_rank_at_once(mode, tmp_path):
+    """A full disk on one rank only: every rank raises the same RunIOError within seconds (no rank waits
+    in DCP's collectives for the one that stopped), and nothing of the checkpoint is left."""
+    script = tmp_path / "save.py"
+    script.write_text(ONE_RANK_CANNOT_WRITE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(tmp_path), mode]
+    assert_ok(subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=cpu_env(), cwd=REPO))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["outcome"].startswith("RunIOError: cannot write ") and "rng-rank1.pt: No space left" in \
+        ranks[1]["outcome"]
+    assert ranks[0]["outcome"].startswith("RunIOError: another process could not write its checkpoint files")
+    assert all(rank["seconds"] < 30 for rank in ranks)  # the collectives' timeout is 60 s
+    assert not (tmp_path / "checkpoints" / ".tmp-step-00000001").exists()
+    assert not (tmp_path / "checkpoints" / "step-00000001").exists()
