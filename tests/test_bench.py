@@ -169,3 +169,35 @@ def test_a_run_resumed_inside_the_profiled_range_profiles_from_its_first_step(tm
     assert_ok(proc)
     assert "resuming from" in proc.stdout and "profiled steps 5..6" in proc.stdout
     assert json.loads((tmp_path / "profile.json").read_text())["steps"] == [4, 6]
+
+
+def test_bench_quick_checkpoint_suite_measures_sync_async_and_a_resharded_load(tmp_path):
+    proc = run_distseq(["bench", "checkpoint", "--quick", "--out", str(tmp_path)], timeout=300)
+    assert_ok(proc)
+    result = json.loads((tmp_path / "checkpoint.json").read_text())
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["suites_run"] == ["checkpoint"] and bench["quick"] is True
+    headlines = ("async_block_ratio", "save_mb_per_s", "load_mb_per_s", "reshard_load_seconds")
+    assert all(bench[key] == result[key] for key in headlines)
+    assert set(bench["goals"]) == {"async_block_ratio"} and isinstance(bench["goals"]["async_block_ratio"]["met"], bool)
+    for key in (*headlines, "state_mb", "state_tensor_mb", "sync_block_seconds", "async_block_seconds",
+                "async_total_seconds", "load_seconds", "verify_seconds", "reshard_state_mb"):
+        assert finite(result[key]) and result[key] > 0, key
+    # speed is not asserted; the figures hang together as defined
+    assert result["async_block_ratio"] == pytest.approx(result["async_block_seconds"] / result["sync_block_seconds"])
+    assert result["save_mb_per_s"] == pytest.approx(result["state_mb"] / result["sync_block_seconds"])
+    assert result["load_mb_per_s"] == pytest.approx(result["state_mb"] / result["load_seconds"])
+    assert result["async_total_seconds"] >= result["async_block_seconds"]
+    assert all(len(times) == 3 for times in result["repeats_seconds"].values())
+    # state/ as written: DCP's .metadata and one file of this one process; weights + 2 AdamW moments in it
+    files = result["state_files_bytes"]
+    assert set(files) == {".metadata", "__0_0.distcp"}
+    assert result["state_mb"] == pytest.approx(sum(files.values()) / 1e6)
+    parameters = result["model"]["parameters"]
+    assert result["state_tensor_mb"] == pytest.approx(3 * 4 * parameters / 1e6, rel=0.01)
+    assert result["state_tensor_mb"] < result["state_mb"] < 1.2 * result["state_tensor_mb"]
+    assert result["load_exact"] is True and result["reshard_exact"] is True and result["reshard_from_ranks"] == 2
+    assert set(result["reshard_state_files_bytes"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert result["quick"] is True and "QUICK" in result["note"] and "blocked" in result["note"]
+    assert result["machine"]["cpu_count"] >= 1 and result["filesystem"]["type"]
+    assert "async_block_ratio=" in proc.stdout

@@ -23,7 +23,7 @@ from ..errors import DistseqError
 from ..io import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
-SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall")
+SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint")
 
 # what each suite contributes to the top level of bench.json
 HEADLINES = {
@@ -35,6 +35,7 @@ HEADLINES = {
     "precision": ("precision_table",),
     "profile": ("step_time_shares",),
     "recall": ("induction_accuracy_2_layers", "induction_accuracy_1_layer", "mqar_table"),
+    "checkpoint": ("async_block_ratio", "save_mb_per_s", "load_mb_per_s", "reshard_load_seconds"),
 }
 
 

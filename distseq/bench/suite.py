@@ -13,6 +13,7 @@ from pathlib import Path
 from ..io import write_json
 from ..metrics import peak_memory
 from .accuracy import accuracy_suite
+from .checkpoint import checkpoint_suite
 from .files import files_suite
 from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite
@@ -29,6 +30,7 @@ SUITES = {
     "precision": precision_suite,
     "profile": profile_suite,
     "recall": recall_suite,
+    "checkpoint": checkpoint_suite,
 }
 
 
