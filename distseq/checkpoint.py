@@ -118,11 +118,11 @@ def _first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
-def _io_failure(error: BaseException) -> str:
-    """One line for a failed write."""
+def _io_failure(error: BaseException, where: Optional[Path] = None) -> str:
+    """One line for a failed write, naming the file (or ``where`` the writer was writing)."""
     error = _cause(error)
     if isinstance(error, OSError):
-        return f"cannot write {error.filename or 'a checkpoint file'}: {error.strerror or error}"
+        return f"cannot write {error.filename or where or 'a checkpoint file'}: {error.strerror or error}"
     return f"cannot write the checkpoint: {_first_line(error)}"
 
 
@@ -135,6 +135,7 @@ class PendingSave:
     future: object  # DCP's Future of this rank's write
     thread: Optional[threading.Thread] = None  # main process: waits for the write, then completes the checkpoint
     problem: str = "its completion did not run"  # the main process's thread sets the outcome
+    where: Optional[Path] = None  # the directory being written, for a failure that names no file
 
     def finish(self) -> str:
         """Wait for this rank's part; '' when the checkpoint is complete (main) or the write succeeded."""
@@ -144,7 +145,7 @@ class PendingSave:
         try:
             self.future.result()
         except (Exception, CheckpointException) as error:  # DCP reports every rank's failure to every rank
-            return _io_failure(error)
+            return _io_failure(error, self.where)
         return ""
 
 
@@ -202,7 +203,7 @@ def save_checkpoint(
     try:
         future = save_state(tmp / STATE, model, optimizer, group, asynchronous)  # async: once copied to host
     except (Exception, CheckpointException) as error:  # OSError, or DCP's report of every rank's failure
-        problem = _io_failure(error)
+        problem = _io_failure(error, tmp / STATE)
     _agree_written(accelerator, problem, tmp, kept)
 
     # a copy: the loop goes on changing its progress while a background save has yet to write meta.json
@@ -213,12 +214,12 @@ def save_checkpoint(
             "plugins": list(PLUGINS),  # what eval, predict, export and load_model import again
             "versions": versions()}
     if asynchronous:
-        pending = PendingSave(step, final, future)
+        pending = PendingSave(step, final, future, where=tmp / STATE)
         if accelerator.is_main_process:
             def complete_in_background() -> None:
                 failpoint("checkpoint-background", step)
                 try:
-                    problem = PendingSave(step, final, future).finish()
+                    problem = PendingSave(step, final, future, where=tmp / STATE).finish()
                     pending.problem = problem or _complete(tmp, final, meta, files)
                     if not pending.problem and keep_last:
                         apply_retention(Path(run_dir), step, keep_last)
