@@ -219,12 +219,12 @@ def save_checkpoint(
             def complete_in_background() -> None:
                 failpoint("checkpoint-background", step)
                 try:
-                    problem = PendingSave(step, final, future, where=tmp / STATE).finish()
-                    pending.problem = problem or _complete(tmp, final, meta, files)
-                    if not pending.problem and keep_last:
-                        apply_retention(Path(run_dir), step, keep_last)
-                except BaseException as error:  # whatever ends this thread is the save's outcome
-                    pending.problem = pending.problem or f"cannot complete the checkpoint: {_first_line(error)}"
+                    written = PendingSave(step, final, future, where=tmp / STATE).finish()
+                    pending.problem = written or _complete(tmp, final, meta, files)
+                except BaseException as error:  # whatever ends this thread before the rename is the outcome
+                    pending.problem = f"cannot complete the checkpoint: {_first_line(error)}"
+                if not pending.problem and keep_last:
+                    apply_retention(Path(run_dir), step, keep_last)
 
             pending.thread = threading.Thread(target=complete_in_background, name=f"checkpoint-{step}")
             pending.thread.start()

@@ -12,7 +12,6 @@ DCP's metadata classes and torch's sizes and dtypes, the second through ``weight
 
 from __future__ import annotations
 
-import contextlib
 import io
 import pickle
 import warnings
@@ -88,12 +87,9 @@ def no_dist(group) -> bool:
     return group is None and not dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _alone():
-    """DCP warns on every single-process save and load that it assumes one process: so it is, here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-        yield
+# DCP warns on every single-process save and load (also from an async save's thread) that it assumes
+# one process: so it is, here
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
 
 
 def checkpoint_group(timeout_s: int):
@@ -109,10 +105,9 @@ def save_state(directory: Path, model, optimizer, group, asynchronous: bool):
     DCP's Future as soon as the state is copied to host memory."""
     writer = dcp.FileSystemWriter(directory, sync_files=True)
     state = training_state(model, optimizer)
-    with _alone():
-        if asynchronous:
-            return dcp.async_save(state, storage_writer=writer, process_group=group)
-        dcp.save(state, storage_writer=writer, process_group=group, no_dist=no_dist(group))
+    if asynchronous:
+        return dcp.async_save(state, storage_writer=writer, process_group=group)
+    dcp.save(state, storage_writer=writer, process_group=group, no_dist=no_dist(group))
     return None
 
 
@@ -121,9 +116,7 @@ def load_state(directory: Path, model, optimizer, group) -> None:
     state = training_state(model, optimizer)
     reader = SafeReader(directory)
     reader.read_metadata()  # its refusal as it is: DCP would fall back to per-rank metadata and hide it
-    with _alone():
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group,
-                 no_dist=no_dist(group))
+    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), process_group=group, no_dist=no_dist(group))
     set_state_dict(model, raw_optimizer(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -134,8 +127,7 @@ def whole_weights(directory: Path) -> Dict[str, torch.Tensor]:
     weights = {key[len("model."):]: torch.empty(entry.size, dtype=entry.properties.dtype)
                for key, entry in reader.read_metadata().state_dict_metadata.items()
                if key.startswith("model.") and isinstance(entry, TensorStorageMetadata)}
-    with _alone():
-        dcp.load({"model": weights}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    dcp.load({"model": weights}, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     return weights
 
 

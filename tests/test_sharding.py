@@ -391,3 +391,23 @@ def test_one_rank_that_cannot_write_stops_every_rank_at_once(mode, tmp_path):
     assert all(rank["seconds"] < 30 for rank in ranks)  # the collectives' timeout is 60 s
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000001").exists()
     assert not (tmp_path / "checkpoints" / "step-00000001").exists()
+
+
+def test_a_background_completion_that_raises_is_a_failure_not_a_checkpoint(tmp_path):
+    """Whatever stops the background thread before the rename (here meta.json refusing a value JSON
+    cannot hold) is the save's outcome: reported, no step-N, the temporary directory left as debris."""
+    from torch import nn
+
+    from distseq.checkpoint import list_checkpoints, save_checkpoint
+    from distseq.runtime import fresh_accelerator
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    pending = save_checkpoint(fresh_accelerator(), tmp_path, model, optimizer, step=3, samples=3,
+                              config={"train": {"not json": {1, 2}}}, progress={}, asynchronous=True)
+    problem = pending.finish()
+    assert problem.startswith("cannot complete the checkpoint: Object of type set is not JSON serializable"), problem
+    assert list_checkpoints(tmp_path) == []
+    ok = save_checkpoint(fresh_accelerator(), tmp_path, model, optimizer, step=4, samples=4, config={"train": {}},
+                         progress={}, asynchronous=True)
+    assert ok.finish() == "" and [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
