@@ -475,7 +475,9 @@ class CheckpointManager:
         self.accelerator, self.run_dir, self.every, self.keep_last = accelerator, Path(run_dir), every, keep_last
         self.max_steps, self.sharding, self.asynchronous = max_steps, sharding, asynchronous
         self.newest: Optional[Path] = None  # the newest complete checkpoint of this run's history
-        self.group = checkpoint_group(timeout_s)
+        # a background save's collectives need a group of their own; a synchronous one runs on training's
+        # (torch's new_group reads stale addresses after an in-job restart: only async runs pay that)
+        self.group = checkpoint_group(timeout_s) if asynchronous else None
         self.pending: Optional[PendingSave] = None
 
     def select(self, resume: str, log: Callable[[str], None]) -> Tuple[Optional[Path], Optional[dict]]:
