@@ -95,6 +95,17 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     A reader of the run: it takes no lock of the run directory and never fails because a running job's
     --keep-last deleted a checkpoint under it (the main process reads the weights once, as verified, and
     shares them). ``data_files`` are indexed like training's (the index's cache and its lock)."""
+    from .runtime import fresh_accelerator
+
+    accelerator = fresh_accelerator()
+    try:
+        return _eval_checkpoint(accelerator, run_dir, checkpoint, eval_size, data_files, output)
+    finally:
+        accelerator.end_training()  # a gloo group left to the interpreter's exit can abort (SIGABRT) the process
+
+
+def _eval_checkpoint(accelerator, run_dir: str, checkpoint: Optional[str], eval_size: Optional[int],
+                     data_files: Optional[str], output: Path) -> dict:
     from accelerate.utils import broadcast_object_list
 
     from .checkpoint import newest_verified, read_meta
@@ -104,10 +115,9 @@ def eval_command(run_dir: str, checkpoint: Optional[str], eval_size: Optional[in
     from .file_index import FileSource, check_same_everywhere, open_index
     from .files import resolve_files
     from .io import write_json
-    from .runtime import fresh_accelerator, print0
+    from .runtime import print0
     from .registry import TASKS
 
-    accelerator = fresh_accelerator()
     chosen: list = [None, None, ""]  # path, (meta, files), error
     if accelerator.is_main_process:
         try:
