@@ -142,11 +142,16 @@ class PendingSave:
         if self.thread is not None:
             self.thread.join()
             return self.problem
-        try:
-            self.future.result()
-        except (Exception, CheckpointException) as error:  # DCP reports every rank's failure to every rank
-            return _io_failure(error, self.where)
-        return ""
+        return _written(self.future, self.where)
+
+
+def _written(future, where: Optional[Path]) -> str:
+    """Wait for DCP's Future of a background write; '' when it succeeded, else the one-line problem."""
+    try:
+        future.result()
+    except (Exception, CheckpointException) as error:  # DCP reports every rank's failure to every rank
+        return _io_failure(error, where)
+    return ""
 
 
 def save_checkpoint(
@@ -219,8 +224,7 @@ def save_checkpoint(
             def complete_in_background() -> None:
                 failpoint("checkpoint-background", step)
                 try:
-                    written = PendingSave(step, final, future, where=tmp / STATE).finish()
-                    pending.problem = written or _complete(tmp, final, meta, files)
+                    pending.problem = _written(future, tmp / STATE) or _complete(tmp, final, meta, files)
                 except BaseException as error:  # whatever ends this thread before the rename is the outcome
                     pending.problem = f"cannot complete the checkpoint: {_first_line(error)}"
                 if not pending.problem and keep_last:

@@ -411,3 +411,20 @@ def test_a_background_completion_that_raises_is_a_failure_not_a_checkpoint(tmp_p
     ok = save_checkpoint(fresh_accelerator(), tmp_path, model, optimizer, step=4, samples=4, config={"train": {}},
                          progress={}, asynchronous=True)
     assert ok.finish() == "" and [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
+
+
+@pytest.mark.multiproc
+def test_fsdp_computes_in_bf16_where_the_probe_allows_and_keeps_fp32_shards(tmp_path):
+    """--precision auto under FSDP: bf16 compute exactly where this CPU runs it (the probe decides, never
+    the test), fp32 reductions, and the saved shards stay fp32 (the policy casts, the state does not)."""
+    from distseq.precision import cpu_has_native_bf16
+
+    run = tmp_path / "run"
+    proc = torchrun(2, [*[a for a in BASE if a not in ("--precision", "no")], "--precision", "auto", "--run-dir",
+                        str(run), "--max-steps", "2", "--sharding", "fsdp"])
+    assert_ok(proc)
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert f"compute {expected}, reductions fp32" in proc.stdout
+    assert summary(run)["precision"] == ("bf16" if expected == "bf16" else "no")
+    weights = checkpoint_weights(run / "checkpoints" / "step-00000002")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
