@@ -189,6 +189,12 @@ class LogConfig:
         "A:B = record a torch.profiler trace of optimizer steps A+1..B into RUN/tensorboard/profile/, print the "
         "top operators and write RUN/profile.json (where step time goes); absent = no profiling",
     )
+    straggler_factor: float = _opt(
+        1.5, "at log steps, say 'rank N is X× slower than the median' when the slowest rank's time per step of its "
+        "own work (batch, forward and update: not the waits for the others) is this multiple of the median or more "
+        "and costs a tenth of the step; 0 = never say it (perf/step_time_ms_min, _max and perf/slowest_rank are "
+        "logged all the same)"
+    )
     log_with: str = _opt(
         "tensorboard",
         "experiment trackers, comma-separated, run through accelerate: exactly these are used (tensorboard,mlflow "
@@ -315,6 +321,10 @@ class TrainConfig:
         if t.start_step and c.resume not in ("auto", "never"):
             raise ConfigError("--start-step", "applies to a fresh start; a checkpoint given to --resume sets the step")
         _in_range("--log-every", self.log.log_every, 1, MAX_POSITION)
+        factor = self.log.straggler_factor
+        if factor != 0 and not (math.isfinite(factor) and factor > 1.0):
+            raise ConfigError("--straggler-factor", f"must be a finite number > 1, or 0 to never report a slow rank "
+                                                    f"(got {factor!r})")
         self.profile_range()
         self.trackers()
         if not t.run_dir.strip():

@@ -1,4 +1,4 @@
-"""Failpoints: named places where a test can make this process die by SIGKILL, or pause it.
+"""Failpoints: named places where a test can make this process die by SIGKILL, pause it, or slow a rank.
 
 ``DISTSEQ_FAILPOINT=name`` (or ``name@step``) kills the process the moment it reaches that place, so
 tests can prove recovery from a crash at an exact, otherwise unreachable instant (half-way through a
@@ -24,3 +24,13 @@ def pause_point(name: str) -> None:
 
         print(f"distseq: paused at {name}", flush=True)
         time.sleep(60)
+
+
+def slow_rank_seconds(rank: int) -> float:
+    """``DISTSEQ_SLOW_RANK=R:MS`` makes rank R a straggler: it sleeps MS milliseconds in every step's own
+    work (read once at start-up); 0 for every other rank and when unset."""
+    target = os.environ.get("DISTSEQ_SLOW_RANK")
+    if not target:
+        return 0.0
+    slow, _, ms = target.partition(":")
+    return float(ms) / 1000.0 if int(slow) == rank else 0.0

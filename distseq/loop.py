@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from .accounting import Accounting
 from .checkpoint import CheckpointManager, changed_options, check_compatible, load_checkpoint
 from .config import TrainConfig, option_for
 from .data import Layout, SampleSource, SyntheticFeed, eval_batches, micro_batches, train_loader
-from .errors import CheckpointError, DataFileError, NonFiniteError, RunIOError, Stopped
+from .errors import CheckpointError, DataFileError, DistseqError, NonFiniteError, RunIOError, Stopped
 from .evaluation import Evaluator, eval_batch_size, forward
-from .failpoints import pause_point
+from .failpoints import pause_point, slow_rank_seconds
+from .hangs import HangReport
 from .file_index import FileIndex, FileSource, check_same_everywhere, open_index
 from .file_stream import FileFeed, FileStream
 from .files import resolve_files
@@ -44,9 +46,10 @@ from .precision import Precision, resolve_precision
 from .profiling import StepProfiler, format_profile
 from .registry import TASKS
 from .rundir import RunDir, open_run_dir
+from .startup import StartupTimeline
 from .sharding import full_value, quiet_fsdp_warnings, resolve_sharding, set_gradient_sync, shard_model
 from .runtime import (StopSignals, build_accelerator, check_world_size, exit_code, local_device, print0,
-                      request_requeue, set_cpu_threads, show_progress, signal_name)
+                      is_collective_failure, request_requeue, set_cpu_threads, show_progress, signal_name)
 from .tasks import Task, TaskSpec
 
 
@@ -114,6 +117,7 @@ class Run:
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
     flops_per_token: float = 0.0  # training FLOPs per token of this model (flops.py)
     sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
+    startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
 
     @property
     def path(self) -> Path:
@@ -155,35 +159,51 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> dict:
     instead of the registered ``--model``. Resumes from --run-dir's newest intact checkpoint unless
     --resume says otherwise. Raises Stopped after saving when SIGINT/SIGTERM/SIGUSR1/SIGHUP arrives (or,
     during start-up, before anything is saved), NonFiniteError, RunIOError, ConfigError,
-    CheckpointError: each a one-line message.
+    CheckpointError, LostContactError (a collective failed; this rank's stacks are in RUN/hang-rank{N}.txt):
+    each a one-line message.
     """
+    hangs = HangReport()
     with StopSignals() as signals, contextlib.ExitStack() as cleanup:
-        run = build_run(cfg, model, signals, cleanup)
-        if run.nothing_left is not None:
-            return run.nothing_left
-        done = run_loop(run)
-        return finish(run, done)
+        try:
+            run = build_run(cfg, model, signals, cleanup, hangs)
+            if run.nothing_left is not None:
+                return run.nothing_left
+            done = run_loop(run)
+            return finish(run, done)
+        except RuntimeError as error:
+            if isinstance(error, DistseqError) or not is_collective_failure(error):
+                raise
+            raise hangs.lost_contact(error) from None  # the stacks are written before the cleanup runs
 
 
 def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals,
-              cleanup: contextlib.ExitStack) -> Run:
-    """Everything before the first step; ``cleanup`` ends the trackers and releases the run dir."""
+              cleanup: contextlib.ExitStack, hangs: Optional[HangReport] = None) -> Run:
+    """Everything before the first step; ``cleanup`` ends the trackers and releases the run dir;
+    ``hangs`` learns where a failed collective's stacks go."""
+    startup = StartupTimeline()
+    startup.mark("imports")  # the interpreter, torch, accelerate, distseq
     set_cpu_threads()
     cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # the launch's count; check_world_size confirms it
     d, t = cfg.data, cfg.train
     task, spec = TASKS[d.task], cfg.task_spec()
     files = open_files(cfg)  # every row checked before anything of the run is written
+    startup.mark("data_index")
     torch.manual_seed(t.seed)
     model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else build_model(cfg.model, task, spec)
+    startup.mark("model")
     sharding = resolve_sharding(t.sharding, int(os.environ.get("WORLD_SIZE", "1")))
     # probes this very model, as it will run: under FSDP2's policy when sharded
     precision = resolve_precision(t.precision, cfg, local_device(), model, sharded=sharding == "fsdp")
+    startup.mark("precision_probe")
     accelerator = build_accelerator(cfg, precision, sharding)
     check_world_size(accelerator, t.expect_world_size)
     if files is not None:
         check_same_everywhere(files, accelerator)
+    startup.mark("rendezvous")  # every rank waits here for the slowest to arrive
     run_dir = cleanup.enter_context(open_run_dir(accelerator, cfg))
+    if hangs is not None:
+        hangs.attach(run_dir.path, accelerator.process_index, accelerator.num_processes)
     cleanup.callback(accelerator.end_training)  # trackers end before the run dir's lock is released
     world, config = accelerator.num_processes, cfg.to_dict()
     if run_dir.moved_aside:
@@ -208,8 +228,10 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     run = Run(cfg, accelerator, precision, signals, run_dir, task, spec,
               Layout(cfg.micro_batch_size(world), world, t.grad_accum_steps), model, optimizer, scheduler,
               checkpoints, Progress(first_step=t.start_step), t.start_step, None, config, model_name=model_name,
-              flops_per_token=model_flops, files=files, sharding=sharding)
+              flops_per_token=model_flops, files=files, sharding=sharding, startup=startup)
+    startup.mark("run_dir_and_optimizer")
     data_state = resume(run)
+    startup.mark("resume")
     if run.nothing_left is not None:
         return run
     apply_options(optimizer, scheduler, cfg.optim, run.start)  # O(1) at any step; the options in force now
@@ -235,7 +257,7 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     run.clock = TrainingClock(run.progress.train_seconds, run.progress.wall_seconds)  # evaluation, saves pause it
     run.logger = StepLogger(accelerator, cfg.log.log_every, t.max_steps, layout.global_batch, run.start, run.clock,
                             show_progress(cfg.log.progress), run.flops_per_token, task.head == "per-step",
-                            run.progress.tokens)
+                            run.progress.tokens, cfg.log.straggler_factor)
     cleanup.callback(run.logger.close)
     held_out = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
                             eval_batch_size(task, spec))
@@ -243,6 +265,7 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
                               t.max_steps, run.clock, run.progress.eval_history, run.logger.emit)
     run.profiler = StepProfiler(cfg.profile_range(), run.path, rank, accelerator.device)
     run.accounting = Accounting(run.start * layout.global_batch, world) if t.verify_data else None
+    startup.mark("data_pipeline")
     return run
 
 
@@ -362,14 +385,20 @@ def run_loop(run: Run) -> int:
     done = run.start
     run.signals.begin_loop()
     run.clock.begin_training()
+    own_work, slow_seconds = run.logger.ranks.own_work, slow_rank_seconds(run.accelerator.process_index)
     for step in range(run.start, run.cfg.train.max_steps):
         run.profiler.begin(step)
-        with run.profiler.span("data"):
+        with run.profiler.span("data"), own_work():
             micro = run.feed.next_step()
+            if slow_seconds:
+                time.sleep(slow_seconds)
         if micro is None:  # every rank agreed the data files are used up
             break
         done = step + 1
         outcome = train_step(run, micro, done)
+        if done == run.start + 1:
+            run.startup.mark("first_step")
+            run.say(run.startup.line())
         with run.profiler.span("logging"):
             record(run, micro, done, outcome)
         if run.profiler.end(done) and run.accelerator.is_main_process:
@@ -397,8 +426,9 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
         with accelerator.accumulate(model):
             set_gradient_sync(model, accelerator.sync_gradients)
             with run.profiler.span("forward_backward"):
-                logits = forward(model, batch, device, run.spec.variable)
-                losses = task.loss(logits, y)  # (b,)
+                with run.logger.ranks.own_work():  # before the backward: DDP's gradient sync waits for the others
+                    logits = forward(model, batch, device, run.spec.variable)
+                    losses = task.loss(logits, y)  # (b,)
                 accelerator.backward(losses.mean())
                 loss += losses.detach().sum()
                 right, all_right = task.scores(logits.detach(), y)  # (b,) each
@@ -431,7 +461,9 @@ def optimizer_step(run: Run, loss: torch.Tensor, correct: torch.Tensor, solved: 
         raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without saving "
                              f"(--on-nonfinite skip skips such steps)")
     if not skipped:
-        run.optimizer.step()
+        with run.logger.ranks.own_work():
+            run.optimizer.step()
+    run.logger.ranks.step_done()
     return Outcome(loss, correct, solved, tokens, grad_norm, bool(skipped), int(stop))
 
 
@@ -536,6 +568,10 @@ def write_summary(run: Run, done: int, status: str) -> dict:
     if progress.tokens_estimated_before is not None:
         extra["tokens_note"] = (f"tokens before step {progress.tokens_estimated_before} are estimated from the mean "
                                 f"length: that checkpoint predates token counting")
+    if run.logger.ranks.latest:
+        extra.update(run.logger.ranks.latest)  # the last log step's comparison of the ranks
+    if "first_step" in run.startup.phases:
+        extra["startup"] = run.startup.report()
     if run.profiler.result:
         extra["profile"] = run.profiler.result
     if run.accounting:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .flops import peak_flops
 from .runtime import TENSORBOARD_PROJECT
+from .stragglers import RankTimes
 
 
 @dataclass
@@ -38,14 +39,16 @@ class StepLogger:
     plain line on the main process, or above the progress bar; the trackers through accelerate).
 
     It also counts the tokens (time steps of the samples, padding excluded) every rank trained on;
-    ``flush_tokens`` sums them over ranks, at log steps and before a checkpoint saves the total."""
+    ``flush_tokens`` sums them over ranks, at log steps and before a checkpoint saves the total. At
+    log steps it compares the ranks' own work per step (``ranks``, stragglers.py)."""
 
     def __init__(self, accelerator: Accelerator, every: int, max_steps: int, global_batch: int, start: int,
                  clock: "TrainingClock", show_bar: bool, flops_per_token: float, per_step: bool,
-                 tokens_before: int = 0):
+                 tokens_before: int = 0, straggler_factor: float = 0.0):
         self.accelerator, self.every, self.max_steps, self.global_batch = accelerator, every, max_steps, global_batch
         self.per_step = per_step  # per-step heads also report the fraction of samples with every answer right
         self.window = Window.empty(accelerator.device)
+        self.ranks = RankTimes(accelerator, straggler_factor)
         self.tokens_total, self.tokens_pending = tokens_before, 0  # all ranks' tokens; this rank's since the last sum
         self.meter = Throughput(start, start * global_batch, tokens_before, clock, flops_per_token,
                                 peak_flops(accelerator.device), accelerator.num_processes)
@@ -93,9 +96,11 @@ class StepLogger:
         scalars["train/skipped_steps"] = skipped_total
         scalars["train/skipped_steps_window"] = window.skipped
         scalars.update(self.meter.window(done, done * self.global_batch, self.tokens_total))
+        rank_scalars, straggler = self.ranks.gather(scalars["perf/step_time_ms"])
+        scalars.update(rank_scalars)
         self.window = Window.empty(self.accelerator.device)
         self.accelerator.log(scalars, step=done)
-        self.emit(log_line(done, self.max_steps, scalars))
+        self.emit(log_line(done, self.max_steps, scalars) + (f" | {straggler}" if straggler else ""))
 
     @property
     def pending(self) -> bool:

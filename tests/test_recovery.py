@@ -297,6 +297,14 @@ def test_a_hung_rank_fails_the_other_within_the_timeout(tmp_path):
             p.kill()
         other.kill()
         other.communicate()
-    assert main.returncode != 0
+    assert main.returncode == 1
     assert "distseq train: error: lost contact with another process" in err and "Timed out" in err
     assert 6 < waited < 60
+    # the survivor's stacks: where it waited (the step's agreement, called from the loop) and every thread
+    stacks = tmp_path / "run" / "hang-rank0.txt"
+    assert f"this rank's Python stacks are in {stacks}" in err
+    text = stacks.read_text()
+    assert text.startswith("distseq: rank 0 of 2, pid ") and "Where this rank waited" in text
+    assert 'distseq/loop.py", line' in text and "in train_step" in text and "Timed out" in text
+    assert "Every thread of this process now:" in text and "(most recent call first)" in text
+    assert not (tmp_path / "run" / "hang-rank1.txt").exists()  # the frozen rank wrote nothing: the culprit
