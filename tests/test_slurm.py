@@ -112,19 +112,56 @@ def wait_gone(slurm, job: str, timeout: float = 240) -> None:
         time.sleep(1)
 
 
-def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, tmp_path):
-    reference = tmp_path / "reference"
-    job = submit(slurm, reference, tmp_path / "out")
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory) -> Path:
+    """A job never interrupted: what the others must end like."""
+    tmp = tmp_path_factory.mktemp("reference")
+    job = submit(slurm, tmp / "run", tmp / "out")
     wait_gone(slurm, job)
-    assert summary(reference)["status"] == "complete" and summary(reference)["world_size"] == 2
+    assert summary(tmp / "run")["status"] == "complete" and summary(tmp / "run")["world_size"] == 2
+    return tmp / "run"
+
+
+def wait_for_line(log: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and text in log.read_text()):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no job output"
+        time.sleep(0.2)
+
+
+def assert_same_weights(reference: Path, run_dir: Path) -> None:
+    a = checkpoint_weights(reference / "checkpoints" / "step-00000600")
+    b = checkpoint_weights(run_dir / "checkpoints" / "step-00000600")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_crashed_rank_heals_in_place_without_a_requeue(slurm, reference, tmp_path):
+    """kill -9 of one node's rank: the launchers restart every rank (--max_restarts), the job never leaves."""
+    import psutil
+
+    run_dir = tmp_path / "crashed"
+    job = submit(slurm, run_dir, tmp_path / "out")
+    log = tmp_path / "out" / f"job-{job}.txt"
+    wait_for_line(log, "step=100/")
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "distseq.cli" in p.info["cmdline"]
+             and "train" in p.info["cmdline"] and "launch" not in p.info["cmdline"] and str(run_dir) in p.info["cmdline"]]
+    assert len(ranks) == 2
+    ranks[-1].kill()
+    wait_gone(slurm, job)
+    text = log.read_text()
+    assert "restart 1" not in text and "scontrol requeue" not in text  # healed inside the job
+    assert "resuming from" in text and "distseq-slurm: ranks exited with 0" in text
+    result = summary(run_dir)
+    assert result["status"] == "complete" and result["step"] == 600 and result["world_size"] == 2
+    assert_same_weights(reference, run_dir)
+
+
+def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, reference, tmp_path):
 
     run_dir = tmp_path / "preempted"
     job = submit(slurm, run_dir, tmp_path / "out")
     log = tmp_path / "out" / f"job-{job}.txt"
-    deadline = time.monotonic() + 120
-    while not (log.exists() and "step=100/" in log.read_text()):
-        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no job output"
-        time.sleep(0.2)
+    wait_for_line(log, "step=100/")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True)
     wait_gone(slurm, job)
 
@@ -135,6 +172,4 @@ def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, tmp
     assert result["status"] == "complete" and result["step"] == 600 and result["world_size"] == 2
     stopped = int(result["resumed_from"].rsplit("-", 1)[1])
     assert 100 <= stopped < 600
-    a = checkpoint_weights(reference / "checkpoints" / "step-00000600")
-    b = checkpoint_weights(run_dir / "checkpoints" / "step-00000600")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(reference, run_dir)

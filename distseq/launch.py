@@ -1,0 +1,203 @@
+"""``distseq launch [ACCELERATE LAUNCH OPTIONS] train|eval [OPTIONS]``: accelerate's launcher, ending like distseq.
+
+``accelerate launch`` (and ``torchrun``) end a failed or stopped job with a launcher traceback and
+exit 1, whatever the ranks said: a preemption that saved (143), a bad option (2) and a crash all
+look alike to a scheduler. This command takes accelerate's own options and config files, runs the
+same launchers in-process, and then:
+
+- **relays the ranks' exit code**: 2 (bad input), 130 (interrupted), 143 (preempted) as the first
+  failed rank ended, 1 for any other failure (a crash, a rank killed by a signal); the ranks have
+  printed their one line, the launcher adds one naming the rank, never a traceback;
+- **stops on a signal like the ranks do**: SIGTERM, SIGINT, SIGHUP and SIGUSR1 reach every rank (they
+  save at the next step boundary), the launcher waits up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
+  (default here 300: long enough to save) and exits 143, or 130 for SIGINT;
+- **makes in-job restarts reliable** (``--max_restarts N``): torch's static rendezvous hands a restarted
+  group the dead group's addresses (its store outlives the attempt), so with restarts the launch uses
+  the c10d rendezvous with a fresh store per attempt (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``). A
+  crashed rank then restarts the whole group, which resumes from the newest complete checkpoint;
+- **checks the options first**: ``train``'s options are validated for the launch's world size before
+  any rank starts, so a typo is one line and exit 2, not N ranks x restarts failing alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import List
+
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError
+
+COMMANDS = ("train", "eval")  # the distseq commands that run on every rank
+RELAYED = (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED)  # a rank's exit that means the same for the job
+SHUTDOWN_TIMEOUT_S = "300"  # seconds the ranks get to save after a stop signal before SIGKILL
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what the elastic agent passes on to every rank
+
+
+def usage() -> str:
+    from accelerate.commands.launch import launch_command_parser
+
+    text = launch_command_parser().format_help()
+    positional = text.find("\npositional arguments:")  # accelerate's options follow its usage and positionals
+    options = text[text.find("\n\n", positional) + 2:] if positional >= 0 else text
+    return (f"usage: distseq launch [ACCELERATE LAUNCH OPTIONS] {{{','.join(COMMANDS)}}} [OPTIONS]\n\n"
+            + __doc__.split("\n", 2)[2].strip() + "\n\nExamples:\n"
+            "  distseq launch --multi_gpu --num_processes 8 --max_restarts 2 train --preset default --run-dir runs/a\n"
+            "  distseq launch --config_file accelerate_configs/fsdp.yaml train --run-dir runs/b\n\n"
+            + options)
+
+
+def launch(argv: List[str]) -> int:
+    """Parse accelerate's options, launch ``distseq.cli COMMAND ...`` on every rank, relay how they ended."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    try:
+        args = launch_command_parser().parse_args(["--module", *argv])
+    except SystemExit as exit_info:  # accelerate's parser printed its own usage error
+        return EXIT_USAGE if exit_info.code else 0
+    command, rest = args.training_script, list(args.training_script_args)
+    if command not in COMMANDS:
+        raise ConfigError("COMMAND", f"expected a command to run on every rank, one of "
+                                            f"{', '.join(COMMANDS)}, after the launcher's options (got {command!r})")
+    args.training_script, args.training_script_args = "distseq.cli", [command, *rest]
+    try:
+        with quiet_defaults():
+            args, _, _ = _validate_launch_command(args)
+    except ValueError as error:
+        raise ConfigError("launcher options", str(error).strip().splitlines()[0]) from None
+    elastic = (args.multi_gpu or args.use_fsdp) and not args.cpu
+    if args.use_deepspeed or args.tpu or args.use_megatron_lm:
+        raise ConfigError("launcher options", "distseq launch runs accelerate's multi-process (--multi_gpu, FSDP) and single-process "
+                                            "launches; DeepSpeed, TPU and Megatron-LM are not distseq's")
+    if args.max_restarts and not elastic:
+        raise ConfigError("--max_restarts", "restarts need the multi-process launcher (--multi_gpu "
+                                            "--num_processes N, or an FSDP config)")
+    if command == "train":
+        check_train_options(rest, args.num_processes or 1)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", STOP_SIGNALS)
+    if elastic and args.max_restarts and args.rdzv_backend == "static":
+        use_fresh_rendezvous_per_attempt(args)
+    return run_elastic(args) if elastic else run_single(args)
+
+
+@contextlib.contextmanager
+def quiet_defaults():
+    """accelerate lists every option it defaulted (num_machines 1, mixed_precision no, ...) as a warning:
+    distseq sets its own precision and these defaults are the intended ones."""
+    launch_logger = logging.getLogger("accelerate.commands.launch")
+    level = launch_logger.level
+    launch_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        launch_logger.setLevel(level)
+
+
+def check_train_options(rest: List[str], world: int) -> None:
+    """``train``'s options as every rank will read them, validated for this launch's world size."""
+    from .cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", *rest])
+    config_from_args(args).validate(world)
+
+
+def use_fresh_rendezvous_per_attempt(args: argparse.Namespace) -> None:
+    """c10d rendezvous, each attempt's workers on a store of their own (rank 0 hosts it on a free port):
+    the static rendezvous keeps one store for every attempt, and a restarted rank reads the addresses of
+    the ranks that died (gloo: "connectFullMesh failed ... Connection refused"; NCCL: a stale unique id)."""
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    args.rdzv_backend = "c10d"
+    if (args.num_machines or 1) > 1:
+        args.same_network = False  # accelerate then passes --main_process_ip:port as the c10d endpoint
+    else:
+        args.standalone = True  # one machine: torch's own local c10d rendezvous on a free port
+
+
+def run_elastic(args: argparse.Namespace) -> int:
+    from accelerate.commands.launch import multi_gpu_launcher
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        with no_port_check_on_the_head(args):
+            multi_gpu_launcher(args)
+    except ChildFailedError as failed:
+        rank, first = failed.get_first_failure()
+        return relay(rank, first.exitcode, len(failed.failures))
+    except SignalException as stop:
+        return stopped(signal.Signals(stop.sigval))
+    return 0
+
+
+@contextlib.contextmanager
+def no_port_check_on_the_head(args: argparse.Namespace):
+    """accelerate refuses to start the head node's launcher when the rendezvous port is already bound. Under
+    c10d on several machines any node's agent may bind it first where the nodes share an address (nodes
+    on one host, as in tests), and torch's rendezvous reports a port that is truly taken itself."""
+    import accelerate.utils.launch as accelerate_launch
+
+    if args.rdzv_backend != "c10d" or (args.num_machines or 1) <= 1:
+        yield
+        return
+    check = accelerate_launch.is_port_in_use
+    accelerate_launch.is_port_in_use = lambda port=None: False
+    try:
+        yield
+    finally:
+        accelerate_launch.is_port_in_use = check
+
+
+def run_single(args: argparse.Namespace) -> int:
+    """One process (accelerate's simple launcher's command and environment), with the stop signals passed
+    on to it and its exit code relayed."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    process = subprocess.Popen(cmd, env=env)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                                             signal.SIGUSR1)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == 0:
+        return 0
+    return relay(0, code, 1)
+
+
+def relay(rank: int, exitcode: int, failed: int) -> int:
+    """The job's exit code from the first rank that failed, and the launcher's one line."""
+    if exitcode < 0:
+        how = f"was killed by {signal.Signals(-exitcode).name}"
+    else:
+        how = f"exited {exitcode}"
+    meaning = {EXIT_USAGE: "bad input", EXIT_INTERRUPTED: "interrupted", EXIT_PREEMPTED: "preempted"}.get(exitcode,
+                                                                                                        "failed")
+    code = exitcode if exitcode in RELAYED else EXIT_FAILURE
+    others = f"; {failed - 1} other rank(s) failed too" if failed > 1 else ""
+    print(f"distseq launch: rank {rank} {how} ({meaning}: its own line above says why){others}; exiting {code}",
+          file=sys.stderr, flush=True)
+    return code
+
+
+def stopped(sig: signal.Signals) -> int:
+    code = EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_PREEMPTED
+    print(f"distseq launch: {sig.name}: passed to every rank (each saves at its next step boundary); exiting {code}",
+          file=sys.stderr, flush=True)
+    return code
