@@ -10,6 +10,7 @@ the main process's timeline and ``distseq bench startup`` compares 1 to 8 proces
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Dict
 
@@ -29,11 +30,20 @@ def process_start_unix() -> float:
         return _IMPORTED
 
 
+def started_for_distseq() -> bool:
+    """This process was started to run distseq (``distseq ...``, ``python -m distseq.cli``, a launcher's rank),
+    not a notebook or a script that calls ``distseq.train`` after doing other things."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "") or ""
+    return spec_name.startswith("distseq") or os.path.basename(sys.argv[0] if sys.argv else "") == "distseq"
+
+
 class StartupTimeline:
-    """Seconds per phase, each mark closing the phase that ended there."""
+    """Seconds per phase, each mark closing the phase that ended there. From the process's start when it was
+    started for distseq; otherwise (``distseq.train`` from Python) from the call, so "imports" is ~0."""
 
     def __init__(self):
-        self.started = process_start_unix()
+        self.started = process_start_unix() if started_for_distseq() else time.time()
         self.last = self.started
         self.phases: Dict[str, float] = {}
 

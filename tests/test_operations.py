@@ -96,8 +96,9 @@ def test_torchrun_restarts_a_crashed_rank_in_place(uninterrupted, tmp_path):
 
 @pytest.mark.multiproc
 def test_distseq_launch_restarts_a_crashed_rank_with_accelerates_max_restarts(uninterrupted, tmp_path):
+    """Asynchronous checkpoints too: their gloo group of their own is created again in each attempt."""
     run_dir = tmp_path / "run"
-    cmd = [*LAUNCH, *TWO, "--max_restarts", "2", "train", *ARGS, "--run-dir", str(run_dir)]
+    cmd = [*LAUNCH, *TWO, "--max_restarts", "2", "train", *ARGS, "--async-checkpoint", "--run-dir", str(run_dir)]
     proc = run_until(cmd, "step=25/", kill_one_rank)
     assert_healed(proc, run_dir, uninterrupted)
     assert "Traceback" not in proc.stderr
