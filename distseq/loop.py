@@ -12,11 +12,13 @@ rank takes the same branch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
 import signal
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,10 +164,30 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> dict:
     CheckpointError, LostContactError (a collective failed; this rank's stacks are in RUN/hang-rank{N}.txt):
     each a one-line message.
     """
+    groups: list = []  # the process group, released only once the run (and its DDP model) is gone
+    try:
+        return _train(cfg, model, groups)
+    except BaseException as error:
+        chained = error
+        while chained is not None:  # their frames hold the run, so the DDP model
+            traceback.clear_frames(chained.__traceback__)
+            chained = chained.__cause__ or chained.__context__
+        raise
+    finally:
+        # DDP's reducer holds the process group. Freed last by the reducer, the group's destructor runs with
+        # Python's lock held and joins the backend's threads, one of which may need that lock to free a
+        # finished collective's tensors: the rank never exits (pytorch/pytorch#56297, seen here in about 1
+        # of 4 runs on 8 ranks). So the model goes first, and the group's last reference is this one,
+        # whose destructor releases the lock.
+        gc.collect()
+        groups.clear()
+
+
+def _train(cfg: TrainConfig, model: Optional[nn.Module], groups: list) -> dict:
     hangs = HangReport()
     with StopSignals() as signals, contextlib.ExitStack() as cleanup:
         try:
-            run = build_run(cfg, model, signals, cleanup, hangs)
+            run = build_run(cfg, model, signals, cleanup, hangs, groups)
             if run.nothing_left is not None:
                 return run.nothing_left
             done = run_loop(run)
@@ -177,9 +199,11 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> dict:
 
 
 def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals,
-              cleanup: contextlib.ExitStack, hangs: Optional[HangReport] = None) -> Run:
+              cleanup: contextlib.ExitStack, hangs: Optional[HangReport] = None,
+              groups: Optional[list] = None) -> Run:
     """Everything before the first step; ``cleanup`` ends the trackers and releases the run dir;
-    ``hangs`` learns where a failed collective's stacks go."""
+    ``hangs`` learns where a failed collective's stacks go; ``groups`` receives the process group, for
+    the caller to release after the run."""
     startup = StartupTimeline()
     startup.mark("imports")  # the interpreter, torch, accelerate, distseq
     set_cpu_threads()
@@ -197,6 +221,8 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     precision = resolve_precision(t.precision, cfg, local_device(), model, sharded=sharding == "fsdp")
     startup.mark("precision_probe")
     accelerator = build_accelerator(cfg, precision, sharding)
+    if groups is not None and torch.distributed.is_initialized():
+        groups.append(torch.distributed.group.WORLD)
     check_world_size(accelerator, t.expect_world_size)
     if files is not None:
         check_same_everywhere(files, accelerator)
