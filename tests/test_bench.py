@@ -17,7 +17,7 @@ from distseq.bench.report import PLOTS_HINT, write_report
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 
 PLOTS = {"overhead.png", "scaling.png", "time_to_accuracy.png", "precision.png", "step_time.png", "memory.png",
-         "recall_induction.png", "recall_mqar.png"}
+         "recall_induction.png", "recall_mqar.png", "startup.png"}
 
 
 def finite(value) -> bool:
@@ -201,3 +201,27 @@ def test_bench_quick_checkpoint_suite_measures_sync_async_and_a_resharded_load(t
     assert result["quick"] is True and "QUICK" in result["note"] and "blocked" in result["note"]
     assert result["machine"]["cpu_count"] >= 1 and result["filesystem"]["type"]
     assert "async_block_ratio=" in proc.stdout
+
+
+@pytest.mark.multiproc
+def test_bench_quick_startup_suite_times_launch_to_the_first_step_by_phase(tmp_path):
+    proc = run_distseq(["bench", "startup", "--quick", "--out", str(tmp_path)], timeout=300)
+    assert_ok(proc)
+    result = json.loads((tmp_path / "startup.json").read_text())
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["suites_run"] == ["startup"] and bench["startup_seconds"] == result["startup_seconds"]
+    counts = [str(n) for n in result["processes"]]
+    assert counts[0] == "1" and len(counts) >= 2 and set(result["startup_seconds"]) == set(counts)
+    tolerance = 0.05  # the process's start time in /proc has a resolution of 10 ms
+    for n in counts:
+        seconds, phases = result["startup_seconds"][n], result["phases_seconds"][n]
+        assert finite(seconds) and seconds > 0, n
+        assert {"imports", "rendezvous", "first_step"} <= set(phases) and all(v >= 0 for v in phases.values()), n
+        # the phases are the main process's timeline inside the window that starts at the launch
+        assert seconds >= sum(phases.values()) - tolerance, n
+        assert result["launcher_seconds"][n] >= -tolerance, n
+        assert seconds == pytest.approx(result["launcher_seconds"][n] + sum(phases.values()), abs=tolerance), n
+    assert result["largest_growing_phase"] in result["phases_seconds"][counts[-1]]
+    assert result["growth"] == pytest.approx(result["startup_seconds"][counts[-1]] / result["startup_seconds"]["1"])
+    assert result["threads_per_process"] == 1 and result["repeats"] == 1 and result["cpu_count"] >= 1
+    assert "start-up (s)" in proc.stdout and "## Start-up" in (tmp_path / "report.md").read_text()

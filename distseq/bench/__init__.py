@@ -23,7 +23,8 @@ from ..errors import DistseqError
 from ..io import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
-SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint")
+SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",
+               "startup")
 
 # what each suite contributes to the top level of bench.json
 HEADLINES = {
@@ -36,6 +37,7 @@ HEADLINES = {
     "profile": ("step_time_shares",),
     "recall": ("induction_accuracy_2_layers", "induction_accuracy_1_layer", "mqar_table"),
     "checkpoint": ("async_block_ratio", "save_mb_per_s", "load_mb_per_s", "reshard_load_seconds"),
+    "startup": ("startup_seconds",),
 }
 
 

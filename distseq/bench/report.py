@@ -85,6 +85,11 @@ def summary_table(bench: Dict) -> str:
         cells = [f"{r['model']}/{r['precision']}=" + (f"{r['steps_per_sec']:.1f}" if r["works"] else "x")
                  for r in bench["precision_table"]]
         lines.append("  precision (steps/s)    " + "  ".join(cells))
+    if "startup_seconds" in bench:
+        startup = bench["suites"]["startup"]
+        seconds = "  ".join(f"{n} proc={v:.1f}" for n, v in bench["startup_seconds"].items())
+        lines.append(f"  start-up (s)           {seconds}  (launch to the first step; grows most: "
+                     f"{startup['largest_growing_phase']})")
     if "mqar_table" in bench:
         lines.append(f"  induction accuracy     2 layers={bench['induction_accuracy_2_layers']:.3f}  "
                      f"1 layer={bench['induction_accuracy_1_layer']:.3f}")
@@ -168,6 +173,27 @@ def _plot_shares(plt, shares: Dict[str, float], path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def _plot_startup(plt, s: Dict, path: Path) -> None:
+    """One stacked bar per process count: the launcher, then the main process's phases in order."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    from .startup import in_timeline_order
+
+    counts = list(s["startup_seconds"])
+    parts = {"launcher": [max(s["launcher_seconds"][n], 0.0) for n in counts]}  # /proc's 10 ms can put it below 0
+    for phase in in_timeline_order(s["phases_seconds"][counts[-1]]):
+        parts[phase] = [s["phases_seconds"][n].get(phase, 0.0) for n in counts]
+    bottom = [0.0] * len(counts)
+    for name, values in parts.items():
+        ax.bar(counts, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("processes (1 thread each)")
+    ax.set_ylabel("seconds from launch to the first step")
+    ax.set_title(f"start-up on {s['cpu_count']} CPUs; grows most: {s['largest_growing_phase']}", fontsize=10)
+    ax.legend(ncol=2, fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _plot_memory(plt, memory: Dict[str, float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(list(memory), list(memory.values()), color="#1f77b4")
@@ -235,6 +261,7 @@ def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
         ("step_time.png", "profile", lambda p: _plot_shares(plt, ordered_shares(bench["step_time_shares"]), p)),
         ("recall_induction.png", "recall", lambda p: plot_induction(plt, suites["recall"], p)),
         ("recall_mqar.png", "recall", lambda p: plot_mqar(plt, bench["mqar_table"], p)),
+        ("startup.png", "startup", lambda p: _plot_startup(plt, suites["startup"], p)),
         ("memory.png", None, lambda p: _plot_memory(plt, bench["peak_rss_mb"], p)),
     ]
     for filename, suite, draw in plots:
@@ -303,6 +330,31 @@ def recall_section(r: Dict) -> List[str]:
     return lines
 
 
+def startup_section(s: Dict) -> List[str]:
+    """Seconds from launch to the end of the first step per process count, and the phases they are made of."""
+    from .startup import in_timeline_order
+
+    counts = list(s["startup_seconds"])
+    last = counts[-1]
+    phases = list(in_timeline_order(s["phases_seconds"][last]))  # JSON files sort their keys
+    lines = ["", "## Start-up: launch to the end of the first optimizer step (seconds)", "",
+             f"`distseq train` of a tiny LSTM (hidden 16, micro-batch {s['micro_batch_per_rank']} per rank, one step), "
+             f"{s['threads_per_process']} thread per process on {s['cpu_count']} CPUs, CUDA hidden; of {s['repeats']} "
+             "launches per count (the counts alternating), the run with the median start-up. *launcher*: the "
+             "launcher's own start before the main process began (torchrun on more than 1 process); the phases are "
+             "the main process's. "
+             f"From 1 to {last} processes start-up grows {s['growth']:.2f}x; the phase that grows most is "
+             f"**{s['largest_growing_phase']}** (+{s['phase_growth_seconds'][s['largest_growing_phase']]:.2f} s).", "",
+             "| processes | start-up | launcher | " + " | ".join(phases) + " |",
+             "| --- " * (len(phases) + 3) + "|"]
+    for n in counts:
+        cells = [f"{s['phases_seconds'][n].get(phase, 0.0):.2f}" for phase in phases]
+        launcher = max(s["launcher_seconds"][n], 0.0)  # /proc's 10 ms start time can put it a hair below 0
+        lines.append(f"| {n} | {s['startup_seconds'][n]:.2f} | {launcher:.2f} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def report_markdown(bench: Dict, plots: Optional[List[str]]) -> str:
     m = bench["machine"]
     lines = ["# distseq bench report", "",
@@ -324,6 +376,8 @@ def report_markdown(bench: Dict, plots: Optional[List[str]]) -> str:
                   f"| {r['model']} | {r['precision']} | no | - | {r['error']} |" for r in bench["precision_table"]]
     if "mqar_table" in bench:
         lines += recall_section(bench["suites"]["recall"])
+    if "startup_seconds" in bench:
+        lines += startup_section(bench["suites"]["startup"])
     lines += ["", "## Peak resident memory per process (MB)", "", "| suite | MB |", "| --- | --- |"]
     lines += [f"| {k} | {v:.0f} |" for k, v in bench["peak_rss_mb"].items()]
     for k, v in bench.get("peak_cuda_memory_mb", {}).items():

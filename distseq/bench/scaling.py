@@ -15,20 +15,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
+from ..config import TrainConfig
 from ..runtime import free_port
 from .overhead import overhead_config
 
 MICRO_BATCH = 256
 TIMEOUT_S = 600
+STOP_GRACE_S = 60  # torchrun ends its ranks on SIGTERM and escalates to SIGKILL after its own 30 s
 
 
-def run_processes(world: int, steps: int, run_dir: Path) -> dict:
-    """One ``distseq train`` on ``world`` processes of one thread each; returns its summary."""
-    cfg = overhead_config(steps, str(run_dir))
-    cfg.train.global_batch_size, cfg.train.expect_world_size = MICRO_BATCH * world, world
+def run_processes(cfg: TrainConfig, world: int, timeout_s: float = TIMEOUT_S) -> Tuple[dict, float]:
+    """One ``distseq train`` of ``cfg`` on ``world`` processes of one thread each, CUDA hidden: one plain
+    process for 1, torchrun on loopback for more. Returns its summary and the moment (unix seconds) just
+    before the launch, from which the start-up suite counts."""
+    run_dir = Path(cfg.train.run_dir)
     config_file = run_dir.with_suffix(".json")
     config_file.write_text(json.dumps(cfg.to_dict()))
     launcher = [sys.executable, "-m", "distseq.cli"]
@@ -38,11 +42,32 @@ def run_processes(world: int, steps: int, run_dir: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([*launcher, "train", "--config", str(config_file)], env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    launched = time.time()
+    proc = subprocess.Popen([*launcher, "train", "--config", str(config_file)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not subprocess.run's SIGKILL: torchrun starts each rank in a session of its own, and only
+        # torchrun itself can end them; killed outright it leaves them running
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        raise RuntimeError(f"{world}-process run did not end within {timeout_s:.0f} s (stopped): "
+                           f"{stderr.strip()[-600:]}") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{world}-process run failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}")
-    return json.loads((run_dir / "summary.json").read_text())
+        raise RuntimeError(f"{world}-process run failed (exit {proc.returncode}): {stderr.strip()[-600:]}")
+    return json.loads((run_dir / "summary.json").read_text()), launched
+
+
+def scaling_config(world: int, steps: int, run_dir: Path) -> TrainConfig:
+    """The overhead config with the same micro-batch on every rank, the world size asserted."""
+    cfg = overhead_config(steps, str(run_dir))
+    cfg.train.global_batch_size, cfg.train.expect_world_size = MICRO_BATCH * world, world
+    return cfg
 
 
 def scaling_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
@@ -52,7 +77,7 @@ def scaling_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
             for world in (1, 2):
-                result = run_processes(world, steps, Path(tmp) / f"{world}-{repeat}")
+                result, _ = run_processes(scaling_config(world, steps, Path(tmp) / f"{world}-{repeat}"), world)
                 rates[str(world)].append(result["steps_per_sec"] * result["global_batch"])
                 memory[str(world)] = max(memory.get(str(world), 0.0), result["peak_rss_mb"])
             log(f"  scaling repeat {repeat + 1}/{repeats}: 1 process {rates['1'][-1]:,.0f} samples/s, "

@@ -19,6 +19,7 @@ from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite
 from .recall import recall_suite
 from .scaling import scaling_suite
+from .startup import startup_suite
 from .stream import stream_suite
 
 SUITES = {
@@ -31,6 +32,7 @@ SUITES = {
     "profile": profile_suite,
     "recall": recall_suite,
     "checkpoint": checkpoint_suite,
+    "startup": startup_suite,
 }
 
 
