@@ -67,6 +67,13 @@ class RunIOError(DistseqError, OSError):
     names the file and says what was kept."""
 
 
+class LostContactError(DistseqError, RuntimeError):
+    """A collective failed in training: another process died or hung past --dist-timeout-s. Each rank says
+    its own line, naming the file with its Python stacks (hangs.py)."""
+
+    every_rank = True
+
+
 class StartupStopped(BaseException):
     """A stop signal during start-up: nothing was saved. A BaseException, like KeyboardInterrupt, so
     that no ``except Exception`` on the way (a tracker's start, a file check) can turn it into another

@@ -16,32 +16,43 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from .errors import EXIT_FAILURE, DistseqError
-
-
-class LostContactError(DistseqError, RuntimeError):
-    """A collective failed: another process died or hung past --dist-timeout-s. Each rank says its own line."""
-
-    exit_code = EXIT_FAILURE
-    every_rank = True
+from .errors import LostContactError
 
 
 class HangReport:
-    """Where this rank's stacks go once its run directory exists (``RUN/hang-rank{N}.txt``)."""
+    """Where this rank's stacks go once its run directory exists (``RUN/hang-rank{N}.txt``), on several ranks."""
 
     def __init__(self):
         self.run_dir: Optional[Path] = None
-        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.world = 0, 1
 
     def attach(self, run_dir: Path, rank: int, world: int) -> None:
+        """From here a failed collective is reported with stacks. This rank's file from an earlier attempt (an
+        in-job restart, a resumed run) becomes ``hang-rank{N}.previous.txt``: a file present means this
+        attempt's rank waited, and a missing one still names the rank that froze."""
         self.run_dir, self.rank, self.world = run_dir, rank, world
+        path = self.path
+        if path.exists():
+            try:
+                os.replace(path, path.with_name(f"hang-rank{rank}.previous.txt"))
+            except OSError:
+                pass  # a read-only leftover: the new report overwrites it or says it could not
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / f"hang-rank{self.rank}.txt"
+
+    @property
+    def attached(self) -> bool:
+        """A run directory exists and there are other ranks to lose."""
+        return self.run_dir is not None and self.world > 1
 
     def lost_contact(self, error: BaseException) -> LostContactError:
         """The one-line error for a failed collective, after writing this rank's stacks where it can."""
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         message = f"lost contact with another process: {first}"
         if self.run_dir is not None:
-            path = self.run_dir / f"hang-rank{self.rank}.txt"
+            path = self.path
             try:
                 self.write(path, error)
                 message += (f"; this rank's Python stacks are in {path} (each rank that waited wrote "

@@ -8,13 +8,15 @@ same launchers in-process, and then:
 - **relays the ranks' exit code**: 2 (bad input), 130 (interrupted), 143 (preempted) as the first
   failed rank ended, 1 for any other failure (a crash, a rank killed by a signal); the ranks have
   printed their one line, the launcher adds one naming the rank, never a traceback;
-- **stops on a signal like the ranks do**: SIGTERM, SIGINT, SIGHUP and SIGUSR1 reach every rank (they
-  save at the next step boundary), the launcher waits up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
-  (default here 300: long enough to save) and exits 143, or 130 for SIGINT;
+- **stops on a signal like the ranks do**: SIGTERM, SIGINT, SIGHUP and SIGUSR1 to the launcher reach every
+  rank (they save at the next step boundary), the launcher waits up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``
+  seconds (default here 300: long enough to save) and exits 143, or 130 for SIGINT;
 - **makes in-job restarts reliable** (``--max_restarts N``): torch's static rendezvous hands a restarted
   group the dead group's addresses (its store outlives the attempt), so with restarts the launch uses
   the c10d rendezvous with a fresh store per attempt (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``). A
-  crashed rank then restarts the whole group, which resumes from the newest complete checkpoint;
+  crashed rank then restarts the whole group, which resumes from the newest complete checkpoint. torch
+  restarts after any failed rank: one that was signalled directly (not through the launcher) resumes
+  training, and a bad input fails N+1 times before its exit 2 is relayed;
 - **checks the options first**: ``train``'s options are validated for the launch's world size before
   any rank starts, so a typo is one line and exit 2, not N ranks x restarts failing alike.
 """
@@ -35,7 +37,8 @@ from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, 
 COMMANDS = ("train", "eval")  # the distseq commands that run on every rank
 RELAYED = (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED)  # a rank's exit that means the same for the job
 SHUTDOWN_TIMEOUT_S = "300"  # seconds the ranks get to save after a stop signal before SIGKILL
-STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # what the elastic agent passes on to every rank
+STOP_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGUSR1"  # what the elastic agent passes on to every rank (its default
+# lacks SIGUSR1, which would end the launcher alone and leave the ranks, in sessions of their own, training)
 
 
 def usage() -> str:
@@ -63,6 +66,8 @@ def launch(argv: List[str]) -> int:
     except SystemExit as exit_info:  # accelerate's parser printed its own usage error
         return EXIT_USAGE if exit_info.code else 0
     command, rest = args.training_script, list(args.training_script_args)
+    if command == "distseq.cli" and rest:  # `accelerate launch`'s habit: `-m distseq.cli train ...`
+        command, rest = rest[0], rest[1:]
     if command not in COMMANDS:
         raise ConfigError("COMMAND", f"expected a command to run on every rank, one of "
                                             f"{', '.join(COMMANDS)}, after the launcher's options (got {command!r})")
@@ -70,7 +75,7 @@ def launch(argv: List[str]) -> int:
     try:
         with quiet_defaults():
             args, _, _ = _validate_launch_command(args)
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # OSError: a --config_file that cannot be read
         raise ConfigError("launcher options", str(error).strip().splitlines()[0]) from None
     elastic = (args.multi_gpu or args.use_fsdp) and not args.cpu
     if args.use_deepspeed or args.tpu or args.use_megatron_lm:
@@ -80,10 +85,10 @@ def launch(argv: List[str]) -> int:
         raise ConfigError("--max_restarts", "restarts need the multi-process launcher (--multi_gpu "
                                             "--num_processes N, or an FSDP config)")
     if command == "train":
-        check_train_options(rest, args.num_processes or 1)
+        check_train_options(rest, (args.num_processes or 1) if elastic else 1)  # else accelerate starts one
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", STOP_SIGNALS)
-    if elastic and args.max_restarts and args.rdzv_backend == "static":
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", STOP_SIGNALS)  # torchrun's --signals_to_handle
+    if elastic and args.max_restarts:
         use_fresh_rendezvous_per_attempt(args)
     return run_elastic(args) if elastic else run_single(args)
 
@@ -113,7 +118,9 @@ def use_fresh_rendezvous_per_attempt(args: argparse.Namespace) -> None:
     """c10d rendezvous, each attempt's workers on a store of their own (rank 0 hosts it on a free port):
     the static rendezvous keeps one store for every attempt, and a restarted rank reads the addresses of
     the ranks that died (gloo: "connectFullMesh failed ... Connection refused"; NCCL: a stale unique id)."""
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # also for a config file's own c10d
+    if args.rdzv_backend != "static":
+        return
     args.rdzv_backend = "c10d"
     if (args.num_machines or 1) > 1:
         args.same_network = False  # accelerate then passes --main_process_ip:port as the c10d endpoint
@@ -134,17 +141,24 @@ def run_elastic(args: argparse.Namespace) -> int:
         return relay(rank, first.exitcode, len(failed.failures))
     except SignalException as stop:
         return stopped(signal.Signals(stop.sigval))
+    except Exception as error:  # the launch itself failed: a rendezvous that timed out, a node never came
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print(f"distseq launch: the launch failed: {type(error).__name__}: {first}; exiting {EXIT_FAILURE}",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     return 0
 
 
 @contextlib.contextmanager
 def no_port_check_on_the_head(args: argparse.Namespace):
     """accelerate refuses to start the head node's launcher when the rendezvous port is already bound. Under
-    c10d on several machines any node's agent may bind it first where the nodes share an address (nodes
-    on one host, as in tests), and torch's rendezvous reports a port that is truly taken itself."""
+    c10d with several "machines" on one loopback host (tests, rehearsals) any node's agent may bind it
+    first, so there the check is skipped; between real machines only the head binds it and the check
+    stays."""
     import accelerate.utils.launch as accelerate_launch
 
-    if args.rdzv_backend != "c10d" or (args.num_machines or 1) <= 1:
+    loopback = str(args.main_process_ip or "127.0.0.1").startswith("127.") or args.main_process_ip == "localhost"
+    if args.rdzv_backend != "c10d" or (args.num_machines or 1) <= 1 or not loopback:
         yield
         return
     check = accelerate_launch.is_port_in_use
@@ -161,17 +175,22 @@ def run_single(args: argparse.Namespace) -> int:
     from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
     cmd, env = prepare_simple_launcher_cmd_env(args)
-    process = subprocess.Popen(cmd, env=env)
-    received = []
+    started: list = []
+    pending: list = []  # a signal that arrived before the process existed
 
     def forward(signum, frame):
-        received.append(signum)
-        process.send_signal(signum)
+        (started[0].send_signal(signum) if started else pending.append(signum))
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                                              signal.SIGUSR1)
                 if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
+        # a session of its own, as torch's agent gives its ranks: a terminal's Ctrl-C reaches the launcher
+        # only, which passes it on once (the rank's second SIGINT would exit without saving)
+        process = subprocess.Popen(cmd, env=env, start_new_session=True)
+        started.append(process)
+        for signum in pending:
+            process.send_signal(signum)
         code = process.wait()
     finally:
         for sig, handler in previous.items():
@@ -184,20 +203,23 @@ def run_single(args: argparse.Namespace) -> int:
 def relay(rank: int, exitcode: int, failed: int) -> int:
     """The job's exit code from the first rank that failed, and the launcher's one line."""
     if exitcode < 0:
-        how = f"was killed by {signal.Signals(-exitcode).name}"
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        how = f"was killed by {name} (failed: it could print no line of its own)"
     else:
-        how = f"exited {exitcode}"
-    meaning = {EXIT_USAGE: "bad input", EXIT_INTERRUPTED: "interrupted", EXIT_PREEMPTED: "preempted"}.get(exitcode,
-                                                                                                        "failed")
+        meaning = {EXIT_USAGE: "bad input", EXIT_INTERRUPTED: "interrupted",
+                   EXIT_PREEMPTED: "preempted"}.get(exitcode, "failed")
+        how = f"exited {exitcode} ({meaning}: its own line above says why)"
     code = exitcode if exitcode in RELAYED else EXIT_FAILURE
     others = f"; {failed - 1} other rank(s) failed too" if failed > 1 else ""
-    print(f"distseq launch: rank {rank} {how} ({meaning}: its own line above says why){others}; exiting {code}",
-          file=sys.stderr, flush=True)
+    print(f"distseq launch: rank {rank} {how}{others}; exiting {code}", file=sys.stderr, flush=True)
     return code
 
 
 def stopped(sig: signal.Signals) -> int:
     code = EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_PREEMPTED
-    print(f"distseq launch: {sig.name}: passed to every rank (each saves at its next step boundary); exiting {code}",
-          file=sys.stderr, flush=True)
+    print(f"distseq launch: {sig.name}: passed to every rank, asking each to save at its next step boundary; "
+          f"exiting {code}", file=sys.stderr, flush=True)
     return code

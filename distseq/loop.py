@@ -50,8 +50,9 @@ from .registry import TASKS
 from .rundir import RunDir, open_run_dir
 from .startup import StartupTimeline
 from .sharding import full_value, quiet_fsdp_warnings, resolve_sharding, set_gradient_sync, shard_model
-from .runtime import (StopSignals, build_accelerator, check_world_size, exit_code, local_device, print0,
-                      is_collective_failure, request_requeue, set_cpu_threads, show_progress, signal_name)
+from .runtime import (StopSignals, build_accelerator, check_world_size, ddp_without_buffer_notice, exit_code,
+                      is_collective_failure, local_device, needs_buffer_broadcast, print0, request_requeue,
+                      set_cpu_threads, show_progress, signal_name)
 from .tasks import Task, TaskSpec
 
 
@@ -168,19 +169,31 @@ def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> dict:
     try:
         return _train(cfg, model, groups)
     except BaseException as error:
-        chained = error
-        while chained is not None:  # their frames hold the run, so the DDP model
-            traceback.clear_frames(chained.__traceback__)
-            chained = chained.__cause__ or chained.__context__
+        if groups:  # the frames of the exception chain hold the run, so the DDP model
+            clear_frames(error)
         raise
     finally:
-        # DDP's reducer holds the process group. Freed last by the reducer, the group's destructor runs with
-        # Python's lock held and joins the backend's threads, one of which may need that lock to free a
-        # finished collective's tensors: the rank never exits (pytorch/pytorch#56297, seen here in about 1
-        # of 4 runs on 8 ranks). So the model goes first, and the group's last reference is this one,
-        # whose destructor releases the lock.
-        gc.collect()
-        groups.clear()
+        # DDP's reducer holds the process group, which end_training has already destroyed. Freed last by
+        # the reducer, the group's destructor runs with Python's lock held and joins the backend's threads,
+        # one of which may need that lock to free a finished collective's tensors: the rank never exits
+        # (pytorch/pytorch#56297; seen here in about 1 of 4 runs on 8 ranks, at the return of train). So
+        # the model goes first, and the group's last reference is this one, whose destructor (torch's
+        # binding) releases the lock.
+        if groups:
+            gc.collect()
+            groups.clear()
+
+
+def clear_frames(error: BaseException) -> None:
+    """Drop the local variables of every frame in an exception's chain (its cause and context too)."""
+    seen, pending = set(), [error]
+    while pending:
+        chained = pending.pop()
+        if chained is None or id(chained) in seen:
+            continue
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        pending += [chained.__cause__, chained.__context__]
 
 
 def _train(cfg: TrainConfig, model: Optional[nn.Module], groups: list) -> dict:
@@ -193,7 +206,7 @@ def _train(cfg: TrainConfig, model: Optional[nn.Module], groups: list) -> dict:
             done = run_loop(run)
             return finish(run, done)
         except RuntimeError as error:
-            if isinstance(error, DistseqError) or not is_collective_failure(error):
+            if isinstance(error, DistseqError) or not hangs.attached or not is_collective_failure(error):
                 raise
             raise hangs.lost_contact(error) from None  # the stacks are written before the cleanup runs
 
@@ -220,7 +233,9 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     # probes this very model, as it will run: under FSDP2's policy when sharded
     precision = resolve_precision(t.precision, cfg, local_device(), model, sharded=sharding == "fsdp")
     startup.mark("precision_probe")
-    accelerator = build_accelerator(cfg, precision, sharding)
+    # constant buffers need no broadcast at each forward, which would also make every rank wait for the
+    # slowest inside the forward that the straggler report times
+    accelerator = build_accelerator(cfg, precision, sharding, broadcast_buffers=needs_buffer_broadcast(model))
     if groups is not None and torch.distributed.is_initialized():
         groups.append(torch.distributed.group.WORLD)
     check_world_size(accelerator, t.expect_world_size)
@@ -246,7 +261,8 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     if sharding == "fsdp":
         optimizer = accelerator.prepare(optimizer)
     else:
-        model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (docs/design.md, invariant 4)
+        with ddp_without_buffer_notice():
+            model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (docs/design.md, invariant 4)
     checkpoints = CheckpointManager(accelerator, run_dir.path, cfg.checkpoint.checkpoint_every,
                                     cfg.checkpoint.keep_last, t.max_steps, sharding, cfg.checkpoint.async_checkpoint,
                                     t.dist_timeout_s)

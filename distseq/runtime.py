@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
 from .config import TrainConfig
 from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, ConfigError, StartupStopped
@@ -79,23 +81,46 @@ def trackers(cfg: TrainConfig) -> list:
     return out
 
 
-def build_accelerator(cfg: TrainConfig, precision: Precision, sharding: str) -> Accelerator:
+def build_accelerator(cfg: TrainConfig, precision: Precision, sharding: str,
+                      broadcast_buffers: bool = True) -> Accelerator:
     """The run's Accelerator. distseq owns the sharding (sharding.py), so accelerate is never given an
-    FSDP plugin; under FSDP the precision is FSDP2's policy, so accelerate adds no autocast."""
+    FSDP plugin; under FSDP the precision is FSDP2's policy, so accelerate adds no autocast.
+    ``broadcast_buffers``: DDP copies rank 0's buffers to every rank at each forward (a collective inside
+    the forward); needed only for buffers a model updates and saves (running statistics)."""
     from .sharding import accelerate_without_fsdp
 
     with accelerate_without_fsdp():
-        return _accelerator(cfg, "no" if sharding == "fsdp" else precision.name)
+        return _accelerator(cfg, "no" if sharding == "fsdp" else precision.name, broadcast_buffers)
 
 
-def _accelerator(cfg: TrainConfig, mixed_precision: str) -> Accelerator:
+def _accelerator(cfg: TrainConfig, mixed_precision: str, broadcast_buffers: bool = True) -> Accelerator:
     return fresh_accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=trackers(cfg) or None,
         project_config=ProjectConfiguration(project_dir=cfg.train.run_dir, logging_dir=cfg.train.run_dir),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s)),
+                         DistributedDataParallelKwargs(broadcast_buffers=broadcast_buffers)],
     )
+
+
+def needs_buffer_broadcast(model: torch.nn.Module) -> bool:
+    """False when every buffer is left out of the state dict (position tables, masks: constants every rank
+    computes alike); buffers that are saved (running statistics a model updates) must stay equal across
+    ranks. A model without buffers keeps DDP's default (it broadcasts nothing)."""
+    saved = set(model.state_dict())
+    buffers = [name for name, _ in model.named_buffers()]
+    return not buffers or any(name in saved for name in buffers)
+
+
+@contextlib.contextmanager
+def ddp_without_buffer_notice():
+    """torch 2.13 calls ``broadcast_buffers=False`` deprecated in favour of ``forward_sync_buffers``, which
+    accelerate's DDP kwargs cannot pass yet; the behaviour distseq asks for (no broadcast at each forward)
+    is the same."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        yield
 
 
 def check_world_size(accelerator: Accelerator, expected: Optional[int]) -> None:

@@ -19,15 +19,16 @@ _IMPORTED = time.time()  # the fall-back start where /proc is missing
 
 def process_start_unix() -> float:
     """When this process started (Linux: its start time in /proc against the uptime, 10 ms resolution),
-    else when distseq was first imported."""
+    else when this module was first imported (after torch: the imports are then undercounted)."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, after comm
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+        started = time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return _IMPORTED
+    return started if started <= _IMPORTED else _IMPORTED  # never after this module was imported
 
 
 def started_for_distseq() -> bool:
