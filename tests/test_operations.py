@@ -221,3 +221,37 @@ def test_compare_ranks_names_a_costly_straggler_only(per_rank, step_ms, factor, 
     assert said.startswith(note) and (said == "") == (note == "")
     assert figures["perf/step_time_ms_min"] == min(per_rank) and figures["perf/step_time_ms_max"] == max(per_rank)
     assert figures["perf/slowest_rank"] == per_rank.index(max(per_rank))
+
+
+def test_a_hang_report_names_this_attempts_file_and_keeps_the_last_one_aside(tmp_path):
+    from distseq.hangs import HangReport
+
+    (tmp_path / "hang-rank1.txt").write_text("an earlier attempt's stacks\n")
+    report = HangReport()
+    report.attach(tmp_path, rank=1, world=2)
+    assert report.attached and not (tmp_path / "hang-rank1.txt").exists()
+    assert (tmp_path / "hang-rank1.previous.txt").read_text() == "an earlier attempt's stacks\n"
+    try:
+        raise RuntimeError("[gloo] Timed out waiting 8000ms for recv operation to complete")
+    except RuntimeError as failed:
+        error = report.lost_contact(failed)
+    assert str(error).startswith("lost contact with another process: [gloo] Timed out waiting 8000ms")
+    assert f"this rank's Python stacks are in {tmp_path / 'hang-rank1.txt'}" in str(error)
+    text = (tmp_path / "hang-rank1.txt").read_text()
+    assert text.startswith("distseq: rank 1 of 2, pid ") and "test_a_hang_report_names" in text
+    assert "Every thread of this process now:" in text
+    one = HangReport()
+    one.attach(tmp_path, rank=0, world=1)
+    assert not one.attached  # one process has no peer to lose: its errors stay as they are
+
+
+def test_ddp_broadcasts_buffers_only_when_a_model_saves_some():
+    from torch import nn
+
+    from distseq.runtime import needs_buffer_broadcast
+
+    constant = nn.Linear(2, 2)
+    constant.register_buffer("table", torch.zeros(3), persistent=False)
+    assert not needs_buffer_broadcast(constant)
+    assert needs_buffer_broadcast(nn.BatchNorm1d(2))  # running statistics, saved
+    assert needs_buffer_broadcast(nn.Linear(2, 2))  # no buffers: DDP's default, which broadcasts nothing
