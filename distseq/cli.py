@@ -353,7 +353,10 @@ def _bench(args: argparse.Namespace) -> None:
 def _launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
-    return launch(args.launch_args)
+    def check_train(options: List[str], world: int) -> None:  # as every rank will read them
+        config_from_args(build_parser().parse_args(["train", *options])).validate(world)
+
+    return launch(args.launch_args, check_train)
 
 
 COMMANDS = {"train": _train, "launch": _launch, "eval": _eval, "predict": _predict, "export": _export, "probe": _probe,

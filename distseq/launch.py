@@ -30,7 +30,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import List
+from typing import Callable, List
 
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError
 
@@ -54,8 +54,9 @@ def usage() -> str:
             + options)
 
 
-def launch(argv: List[str]) -> int:
-    """Parse accelerate's options, launch ``distseq.cli COMMAND ...`` on every rank, relay how they ended."""
+def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> int:
+    """Parse accelerate's options, launch ``distseq.cli COMMAND ...`` on every rank, relay how they ended.
+    ``check_train(options, world_size)``: the command line's check of ``train``'s options (raises ConfigError)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -69,8 +70,8 @@ def launch(argv: List[str]) -> int:
     if command == "distseq.cli" and rest:  # `accelerate launch`'s habit: `-m distseq.cli train ...`
         command, rest = rest[0], rest[1:]
     if command not in COMMANDS:
-        raise ConfigError("COMMAND", f"expected a command to run on every rank, one of "
-                                            f"{', '.join(COMMANDS)}, after the launcher's options (got {command!r})")
+        raise ConfigError("COMMAND", f"expected a command to run on every rank, one of {', '.join(COMMANDS)}, "
+                                     f"after the launcher's options (got {command!r})")
     args.training_script, args.training_script_args = "distseq.cli", [command, *rest]
     try:
         with quiet_defaults():
@@ -79,13 +80,14 @@ def launch(argv: List[str]) -> int:
         raise ConfigError("launcher options", str(error).strip().splitlines()[0]) from None
     elastic = (args.multi_gpu or args.use_fsdp) and not args.cpu
     if args.use_deepspeed or args.tpu or args.use_megatron_lm:
-        raise ConfigError("launcher options", "distseq launch runs accelerate's multi-process (--multi_gpu, FSDP) and single-process "
-                                            "launches; DeepSpeed, TPU and Megatron-LM are not distseq's")
+        raise ConfigError("launcher options", "distseq launch runs accelerate's multi-process (--multi_gpu, FSDP) "
+                                              "and single-process launches; DeepSpeed, TPU and Megatron-LM are not "
+                                              "distseq's")
     if args.max_restarts and not elastic:
         raise ConfigError("--max_restarts", "restarts need the multi-process launcher (--multi_gpu "
                                             "--num_processes N, or an FSDP config)")
     if command == "train":
-        check_train_options(rest, (args.num_processes or 1) if elastic else 1)  # else accelerate starts one
+        check_train(rest, (args.num_processes or 1) if elastic else 1)  # else accelerate starts one
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", STOP_SIGNALS)  # torchrun's --signals_to_handle
     if elastic and args.max_restarts:
@@ -104,14 +106,6 @@ def quiet_defaults():
         yield
     finally:
         launch_logger.setLevel(level)
-
-
-def check_train_options(rest: List[str], world: int) -> None:
-    """``train``'s options as every rank will read them, validated for this launch's world size."""
-    from .cli import build_parser, config_from_args
-
-    args = build_parser().parse_args(["train", *rest])
-    config_from_args(args).validate(world)
 
 
 def use_fresh_rendezvous_per_attempt(args: argparse.Namespace) -> None:
