@@ -15,8 +15,6 @@ dropped. Rows are read in-process: their order and the resume state stay exact.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from typing import Iterator, List, Optional
 
 import torch
@@ -26,19 +24,13 @@ from datasets.distributed import split_dataset_by_node
 
 from .errors import DataFileError
 from .files import file_format, row_to_sample
+from .quiet import quiet_logger
 from .tasks import Batch, Task, TaskSpec
 
 
-@contextlib.contextmanager
 def quiet_datasets():
     """datasets logs its own copy of a parse error; ours names the file in one line instead."""
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_logger("datasets")
 
 
 def parse_error(path: str, error: Exception) -> DataFileError:

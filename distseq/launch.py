@@ -33,6 +33,7 @@ import sys
 from typing import Callable, List
 
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError
+from .quiet import quiet_logger
 
 COMMANDS = ("train", "eval")  # the distseq commands that run on every rank
 RELAYED = (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED)  # a rank's exit that means the same for the job
@@ -95,17 +96,10 @@ def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> in
     return run_elastic(args) if elastic else run_single(args)
 
 
-@contextlib.contextmanager
 def quiet_defaults():
     """accelerate lists every option it defaulted (num_machines 1, mixed_precision no, ...) as a warning:
     distseq sets its own precision and these defaults are the intended ones."""
-    launch_logger = logging.getLogger("accelerate.commands.launch")
-    level = launch_logger.level
-    launch_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        launch_logger.setLevel(level)
+    return quiet_logger("accelerate.commands.launch", logging.ERROR)
 
 
 def use_fresh_rendezvous_per_attempt(args: argparse.Namespace) -> None:
