@@ -2,12 +2,12 @@
 
 import sys
 
-from .entry import install, run
+from distseq.ops.signals import install, run
 
 
 def main() -> int:
     install()  # before importing the command line, which imports torch
-    from .cli import main as cli_main
+    from distseq.cli import main as cli_main
 
     return run(cli_main)
 

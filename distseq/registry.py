@@ -1,17 +1,23 @@
 """Registries: tasks and models by name, and the plugins that add to them.
 
-Built-in tasks and models register exactly as a user's do (``register_task`` lives in tasks.py,
-``register_model`` in models.py, beside what they register), so a new one is one file and no edit
-inside distseq:
+Built-in tasks and models register exactly as a user's do (``register_task`` lives in
+``distseq.tasks``, ``register_model`` in ``distseq.models``), so a new one is one file and no edit
+inside distseq. Each may declare options of its own, a dataclass of ``distseq.options.option`` fields:
+the command line, config files, validation, ``--help``, config.json and the resume checks take them
+like any built-in option:
 
     import distseq
 
     @distseq.register_task("my-task")
     class MyTask: ...          # head, num_features, num_outputs, make (see distseq.tasks.Task)
 
-    @distseq.register_model("my-model")
+    @dataclass
+    class MyModelOptions:
+        kernel: int = option(3, "width of the convolution", low=1)
+
+    @distseq.register_model("my-model", options=MyModelOptions)
     class MyModel(torch.nn.Module):
-        def __init__(self, cfg, task, spec): ...   # cfg: ModelConfig; forward(x, lengths) -> logits
+        def __init__(self, cfg, task, spec): ...   # cfg.hidden_size, cfg.kernel; forward(x, lengths) -> logits
 
 ``--import MODULE_OR_FILE`` (repeatable, every subcommand) imports a plugin before anything else,
 and modules named by the ``distseq.plugins`` entry-point group are imported as well. Checkpoints and
@@ -26,9 +32,10 @@ import importlib.util
 import sys
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
-from .errors import ConfigError
+from distseq.errors import ConfigError
+from distseq.options import facts
 
 ENTRY_POINT_GROUP = "distseq.plugins"
 
@@ -40,11 +47,31 @@ class Registry(Mapping):
     def __init__(self, kind: str, option: str):
         self.kind, self.option = kind, option
         self._items: Dict[str, object] = {}
+        self._options: Dict[str, Optional[type]] = {}
 
-    def add(self, name: str, item: object) -> None:
+    def add(self, name: str, item: object, options: Optional[type] = None) -> None:
+        """Register ``item`` as ``name``; ``options``: the dataclass of its own options (checked here: every
+        field's type must be one an option takes)."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(f"a {self.kind} name must be a non-empty string without spaces around it (got {name!r})")
+        if options is not None:
+            facts(options)  # a TypeError names the field whose type no option takes
         self._items[name] = item  # a re-import (a plugin loaded twice) replaces the entry
+        self._options[name] = options
+
+    def declared_options(self) -> Dict[str, List[str]]:
+        """``{option name: [names that declare it]}`` over every registered entry."""
+        _load_builtins()
+        out: Dict[str, List[str]] = {}
+        for name, declared in sorted(self._options.items()):
+            for f in facts(declared) if declared is not None else ():
+                out.setdefault(f.name, []).append(name)
+        return out
+
+    def options(self, name: str) -> Optional[type]:
+        """The options dataclass ``name`` declared at registration, None when it declared none."""
+        self.get(name)
+        return self._options.get(name)
 
     def names(self) -> List[str]:
         _load_builtins()
@@ -118,7 +145,8 @@ def import_plugins(specs: Iterable[str] = ()) -> None:
 
 _builtins_loaded = [False]
 # imported by name: they import this module
-BUILTIN_MODULES = ("distseq.tasks", "distseq.token_tasks", "distseq.models", "distseq.decoder")
+BUILTIN_MODULES = ("distseq.tasks.synthetic", "distseq.tasks.tokens", "distseq.models.recurrent",
+                   "distseq.models.encoder", "distseq.models.decoder")
 
 
 def _load_builtins() -> None:

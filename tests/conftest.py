@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distseq.runtime import free_port
+from distseq.distributed.accelerator import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--max-steps", "6", "--log-every", "2", "--eval-every", "3", "--eval-size", "256", "--no-progress"]
@@ -58,7 +58,7 @@ def two_process_args() -> list:
 def checkpoint_weights(checkpoint_dir) -> dict:
     """The whole weights of a checkpoint (``{name: tensor}``, the names of an export's model.safetensors),
     read from its ``state/`` as torch.distributed.checkpoint wrote it, whatever the sharding."""
-    from distseq.state import whole_weights
+    from distseq.checkpoint.dcp import whole_weights
 
     return whole_weights(Path(checkpoint_dir) / "state")
 
@@ -70,10 +70,10 @@ def checkpoint_training_state(checkpoint_dir):
     are the saved ones. DCP loads the keys the fresh ones hold: these are all that training saves."""
     import torch
 
-    from distseq.export import config_of
+    from distseq.inference.export import config_of
     from distseq.models import build_model
     from distseq.registry import TASKS
-    from distseq.state import load_state
+    from distseq.checkpoint.dcp import load_state
 
     meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
     cfg = config_of(meta["config"])

@@ -59,7 +59,7 @@ HELD = []  # run-dir locks a case holds while it runs
 
 
 def hold_lock(run: Path, tmp: Path) -> None:
-    from distseq.io import RunDirLock
+    from distseq.fsio import RunDirLock
 
     HELD.append(RunDirLock(run).acquire())
 
@@ -121,7 +121,7 @@ CASES = [
     ("workers by the thousand", train("--num-workers", "100000"), setup_nothing, 2, "--num-workers: must be an integer >= 0 and <= 256"),
     ("hidden by the million", train("--hidden-size", str(10**6)), setup_nothing, 2, "--hidden-size: must be an integer >= 1 and <= 65536"),
     ("skip fraction above one", train("--max-skipped-fraction", "2"), setup_nothing, 2,
-     "--max-skipped-fraction: must be between 0 and 1 (got 2.0)"),
+     "--max-skipped-fraction: must be a finite number >= 0 and <= 1 (got 2.0)"),
     ("config unknown key", train("--config", T + "/c.yaml"), a_file("c.yaml", "model:\n  hiden_size: 8\n"), 2,
      "unknown key model.hiden_size (did you mean 'hidden_size'?)"),
     ("config unknown section", train("--config", T + "/c.yaml"), a_file("c.yaml", "optimizer:\n  lr: 0.1\n"), 2,
@@ -173,9 +173,10 @@ CASES = [
      2, "--seq-len: selective-copy needs --seq-len >= 2 x --copy-len = 10"),
     ("tie embeddings with lstm", train("--task", "mqar", "--seq-len", "16", "--num-kv-pairs", "2", "--model", "lstm",
                                        "--tie-embeddings"), setup_nothing, 2,
-     "--tie-embeddings: applies to --model decoder (got --model lstm)"),
+     "--tie-embeddings: is not an option of --model lstm (its own options: --bidirectional); it belongs to --model "
+     "decoder"),
     ("rope with the transformer", train("--model", "transformer", "--positions", "rope"), setup_nothing, 2,
-     "--positions: rope applies to --model decoder (choose sinusoidal or learned for the transformer)"),
+     "--positions: invalid choice 'rope' (choose from sinusoidal, learned) [an option of --model transformer]"),
     ("rope with an odd head width", train("--model", "decoder", "--positions", "rope", "--hidden-size", "18",
                                           "--num-heads", "2"), setup_nothing, 2,
      "--positions: rope rotates pairs of dimensions: --hidden-size / --num-heads = 9 must be even"),

@@ -7,9 +7,9 @@ import textwrap
 import pytest
 import torch
 
-from distseq.checktask import PROPERTIES, check_task, format_findings
+from distseq.data.contract import PROPERTIES, check_task, format_findings
 from distseq.config import TrainConfig
-from distseq.data import SampleSource
+from distseq.data.stream import SampleSource
 from distseq.errors import ConfigError
 from distseq.registry import TASKS
 

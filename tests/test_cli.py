@@ -6,7 +6,9 @@ import pytest
 
 from conftest import run_distseq
 from distseq.cli import main
-from distseq.config import SECTIONS, TrainConfig, ConfigError, option_name
+from distseq.config import SECTIONS, TrainConfig
+from distseq.errors import ConfigError
+from distseq.options import facts
 
 # (arguments, option the one-line message must name)
 BAD_OPTIONS = [
@@ -91,8 +93,8 @@ def test_help_explains_every_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for cls in SECTIONS.values():
-        for f in dataclasses.fields(cls):
-            assert option_name(f) in text
+        for fact in facts(cls):
+            assert fact.flag in text
     for required in ["--preset", "--run-dir", "--max-steps", "--task", "--model", "--hidden-size", "--num-layers",
                      "--seq-len", "--global-batch-size", "--grad-accum-steps", "--lr", "--seed", "--precision",
                      "--num-workers", "--log-every", "--eval-every", "--dataset-size"]:
@@ -102,4 +104,4 @@ def test_help_explains_every_option(capsys):
 
 def test_top_level_help_lists_commands():
     proc = run_distseq(["--help"])
-    assert proc.returncode == 0 and "train" in proc.stdout and "accelerate launch" in proc.stdout
+    assert proc.returncode == 0 and "train" in proc.stdout and "distseq launch" in proc.stdout

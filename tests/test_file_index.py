@@ -32,13 +32,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import distseq.file_index as fi
+import distseq.data.index as fi
 from conftest import REPO, cpu_env, free_port, run_main, summary
-from distseq.data import derive_seed
-from distseq.file_index import FileSource, open_index
-from distseq.files import resolve_files
-from distseq.sampling import Permutation
-from distseq.tasks import TASKS, TaskSpec
+from distseq.data.stream import derive_seed
+from distseq.data.index import FileSource, open_index
+from distseq.data.files import resolve_files
+from distseq.tasks.sampling import Permutation
+from distseq.tasks.base import TASKS, TaskSpec
 
 T = 6
 SUM_SIGN, ADDING = TASKS["sum-sign"], TASKS["adding"]
@@ -1054,7 +1054,7 @@ def test_an_io_error_while_indexing_is_not_remembered(tmp_path, monkeypatch):
 RANKS_READ_OTHER_FILES = """
 import sys
 from accelerate import Accelerator
-from distseq.file_index import check_same_everywhere, open_index
+from distseq.data.index import check_same_everywhere, open_index
 from distseq.registry import TASKS
 from distseq.tasks import TaskSpec
 

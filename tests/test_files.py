@@ -13,10 +13,10 @@ import torch
 
 from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary,
                       two_process_args)
-from distseq.accounting import Digest
+from distseq.data.verify import Digest
 from distseq.cli import main
-from distseq.file_stream import FileStream
-from distseq.tasks import TASKS, TaskSpec
+from distseq.data.streaming import FileStream
+from distseq.tasks.base import TASKS, TaskSpec
 
 
 def write_jsonl(path, rows, seq_len=6, seed=0, **fields):

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from conftest import REPO, assert_ok, cpu_env, run_main, scalars, summary
-from distseq.io import write_json
-from distseq.metrics import Throughput, TrainingClock
+from distseq.fsio import write_json
+from distseq.training.metrics import Throughput, TrainingClock
 
 ADDING = ["train", "--task", "adding", "--seq-len", "6", "--global-batch-size", "8", "--max-steps", "10",
           "--checkpoint-every", "0", "--eval-every", "0", "--eval-size", "32", "--no-progress"]
@@ -49,7 +49,12 @@ def test_skipped_steps_never_count_in_the_averages(tmp_path, cli):
               "--max-skipped-fraction", "0.5"]
     every_step, every_two = tmp_path / "one", tmp_path / "two"
     assert_ok(cli([*common, "--log-every", "1", "--run-dir", str(every_step)]))
-    assert_ok(cli([*common, "--log-every", "2", "--run-dir", str(every_two)]))
+    logged = cli([*common, "--log-every", "2", "--run-dir", str(every_two)])
+    assert_ok(logged)
+    # the log line names skipped steps only once there are some
+    lines = [line for line in logged.stdout.splitlines() if line.startswith("step=") and "train/lr" in line]
+    assert ["train/skipped_steps=" in line for line in lines] == [False, True, True, True, True]
+    assert ["train/skipped_steps_window=" in line for line in lines] == [False, True, True, False, False]
 
     one, two = scalars(every_step), scalars(every_two)
     assert [s for s, _ in one["train/loss"]] == [1, 2, 6, 7, 8, 9, 10]  # skipped steps log no loss
@@ -186,3 +191,20 @@ def test_run_files_are_readable_by_others_as_open_would_make_them(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_log_line_is_for_people(tmp_path, capsys):
+    """Loss, accuracy, lr, grad norm and throughput; what rarely says anything (each rank's own timing on
+    one process, zero skipped steps, model FLOP/s) stays in TensorBoard and summary.json only."""
+    run = tmp_path / "run"
+    proc = run_main(["train", "--max-steps", "4", "--log-every", "2", "--eval-every", "0", "--eval-size", "64",
+                     "--no-progress", "--run-dir", run], capsys)
+    assert_ok(proc)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step=") and "train/loss" in line]
+    assert [[field.split("=")[0] for field in line.split()] for line in lines] == [[
+        "step", "train/loss", "train/accuracy", "train/lr", "train/grad_norm", "perf/samples_per_sec",
+        "perf/tokens_per_sec", "perf/step_time_ms"]] * 2
+    tags = scalars(run)
+    assert {"train/skipped_steps", "train/skipped_steps_window", "perf/step_time_ms_min", "perf/step_time_ms_max",
+            "perf/slowest_rank", "perf/model_flops_per_sec"} <= set(tags)
+    assert strict_load(run / "summary.json")["perf/slowest_rank"] == 0

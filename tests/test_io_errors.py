@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cpu_env, summary
-from distseq.checkpoint import read_meta
+from distseq.checkpoint.format import read_meta
 from distseq.cli import main
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
@@ -259,7 +259,7 @@ def test_atomic_writes_follow_symlinks_and_never_replace_special_files(tmp_path)
     writes into it instead of renaming a regular file over it."""
     import threading
 
-    from distseq.io import write_text_atomically
+    from distseq.fsio import write_text_atomically
 
     target = tmp_path / "target.jsonl"
     target.write_text("old\n")

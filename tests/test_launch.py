@@ -11,7 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from conftest import REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary
 from distseq.config import TrainConfig
-from distseq.precision import cpu_has_native_bf16, resolve_precision, runs_under
+from distseq.training.precision import cpu_has_native_bf16, resolve_precision, runs_under
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary,
                       two_process_args)
-from distseq.accounting import Digest
+from distseq.data.verify import Digest
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, checkpoint_weights, cpu_env, run_main, scalars, summary
-from distseq.stragglers import compare_ranks
+from distseq.ops.stragglers import compare_ranks
 
 ARGS = ["--max-steps", "60", "--checkpoint-every", "10", "--log-every", "5", "--eval-every", "0", "--eval-size",
         "64", "--global-batch-size", "32", "--hidden-size", "16", "--no-progress", "--precision", "no"]
@@ -159,6 +159,43 @@ def test_distseq_launch_ends_with_the_ranks_meaning_not_a_traceback(tmp_path):
     assert "distseq: SIGINT: saved" in proc.stdout and "Traceback" not in proc.stderr
     assert "distseq launch: rank 0 exited 130 (interrupted" in proc.stderr
 
+    # restarts exhausted: a bad input fails every attempt alike, and the last line is still the launcher's own
+    proc = subprocess.run([*LAUNCH, *TWO, "--max_restarts", "1", "train", *endless[:-2], "--hidden-size", "32",
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=180, env=cpu_env(),
+                          cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"distseq launch: rank [01] exited 2 \(bad input: its own line above says why\)(; 1 other "
+                     r"rank\(s\) failed too)?; exiting 2\n$", proc.stderr), proc.stderr[-2000:]
+
+
+def test_torchs_launcher_logs_nothing_after_distseq_launchs_last_line():
+    """The ordering is structural: torch's launcher's warnings are dropped while the launch runs, its errors
+    pass, and once the last line is due nothing of it is written, whatever thread logs it."""
+    import io
+    import logging
+    import threading
+
+    from distseq.ops.quiet import LauncherLogs
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    torch_logs = logging.getLogger("torch.distributed")
+    torch_logs.addHandler(handler)
+    agent = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    try:
+        logs = LauncherLogs().install()
+        agent.warning("Sending process 1 closing signal SIGTERM")
+        agent.error("failed (exitcode: 1) local_rank: 0")
+        logging.getLogger("torch.distributed.elsewhere").warning("not the launcher's")
+        logs.close()
+        late = threading.Thread(target=lambda: agent.error("keep-alive: the store is gone"))
+        late.start()
+        late.join()
+        logging.getLogger("torch.distributed.elastic.rendezvous").warning("late too")
+    finally:
+        torch_logs.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["failed (exitcode: 1) local_rank: 0", "not the launcher's"]
+
 
 @pytest.mark.parametrize("argv, message", [
     (["launch", *TWO, "bogus"], "distseq launch: error: COMMAND: expected a command to run on every rank, one of "
@@ -224,7 +261,7 @@ def test_compare_ranks_names_a_costly_straggler_only(per_rank, step_ms, factor, 
 
 
 def test_a_hang_report_names_this_attempts_file_and_keeps_the_last_one_aside(tmp_path):
-    from distseq.hangs import HangReport
+    from distseq.ops.hangs import HangReport
 
     (tmp_path / "hang-rank1.txt").write_text("an earlier attempt's stacks\n")
     report = HangReport()
@@ -248,7 +285,7 @@ def test_a_hang_report_names_this_attempts_file_and_keeps_the_last_one_aside(tmp
 def test_ddp_broadcasts_buffers_only_when_a_model_saves_some():
     from torch import nn
 
-    from distseq.runtime import needs_buffer_broadcast
+    from distseq.distributed.accelerator import needs_buffer_broadcast
 
     constant = nn.Linear(2, 2)
     constant.register_buffer("table", torch.zeros(3), persistent=False)

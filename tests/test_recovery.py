@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import (REPO, assert_ok, checkpoint_training_state, checkpoint_weights, cpu_env, free_port,
                       run_distseq, scalars, summary, two_process_args)
-from distseq.accounting import Digest
+from distseq.data.verify import Digest
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 

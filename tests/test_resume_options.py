@@ -9,7 +9,7 @@ import torch
 from conftest import assert_ok, checkpoint_training_state, checkpoint_weights, run_distseq, run_main, scalars, summary
 from distseq import TrainConfig
 from distseq.config import OptimConfig
-from distseq.optim import apply_options, build_optimizer, lr_factor
+from distseq.training.optim import apply_options, build_optimizer, lr_factor
 
 BASE = ["train", "--hidden-size", "16", "--global-batch-size", "32", "--log-every", "5", "--eval-every", "0",
         "--eval-size", "64", "--checkpoint-every", "10", "--no-progress", "--precision", "no", "--warmup-steps", "4"]

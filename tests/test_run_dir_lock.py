@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
-from distseq.checkpoint import newest_verified, read_meta
+from distseq.checkpoint.format import newest_verified, read_meta
 from distseq.errors import CheckpointError, ConfigError
-from distseq.export import model_from_checkpoint
-from distseq.io import RunDirLock
+from distseq.inference.export import model_from_checkpoint
+from distseq.fsio import RunDirLock
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 
@@ -117,7 +117,7 @@ def test_a_checkpoint_deleted_before_it_is_read_is_one_line(finished, tmp_path):
 def test_newest_verified_looks_again_when_the_newest_vanishes(finished, tmp_path, monkeypatch):
     import shutil
 
-    import distseq.checkpoint as ckpt
+    import distseq.checkpoint.format as ckpt
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -31,8 +31,8 @@ import psutil
 import pytest
 
 from conftest import REPO, cpu_env, free_port, summary
-from distseq.accounting import Digest
-from distseq.checkpoint import read_meta
+from distseq.data.verify import Digest
+from distseq.checkpoint.format import read_meta
 
 G = 40  # global batch: divisible by both 8 and 5 ranks (micro-batches of 5 and of 8)
 MAX_STEPS = 30  # M: far enough past the latest preemption point that the stop always lands before it

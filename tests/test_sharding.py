@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_ok, checkpoint_weights, cpu_env, free_port, run_main, summary
-from distseq.accounting import Digest
+from distseq.data.verify import Digest
 from distseq.config import TrainConfig
 from distseq.errors import ConfigError
 
@@ -91,13 +91,13 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-from distseq.checkpoint import read_meta
-from distseq.export import config_of
+from distseq.checkpoint.format import read_meta
+from distseq.inference.export import config_of
 from distseq.models import build_model
-from distseq.optim import build_optimizer
+from distseq.training.optim import build_optimizer
 from distseq.registry import TASKS
-from distseq.sharding import shard_model
-from distseq.state import load_state
+from distseq.distributed.sharding import shard_model
+from distseq.checkpoint.dcp import load_state
 
 checkpoint, sharding, out = sys.argv[1:4]
 meta, _ = read_meta(checkpoint)
@@ -221,7 +221,7 @@ def test_sharding_options_are_checked():
 
 
 def test_auto_sharding_follows_the_launch(monkeypatch):
-    from distseq.sharding import resolve_sharding
+    from distseq.config.world import resolve_sharding
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert (resolve_sharding("auto", 1), resolve_sharding("auto", 4)) == ("none", "ddp")
@@ -283,7 +283,7 @@ def test_sigterm_with_a_background_save_in_flight_saves_and_resumes_bit_exact(un
     import os
     import signal
 
-    from distseq.checkpoint import read_meta
+    from distseq.checkpoint.format import read_meta
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -341,31 +341,35 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-import distseq.checkpoint as checkpoint
+import distseq.checkpoint.writer as writer
+from distseq.checkpoint.manager import CheckpointManager, RngState
+from distseq.config import CheckpointConfig
 from distseq.errors import RunIOError
-from distseq.runtime import fresh_accelerator
-from distseq.state import checkpoint_group
+from distseq.distributed.accelerator import fresh_accelerator
 
 run_dir, asynchronous = sys.argv[1], sys.argv[2] == "async"
 accelerator = fresh_accelerator()
 rank = accelerator.process_index
-written = checkpoint.write_durably
+written = writer.write_durably
 
 def no_space_on_rank_1(path, data):  # this rank's disk is full; the other's is not
     if rank == 1:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
     return written(path, data)
 
-checkpoint.write_durably = no_space_on_rank_1
+writer.write_durably = no_space_on_rank_1
 model = nn.Linear(4, 4)
 optimizer = torch.optim.AdamW(model.parameters())
 model(torch.randn(2, 4)).sum().backward()
 optimizer.step()
+checkpoints = CheckpointManager(CheckpointConfig(async_checkpoint=asynchronous), accelerator=accelerator,
+                                run_dir=run_dir, max_steps=1, samples_per_step=1, model=model, optimizer=optimizer,
+                                timeout_s=60, meta={"config": {}}, per_rank={"rng": RngState()})
 started = time.perf_counter()
 try:
-    saved = checkpoint.save_checkpoint(accelerator, run_dir, model, optimizer, step=1, samples=1, config={},
-                                       progress={}, group=checkpoint_group(60), asynchronous=asynchronous)
-    outcome = f"saved {saved}"
+    checkpoints.save(1)
+    checkpoints.wait()
+    outcome = f"saved {checkpoints.newest}"
 except RunIOError as error:
     outcome = f"RunIOError: {error}"
 with open(f"{run_dir}/rank{rank}.json", "w") as out:
@@ -398,26 +402,37 @@ def test_a_background_completion_that_raises_is_a_failure_not_a_checkpoint(tmp_p
     cannot hold) is the save's outcome: reported, no step-N, the temporary directory left as debris."""
     from torch import nn
 
-    from distseq.checkpoint import list_checkpoints, save_checkpoint
-    from distseq.runtime import fresh_accelerator
+    from distseq.checkpoint.format import list_checkpoints
+    from distseq.checkpoint.manager import CheckpointManager
+    from distseq.config import CheckpointConfig
+    from distseq.distributed.accelerator import fresh_accelerator
+    from distseq.errors import RunIOError
 
     model = nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    pending = save_checkpoint(fresh_accelerator(), tmp_path, model, optimizer, step=3, samples=3,
-                              config={"train": {"not json": {1, 2}}}, progress={}, asynchronous=True)
-    problem = pending.finish()
-    assert problem.startswith("cannot complete the checkpoint: Object of type set is not JSON serializable"), problem
+
+    def manager(config: dict) -> CheckpointManager:
+        return CheckpointManager(CheckpointConfig(async_checkpoint=True), accelerator=fresh_accelerator(),
+                                 run_dir=tmp_path, max_steps=10, samples_per_step=1, model=model, optimizer=optimizer,
+                                 meta={"config": config})
+
+    broken = manager({"train": {"not json": {1, 2}}})
+    broken.save(3)
+    with pytest.raises(RunIOError, match="the background checkpoint of step 3 failed: cannot complete the "
+                                         "checkpoint: Object of type set is not JSON serializable"):
+        broken.wait()
     assert list_checkpoints(tmp_path) == []
-    ok = save_checkpoint(fresh_accelerator(), tmp_path, model, optimizer, step=4, samples=4, config={"train": {}},
-                         progress={}, asynchronous=True)
-    assert ok.finish() == "" and [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
+    ok = manager({"train": {}})
+    ok.save(4)
+    ok.wait()
+    assert ok.newest.name == "step-00000004" and [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004"]
 
 
 @pytest.mark.multiproc
 def test_fsdp_computes_in_bf16_where_the_probe_allows_and_keeps_fp32_shards(tmp_path):
     """--precision auto under FSDP: bf16 compute exactly where this CPU runs it (the probe decides, never
     the test), fp32 reductions, and the saved shards stay fp32 (the policy casts, the state does not)."""
-    from distseq.precision import cpu_has_native_bf16
+    from distseq.training.precision import cpu_has_native_bf16
 
     run = tmp_path / "run"
     proc = torchrun(2, [*[a for a in BASE if a not in ("--precision", "no")], "--precision", "auto", "--run-dir",

@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
 # the same run as test_recovery.py's, and its uninterrupted reference (a module-scoped fixture)
 from test_recovery import BASE, STEPS, assert_bit_identical, reference, weights  # noqa: F401
-from distseq.checkpoint import read_meta
-from distseq.io import RunDirLock
+from distseq.checkpoint.format import read_meta
+from distseq.fsio import RunDirLock
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 

@@ -6,8 +6,8 @@ import tracemalloc
 import pytest
 import torch
 
-from distseq.accounting import Digest
-from distseq.data import Layout, SampleSource, eval_batches, make_shards, micro_batches, train_loader
+from distseq.data.verify import Digest
+from distseq.data.stream import Layout, SampleSource, eval_batches, make_shards, micro_batches, train_loader
 from distseq.tasks import TaskSpec
 
 T10 = TaskSpec(10, 10)
@@ -161,7 +161,7 @@ def test_digest_detects_lost_and_repeated_samples():
 def test_accounting_stops_on_a_lost_sample():
     from accelerate import Accelerator
 
-    from distseq.accounting import Accounting, DataAccountingError
+    from distseq.data.verify import Accounting, DataAccountingError
 
     accelerator = Accelerator(cpu=True)
     accounting = Accounting(checked_until=0, world_size=1)

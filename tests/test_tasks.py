@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from distseq.config import ModelConfig
-from distseq.data import SampleSource
+from distseq.data.stream import SampleSource
 from distseq.models import build_model
-from distseq.tasks import IGNORE, TASKS, TaskSpec
+from distseq.registry import TASKS
+from distseq.tasks import IGNORE, TaskSpec
 
 FIXED = TaskSpec(seq_len=12, min_seq_len=12, vocab_size=5, copy_len=3)
 VARIABLE = TaskSpec(seq_len=12, min_seq_len=3, vocab_size=5, copy_len=3)
@@ -73,8 +74,8 @@ def test_copy_rule_by_hand():
 def test_padding_never_changes_a_samples_logits(kind):
     torch.manual_seed(0)
     spec = VARIABLE
-    config = ModelConfig(kind=kind.removeprefix("bi-"), hidden_size=8, num_layers=2, bidirectional=kind.startswith("bi-"),
-                         num_heads=2)
+    own = {"num_heads": 2} if kind == "transformer" else {"bidirectional": kind.startswith("bi-")}
+    config = ModelConfig(kind=kind.removeprefix("bi-"), hidden_size=8, num_layers=2, options=own)
     model = build_model(config, TASKS["sum-sign"], spec).eval()
     batch = draw("sum-sign", spec, n=16)
     with torch.no_grad():

@@ -25,13 +25,13 @@ import pytest
 import torch
 
 from conftest import REPO, checkpoint_weights, cpu_env, run_main, scalars, summary
-from distseq.checktask import PROPERTIES, check_task
+from distseq.data.contract import PROPERTIES, check_task
 from distseq.config import ModelConfig, TrainConfig
-from distseq.flops import flops_per_token, matmul_params
+from distseq.models.flops import flops_per_token, matmul_params
 from distseq.models import build_model
 from distseq.registry import TASKS
 from distseq.tasks import IGNORE, TaskSpec
-from distseq.token_tasks import POWER_A
+from distseq.tasks.tokens import POWER_A
 
 TOKEN_TASKS = ("mqar", "induction", "selective-copy")
 
@@ -58,7 +58,7 @@ def draw(task: str, n: int, spec: TaskSpec, seed: int = 0):
 
 
 def spec_of(seq_len: int, vocab_size: int, copy_len: int = 5, num_kv_pairs: int = 8) -> TaskSpec:
-    return TaskSpec(seq_len, seq_len, vocab_size, copy_len, num_kv_pairs)
+    return TaskSpec(seq_len, seq_len, vocab_size, copy_len=copy_len, num_kv_pairs=num_kv_pairs)
 
 
 # --- labels, recomputed independently ----------------------------------------------------------------
@@ -346,7 +346,9 @@ def test_cli_check_task_on_a_token_preset_passes(capsys):
 
 # --- causality ---------------------------------------------------------------------------------------
 def model_for(kind: str, task: str, spec: TaskSpec, **model) -> torch.nn.Module:
-    cfg = ModelConfig(kind=kind, hidden_size=16, num_layers=model.pop("num_layers", 1), num_heads=2, **model)
+    dropout = model.pop("dropout", 0.0)
+    cfg = ModelConfig(kind=kind, hidden_size=16, num_layers=model.pop("num_layers", 1), dropout=dropout,
+                      options={"num_heads": 2, **model})
     torch.manual_seed(0)
     return build_model(cfg, TASKS[task], spec)
 
@@ -465,7 +467,7 @@ def test_flops_count_every_matmul_weight_of_the_transformer_and_lstm():
 
 
 def test_a_sample_without_answers_is_neither_right_nor_solved():
-    from distseq.tasks import per_step_scores
+    from distseq.tasks.base import per_step_scores
 
     logits, y = torch.randn(3, 4, 5), torch.full((3, 4), IGNORE)
     y[0, 1] = logits[0, 1].argmax()  # one answer, right
@@ -531,7 +533,7 @@ def test_short_training_writes_token_figures(task, model, run_dir, capsys):
     assert result["tokens_per_sec"] == pytest.approx(result["samples_per_sec"] * T, rel=1e-9)
     assert result["model_flops_per_sec"] == pytest.approx(result["tokens_per_sec"] * result["flops_per_token"],
                                                           rel=1e-9)
-    from distseq.export import config_of
+    from distseq.inference.export import config_of
 
     cfg = config_of(json.loads((run_dir / "config.json").read_text()))
     fresh = build_model(cfg.model, TASKS[task], cfg.task_spec())
@@ -579,7 +581,7 @@ def test_tied_embeddings_train_save_and_resume(run_dir, capsys, tmp_path):
     checkpoint = run_dir / "checkpoints" / "step-00000006"
     out = tmp_path / "export"
     assert run_main(["export", "--checkpoint", checkpoint, "--out", out], capsys).returncode in (0, None)
-    from distseq.export import load_model
+    from distseq.inference.export import load_model
 
     model = load_model(out)
     assert model.head.weight is model.embed.weight
@@ -675,7 +677,7 @@ def test_export_and_eval_of_a_token_checkpoint(token_run, tmp_path, capsys):
     checkpoint = token_run / "checkpoints" / "step-00000003"
     out = tmp_path / "export"
     assert run_main(["export", "--checkpoint", checkpoint, "--out", out], capsys).returncode in (0, None)
-    from distseq.export import load_model, model_from_checkpoint
+    from distseq.inference.export import load_model, model_from_checkpoint
 
     exported = load_model(out)
     assert exported.distseq_config["data"]["task"] == "mqar"
@@ -694,7 +696,7 @@ def test_export_and_eval_of_a_token_checkpoint(token_run, tmp_path, capsys):
 def test_precision_probe_takes_token_inputs(task):
     """The precision probe's example input is token ids, and every model kind runs on it."""
     from distseq.config import preset
-    from distseq.precision import probe_table
+    from distseq.training.precision import probe_table
 
     cfg = preset(task)
     cfg.data.seq_len = {"mqar": 32, "induction": 8, "selective-copy": 32}[task]
@@ -720,7 +722,7 @@ def test_cli_probe_on_a_token_preset(tmp_path, capsys):
 def test_per_step_loss_and_scores_on_answers_only_equal_the_dense_form(monkeypatch):
     """On a CPU the per-step head looks only at the labelled steps; the dense form (what runs on an
     accelerator) gives the same losses, gradients and scores."""
-    from distseq import tasks
+    from distseq.tasks import heads as tasks
 
     torch.manual_seed(0)
     logits = torch.randn(20, 9, 7, requires_grad=True)
@@ -744,7 +746,7 @@ def test_per_step_loss_and_scores_on_answers_only_equal_the_dense_form(monkeypat
 
 def test_mfu_peaks_by_gpu_name():
     """The first fragment found wins, so a name never falls to a shorter fragment it contains."""
-    from distseq.flops import peak_for_name, peak_flops
+    from distseq.models.flops import peak_for_name, peak_flops
 
     assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_for_name("NVIDIA H100 PCIe") == 756e12 and peak_for_name("NVIDIA H100 NVL") == 835e12
@@ -757,7 +759,7 @@ def test_mfu_peaks_by_gpu_name():
 
 
 def test_mfu_divides_model_flops_by_every_devices_peak():
-    from distseq.metrics import Throughput, TrainingClock
+    from distseq.training.metrics import Throughput, TrainingClock
 
     clock = TrainingClock()
     clock.begin_training()

@@ -8,9 +8,9 @@ import torch
 
 from conftest import TINY, assert_ok, checkpoint_weights, run_distseq, scalars, summary
 from distseq.config import PRESETS, preset
-from distseq.precision import cpu_has_native_bf16
-from distseq.tasks import TASKS
-from distseq.loop import train
+from distseq.training.precision import cpu_has_native_bf16
+from distseq.tasks.base import TASKS
+from distseq.training.loop import train
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 

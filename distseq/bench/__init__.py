@@ -19,8 +19,8 @@ from typing import Callable, Dict, Sequence
 
 from tqdm.auto import tqdm
 
-from ..errors import DistseqError
-from ..io import write_json
+from distseq.errors import DistseqError
+from distseq.fsio import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",

@@ -23,8 +23,8 @@ def first_time_at(history: list, target: float) -> Optional[float]:
 
 
 def accuracy_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
-    from ..config import preset
-    from ..loop import train
+    from distseq.config import preset
+    from distseq.training.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = preset("default")

@@ -6,20 +6,20 @@ uses 4 x 128 (about 0.8 MB), a smoke test of the plumbing whose figures are per-
 the headline. One process, the Accelerator of ``fresh_accelerator()``, every file in a temporary
 directory (deleted at the end).
 
-- ``sync_block_seconds``: wall time of ``save_checkpoint(asynchronous=False)`` (DCP write, fsyncs,
+- ``sync_block_seconds``: wall time of the checkpoint manager's synchronous ``save`` (DCP write, fsyncs,
   meta.json with every file's sha256, the rename to ``step-N``), median of the repeats, each into a
   step of its own.
-- ``async_block_seconds``: wall time until ``save_checkpoint(asynchronous=True)`` returns (the state
-  copied to host memory, the background write started); the save is then waited for with ``finish()``
+- ``async_block_seconds``: wall time until its asynchronous ``save`` returns (the state
+  copied to host memory, the background write started); the save is then waited for with the manager's ``wait()``
   outside the timed region (at most one in flight, as in training): ``async_total_seconds`` is the
   time until it is complete. ``async_block_ratio`` = async / sync blocked seconds (goal <= 0.2).
   Saves alternate sync, async after one untimed warm-up of each; nothing trains in between.
 - ``save_mb_per_s`` = ``state_mb`` / ``sync_block_seconds``; ``state_mb``: the bytes of ``state/``
   (DCP's ``.metadata`` and the rank's ``.distcp``) / 1e6.
-- ``load_mb_per_s`` = ``state_mb`` / the median seconds of ``load_checkpoint`` into a fresh model and
+- ``load_mb_per_s`` = ``state_mb`` / the median seconds of the manager's ``restore`` into a fresh model and
   AdamW (built untimed), one process; the checkpoint was just written, so it is read from the page
   cache. ``verify_seconds``: ``read_meta`` (every file's sha256), untimed in the load.
-- ``reshard_load_seconds``: ``distseq.state.load_state`` on one process (no process group) of a
+- ``reshard_load_seconds``: ``distseq.checkpoint.dcp.load_state`` on one process (no process group) of a
   ``state/`` written by 2 FSDP ranks (torchrun, gloo, ``fully_shard`` per Linear and the root, one
   AdamW step, ``save_state``); ``reshard_exact``: the loaded weights equal ``whole_weights`` of that
   checkpoint and, with the AdamW moments, the full state the 2 ranks gathered themselves.
@@ -141,26 +141,35 @@ def filesystem(path: Path) -> Dict:
 
 
 # --- sync and async saves, loads -------------------------------------------------------------------
+def manager(accelerator, run_dir: Path, model, optimizer, asynchronous: bool = False):
+    """The checkpoint manager a run would use for this model (no retention: the bench deletes)."""
+    from distseq.checkpoint.manager import CheckpointManager
+    from distseq.config import CheckpointConfig
+
+    return CheckpointManager(CheckpointConfig(keep_last=0, async_checkpoint=asynchronous), accelerator=accelerator,
+                             run_dir=run_dir, max_steps=10**9, samples_per_step=BATCH, model=model,
+                             optimizer=optimizer, meta={"config": CONFIG})
+
+
 class Saver:
-    """Checkpoints of one model into ``run_dir``, each into a step of its own; only the newest is kept
-    (older ones are deleted outside the timed region)."""
+    """Checkpoints of one model into ``run_dir`` through the run's checkpoint manager (one synchronous, one
+    asynchronous), each into a step of its own; only the newest is kept (older ones are deleted outside
+    the timed region)."""
 
     def __init__(self, accelerator, run_dir: Path, model, optimizer):
-        self.accelerator, self.run_dir, self.model, self.optimizer = accelerator, run_dir, model, optimizer
+        self.run_dir = run_dir
+        self.managers = {mode: manager(accelerator, run_dir, model, optimizer, mode) for mode in (False, True)}
         self.step, self.newest = 0, None
 
     def save(self, asynchronous: bool) -> Dict[str, float]:
-        from ..checkpoint import checkpoint_dir, save_checkpoint
+        from distseq.checkpoint.format import checkpoint_dir
 
         self.step += 1
+        checkpoints = self.managers[asynchronous]
         started = time.perf_counter()
-        saved = save_checkpoint(self.accelerator, self.run_dir, self.model, self.optimizer, step=self.step,
-                                samples=self.step * BATCH, config=CONFIG, progress={}, asynchronous=asynchronous)
+        checkpoints.save(self.step)
         blocked = time.perf_counter() - started
-        if asynchronous:
-            problem = saved.finish()
-            if problem:
-                raise RuntimeError(f"the async checkpoint of step {self.step} failed: {problem}")
+        checkpoints.wait()  # a failed background write raises here
         total = time.perf_counter() - started
         final = checkpoint_dir(self.run_dir, self.step)
         assert (final / "meta.json").is_file(), final
@@ -189,8 +198,9 @@ def compare_saves(saver: Saver, repeats: int, log: Callable[[str], None]) -> Dic
 
 
 def time_loads(accelerator, path: Path, sizes: Sizes, want: Dict, repeats: int) -> Dict:
-    """Median seconds of ``load_checkpoint`` into a fresh model and AdamW; whether the first load is exact."""
-    from ..checkpoint import load_checkpoint, read_meta
+    """Median seconds of the checkpoint manager's restore into a fresh model and AdamW; whether the first
+    load is exact."""
+    from distseq.checkpoint.format import read_meta
 
     started = time.perf_counter()
     meta, _ = read_meta(path)
@@ -200,7 +210,7 @@ def time_loads(accelerator, path: Path, sizes: Sizes, want: Dict, repeats: int) 
         model, optimizer = untrained(sizes, seed=1 + repeat)
         gc.collect()
         started = time.perf_counter()
-        load_checkpoint(accelerator, path, meta, model, optimizer)
+        manager(accelerator, path.parent.parent, model, optimizer).restore(path, meta)
         seconds.append(time.perf_counter() - started)
         if wrong is None:
             wrong = mismatches(full_state(model, optimizer), want)
@@ -221,7 +231,7 @@ RANK_SCRIPT = textwrap.dedent('''
     from torch.distributed.fsdp import fully_shard
 
     from distseq.bench.checkpoint import Sizes, adamw, build_model, take_step
-    from distseq.state import save_state
+    from distseq.checkpoint.dcp import save_state
 
     directory, reference, layers, width = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     dist.init_process_group("gloo")
@@ -255,7 +265,7 @@ RANK_SCRIPT = textwrap.dedent('''
 
 def save_on_two_ranks(tmp: Path, sizes: Sizes) -> Dict:
     """Run the 2-rank FSDP save with torchrun; its ``state/`` and the gathered reference state."""
-    from ..runtime import free_port
+    from distseq.distributed.accelerator import free_port
 
     script, directory, reference = tmp / "rank_save.py", tmp / "fsdp" / "state", tmp / "fsdp" / "reference.pt"
     directory.parent.mkdir(parents=True)
@@ -282,7 +292,7 @@ def save_on_two_ranks(tmp: Path, sizes: Sizes) -> Dict:
 
 def reshard(tmp: Path, sizes: Sizes, repeats: int) -> Dict:
     """Median seconds of ``load_state`` on this one process of the 2-rank checkpoint, and exactness."""
-    from ..state import load_state, whole_weights
+    from distseq.checkpoint.dcp import load_state, whole_weights
 
     written = save_on_two_ranks(tmp, sizes)
     directory = written["directory"]
@@ -312,7 +322,7 @@ def checkpoint_benchmark(sizes: Sizes, quick: bool, log: Callable[[str], None] =
                          root: Optional[str] = None) -> Dict:
     """Every measurement of the suite, in a temporary directory (``root``: where to make it)."""
     from . import goal_met, machine
-    from ..runtime import fresh_accelerator
+    from distseq.distributed.accelerator import fresh_accelerator
 
     # DCP warns that one process is assumed, from the background thread of every async save too
     warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")

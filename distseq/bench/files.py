@@ -40,11 +40,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from ..data import Layout, micro_batches, steps_per_example, train_loader
-from ..file_index import FileIndex, FileSource, open_index
-from ..registry import TASKS
-from ..tasks import TaskSpec
+from distseq.config import DataConfig
+from distseq.data.stream import Layout, micro_batches, steps_per_example, train_loader
+from distseq.data.index import FileIndex, FileSource, open_index
+from distseq.registry import TASKS
+from distseq.tasks import TaskSpec
 
 TASK = "sum-sign"
 SEQ_LEN, MIN_SEQ_LEN = 10, 5  # variable-length rows: lengths 5..10

@@ -19,11 +19,11 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig, preset
-from ..data import Layout, SampleSource, micro_batches, train_loader
-from ..models import build_model
-from ..registry import TASKS
-from ..tasks import IGNORE
+from distseq.config import TrainConfig, preset
+from distseq.data.stream import Layout, SampleSource, micro_batches, train_loader
+from distseq.models import build_model
+from distseq.registry import TASKS
+from distseq.tasks import IGNORE
 
 LOG_EVERY = 50
 DECODER = {"task": "mqar", "seq_len": 256, "vocab_size": 512, "num_kv_pairs": 16, "batch": 32, "hidden_size": 64,
@@ -63,8 +63,8 @@ def plain_loss(head: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
     """What a user writes by hand for the same training: no harness, the same stream and recipe."""
-    from ..runtime import local_device
-    from ..optim import build_optimizer
+    from distseq.distributed.accelerator import local_device
+    from distseq.training.optim import build_optimizer
 
     torch.manual_seed(cfg.train.seed)
     device = local_device()  # where distseq trains too
@@ -96,7 +96,7 @@ def plain_loop_steps_per_sec(cfg: TrainConfig) -> float:
 def compare(make_config: Callable[[int, str], TrainConfig], steps: int, repeats: int, label: str,
             log: Callable[[str], None]) -> Dict[str, list]:
     """Steps/s of ``distseq train`` and of the plain loop on the same config, alternated ``repeats`` times."""
-    from ..loop import train
+    from distseq.training.loop import train
 
     rates: Dict[str, list] = {"distseq": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,7 @@ def compare(make_config: Callable[[int, str], TrainConfig], steps: int, repeats:
 
 
 def overhead_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
-    from ..runtime import set_cpu_threads
+    from distseq.distributed.accelerator import set_cpu_threads
 
     set_cpu_threads()  # the thread count train() uses, for the plain loop too
     steps, repeats = (10, 3) if quick else (100, 3)
@@ -134,7 +134,7 @@ def overhead_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
 
 def profile_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     """One profiled ``distseq train`` of the overhead config: the share of step time per phase."""
-    from ..loop import train
+    from distseq.training.loop import train
 
     steps, window = (12, "2:12") if quick else (100, "20:70")
     with tempfile.TemporaryDirectory() as tmp:

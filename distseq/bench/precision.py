@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from ..precision import format_probe, probe_table
-from ..runtime import local_device, set_cpu_threads
+from distseq.training.precision import format_probe, probe_table
+from distseq.distributed.accelerator import local_device, set_cpu_threads
 from .overhead import overhead_config
 
 

@@ -8,7 +8,7 @@
   the same width, with the same step budget, batch and learning rate per cell. Attention keeps every
   pair in its context; the LSTM's fixed state must hold them all, so it falls as the pairs grow.
 
-Everything is ``distseq.loop.train`` on the presets (``induction``, ``mqar``) with the overrides below;
+Everything is ``distseq.training.loop.train`` on the presets (``induction``, ``mqar``) with the overrides below;
 ``config`` in recall.json holds each experiment's full configuration. The table is whatever this
 run measured.
 """
@@ -40,7 +40,7 @@ MQAR_QUICK_PAIRS = (4, 8)
 
 
 def _config(name: str, overrides: Dict[str, dict]):
-    from ..config import preset
+    from distseq.config import preset
 
     cfg = preset(name)
     for section, fields in overrides.items():
@@ -60,7 +60,7 @@ def _merge(*layers: Dict[str, dict]) -> Dict[str, dict]:
 
 
 def _train(cfg) -> dict:
-    from ..loop import train
+    from distseq.training.loop import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg.train.run_dir = tmp

@@ -28,7 +28,7 @@ PLOTS_HINT = "plots need matplotlib: pip install -e '.[bench]' (or pip install m
 
 def ordered_shares(shares: Dict[str, float]) -> Dict[str, float]:
     """The step's phases in step order (JSON files sort their keys)."""
-    from ..profiling import PHASES
+    from distseq.training.profiling import PHASES
 
     return {phase: shares[phase] for phase in (*PHASES, "other") if phase in shares}
 

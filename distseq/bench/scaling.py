@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
-from ..config import TrainConfig
-from ..runtime import free_port
+from distseq.config import TrainConfig
+from distseq.distributed.accelerator import free_port
 from .overhead import overhead_config
 
 MICRO_BATCH = 256

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from ..config import TrainConfig, preset
+from distseq.config import TrainConfig, preset
 from .scaling import run_processes
 
 PROCESS_COUNTS = (1, 2, 4, 8)

@@ -18,10 +18,10 @@ from typing import Callable, Dict, Iterator
 
 import torch
 
-from ..config import DataConfig
-from ..data import Layout, SampleSource, micro_batches, steps_per_example, train_loader
-from ..registry import TASKS
-from ..tasks import TaskSpec
+from distseq.config import DataConfig
+from distseq.data.stream import Layout, SampleSource, micro_batches, steps_per_example, train_loader
+from distseq.registry import TASKS
+from distseq.tasks import TaskSpec
 
 SEEK_POSITION = 10**12
 TOKEN_SEQ_LEN = 2048
@@ -153,9 +153,9 @@ def verify_data_overhead(steps: int, repeats: int) -> Dict[str, float]:
     measured step time. ``verify_data_overhead_end_to_end``: median wall time with it on vs off,
     alternated; a ~1% effect is below this figure's noise on a shared machine.
     """
-    from ..accounting import Digest
-    from ..config import preset
-    from ..loop import train
+    from distseq.data.verify import Digest
+    from distseq.config import preset
+    from distseq.training.loop import train
 
     seconds = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:

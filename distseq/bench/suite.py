@@ -10,8 +10,8 @@ import resource
 import sys
 from pathlib import Path
 
-from ..io import write_json
-from ..metrics import peak_memory
+from distseq.fsio import write_json
+from distseq.training.metrics import peak_memory
 from .accuracy import accuracy_suite
 from .checkpoint import checkpoint_suite
 from .files import files_suite

@@ -1,0 +1,213 @@
+"""The one gate every configuration goes through, whatever its source (command line, config file, Python).
+
+``validate`` checks each option by its declared facts (type, choices, bounds: ``distseq.options``),
+then the chosen task's and model's own options the same way, then what only combinations can say
+(a batch that does not divide, a tensor that would not fit in memory), then whatever the chosen task
+and model check themselves (their ``validate(cfg)``). The first problem is a ``ConfigError`` naming
+the option and what is allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from distseq.config.sections import SECTIONS, _OwnsOptions
+from distseq.config.world import resolve_sharding
+from distseq.errors import ConfigError
+from distseq.options import MAX_POSITION, facts, flag_of
+from distseq.registry import MODELS, TASKS
+
+MAX_BLOCKS = 2**30  # blocks in one epoch of a finite --dataset-size
+MAX_TENSOR_BYTES = 8 * 2**30  # one block, example, micro-batch or evaluation set of inputs
+
+# accelerate's built-in trackers (utils.LoggerType) and what to install for each
+_TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb", "comet_ml": "comet-ml",
+    "aim": "'aim<4'", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+}
+
+
+def validate(cfg, world_size: int = 1):
+    """Check every value of ``cfg`` (a ``TrainConfig``) for a launch of ``world_size`` processes; ``cfg`` itself, its values
+    as the options hold them (a Path as str, an int as float where a number is asked for)."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ConfigError("WORLD_SIZE", f"the number of processes must be an integer >= 1 (got {world_size!r})")
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        if not isinstance(section, cls):
+            raise ConfigError(name, f"must be a {cls.__name__} (got {section!r})")
+        for fact in facts(cls):
+            setattr(section, fact.name, fact.check(getattr(section, fact.name)))
+    for name in ("data", "model"):
+        section = getattr(cfg, name)
+        section._registry.get(section.component())  # an unknown name lists the registered ones
+        check_component_options(section)
+    _check_combinations(cfg, world_size)
+    # what only the chosen task and model know: each registered thing checks its own options
+    for registered in (TASKS.get(cfg.data.task), MODELS.get(cfg.model.kind)):
+        check = getattr(registered, "validate", None)
+        if isinstance(registered, type) and not isinstance(inspect.getattr_static(registered, "validate", None),
+                                                         (staticmethod, classmethod)):
+            check = None  # an nn.Module's own validate(self, ...) method is not the config hook
+        if check is not None:
+            check(cfg)
+    _check_sizes(cfg, world_size)
+    d = cfg.data
+    if d.data_files is not None:
+        _check_data_files(cfg)
+    elif d.data_streaming:
+        raise ConfigError("--data-streaming", "applies to --data-files only; give --data-files or leave it out")
+    if Path(cfg.train.run_dir).exists() and not Path(cfg.train.run_dir).is_dir():
+        raise ConfigError("--run-dir", f"{cfg.train.run_dir} exists and is not a directory")
+    return cfg
+
+
+def check_component_options(section: _OwnsOptions) -> None:
+    """The options set for the chosen task or model: each one it declares, each value as its facts
+    allow; then the options dataclass itself (its ``__post_init__`` may check combinations)."""
+    registry, component = section._registry, section.component()
+    flag = "--task" if registry is TASKS else "--model"
+    declared = {f.name: f for f in section.option_facts()}
+    for name, value in list(section.options.items()):
+        if name not in declared:
+            owners = registry.declared_options().get(name, [])
+            own = ", ".join(f.flag for f in declared.values()) or "none"
+            raise ConfigError(flag_of(name), f"is not an option of {flag} {component} (its own options: {own}); "
+                                             f"it belongs to {flag} {', '.join(owners) or 'no registered one'}")
+        try:
+            section.options[name] = declared[name].check(value)
+        except ConfigError as error:
+            raise ConfigError(error.option, f"{error.message} [an option of {flag} {component}]") from None
+    options_class = registry.options(component)
+    if options_class is not None:
+        options_class(**section.own_options())
+
+
+def _check_combinations(cfg, world_size: int) -> None:
+    d, t, c = cfg.data, cfg.train, cfg.checkpoint
+    if d.min_seq_len is not None and d.min_seq_len > d.seq_len:
+        raise ConfigError("--min-seq-len", f"{d.min_seq_len} is longer than --seq-len {d.seq_len}")
+    if d.dataset_size is not None and d.dataset_size // d.block_size > MAX_BLOCKS:  # one permutation per epoch
+        raise ConfigError("--dataset-size", f"{d.dataset_size} samples are more than {MAX_BLOCKS} blocks of "
+                                            f"--block-size {d.block_size}; choose a larger --block-size")
+    if t.start_step >= t.max_steps:
+        raise ConfigError("--start-step", f"must be below --max-steps {t.max_steps} (got {t.start_step})")
+    if t.max_steps * t.global_batch_size > MAX_POSITION:
+        raise ConfigError("--max-steps", f"--max-steps x --global-batch-size = {t.max_steps * t.global_batch_size} "
+                                         f"samples; stream positions must stay below 2^62")
+    if t.sharding == "none" and world_size > 1:
+        raise ConfigError("--sharding", f"none trains on one process; this launch started {world_size} "
+                                        f"(choose ddp, fsdp or auto)")
+    if t.precision == "fp16" and resolve_sharding(t.sharding, world_size) == "fsdp":
+        raise ConfigError("--precision", f"fp16 needs a gradient scaler that FSDP2's sharded gradients do not have "
+                                         f"here; under --sharding {t.sharding}"
+                                         f"{' (fsdp: an FSDP launch)' if t.sharding == 'auto' else ''} choose "
+                                         f"--precision bf16, no or auto")
+    if not c.resume:
+        raise ConfigError("--resume", "expected auto, never or a checkpoint directory (got an empty string)")
+    if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
+        raise ConfigError("--resume", f"expected auto, never or a checkpoint directory (got {c.resume})")
+    if c.overwrite and c.resume not in ("auto", "never"):
+        raise ConfigError("--overwrite", "starts fresh; it cannot be combined with --resume PATH")
+    if t.start_step and c.resume not in ("auto", "never"):
+        raise ConfigError("--start-step", "applies to a fresh start; a checkpoint given to --resume sets the step")
+    factor = cfg.log.straggler_factor
+    if factor != 0 and not (math.isfinite(factor) and factor > 1.0):
+        raise ConfigError("--straggler-factor", f"must be a finite number > 1, or 0 to never report a slow rank "
+                                                f"(got {factor!r})")
+    profile_range(cfg.log.profile_steps, t.max_steps)
+    trackers(cfg.log.log_with)
+    if not t.run_dir.strip():
+        raise ConfigError("--run-dir", "must not be empty")
+    per_step = world_size * t.grad_accum_steps
+    if t.global_batch_size % per_step:
+        raise ConfigError("--global-batch-size", f"{t.global_batch_size} is not divisible by processes x "
+                                                 f"--grad-accum-steps = {world_size} x {t.grad_accum_steps} = {per_step}")
+
+
+def _check_sizes(cfg, world_size: int) -> None:
+    """No block, example, micro-batch or evaluation share of inputs (or a micro-batch's logits) past 8 GiB."""
+    d = cfg.data
+    task, spec = TASKS[d.task], cfg.task_spec()
+    step_bytes = task.input_bytes(spec)
+    micro = cfg.micro_batch_size(world_size)
+    for flag, samples in (("--block-size", d.block_size), ("--samples-per-example", d.samples_per_example),
+                          ("--eval-size", -(-d.eval_size // world_size)),  # each rank's share at once
+                          ("--global-batch-size", micro)):
+        size = samples * d.seq_len * step_bytes
+        if size > MAX_TENSOR_BYTES:
+            what = "int64 tokens" if task.tokens else f"{step_bytes // 4} features of float32"
+            raise ConfigError(flag, f"{samples} samples x {d.seq_len} steps x {what} take {size / 2**30:.0f} GiB at "
+                                    f"once (limit {MAX_TENSOR_BYTES // 2**30} GiB); choose a smaller value")
+    if task.head == "per-step":  # float32 logits per step and output: a large vocabulary's dominate
+        outputs = task.num_outputs(spec)
+        logits = micro * d.seq_len * outputs * 4
+        if logits > MAX_TENSOR_BYTES:
+            raise ConfigError("--global-batch-size", f"one micro-batch's logits ({micro} samples x {d.seq_len} steps x "
+                                                     f"{outputs} outputs of float32) take {logits / 2**30:.0f} GiB "
+                                                     f"(limit {MAX_TENSOR_BYTES // 2**30} GiB); choose a smaller "
+                                                     f"--global-batch-size (or more --grad-accum-steps), --seq-len or "
+                                                     f"--vocab-size")
+
+
+def _check_data_files(cfg) -> None:
+    from distseq.data.files import check_files, resolve_files  # reads the first row: only when files are used
+
+    d = cfg.data
+    if d.data_cache is not None and not d.data_cache.strip():
+        raise ConfigError("--data-cache", "is empty: give a directory, or leave it out for the default")
+    streamed = "does not apply with --data-files --data-streaming; leave it out"
+    conflicts = {  # option: (given, why not)
+        "--dataset-size": (d.dataset_size is not None,
+                           "does not apply with --data-files (the files' rows are the dataset); leave it out"),
+        # streamed rows are read in-process so that their order and resume state stay exact, and they carry
+        # no stream positions to verify
+        "--num-workers": (d.data_streaming and d.num_workers != 0, streamed),
+        "--verify-data": (d.data_streaming and cfg.train.verify_data, streamed),
+    }
+    for flag, (given, why_not) in conflicts.items():
+        if given:
+            raise ConfigError(flag, why_not)
+    if TASKS[d.task].tokens:
+        raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
+    if TASKS[d.task].head == "per-step":
+        raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
+    check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
+
+
+def profile_range(text: Optional[str], max_steps: int) -> Optional[Tuple[int, int]]:
+    """``--profile-steps A:B`` as (A, B), None when absent; ConfigError unless 0 <= A < B <= --max-steps."""
+    if text is None:
+        return None
+    first, sep, last = str(text).partition(":")
+    if not (sep and first.strip().isascii() and first.strip().isdecimal() and last.strip().isascii()
+            and last.strip().isdecimal()):
+        raise ConfigError("--profile-steps", f"expected A:B with integers 0 <= A < B <= --max-steps (got {text!r})")
+    if not int(first) < int(last) <= max_steps:
+        raise ConfigError("--profile-steps", f"expected 0 <= A < B <= --max-steps {max_steps} (got {text!r})")
+    return int(first), int(last)
+
+
+def trackers(text: str) -> List[str]:
+    """``--log-with`` as a list of tracker names ([] for none); ConfigError unless each is a tracker
+    accelerate knows (its ``LOGGER_TYPE_TO_CLASS``, custom registered ones included) and accelerate finds
+    its package here: accelerate itself would drop a missing one without a word."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = list(dict.fromkeys(name.strip() for name in text.split(",")))  # in order, repeats once
+    if names == ["none"]:
+        return []
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name == "none":
+            raise ConfigError("--log-with", f"none means no tracker; it cannot be combined with others (got {text!r})")
+        if name not in known:
+            what = f"an empty name in {text!r}" if not name else f"unknown tracker {name!r}"
+            raise ConfigError("--log-with", f"{what} (choose from {', '.join(known)}, or none; comma-separated)")
+        if name not in available and name in _TRACKER_PACKAGES:  # a custom registered tracker is always there
+            raise ConfigError("--log-with", f"{name} is not installed: pip install {_TRACKER_PACKAGES[name]}")
+    return names

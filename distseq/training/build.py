@@ -1,0 +1,239 @@
+"""Everything a run does before its first step: ``build_run`` returns the ``Run`` the loop steps through.
+
+In order: CPU threads; the options checked once, for the launch's world size; the data files indexed
+(every row checked before anything of the run is written); the model built (or the user's taken);
+the precision probed on that very model; the Accelerator (the process group: every rank waits here for
+the slowest); the run directory prepared and locked; the model sharded or wrapped and the optimizer
+built; the checkpoint resumed; the data pipeline started at the run's step; then the components that
+own their timing: the step logger, the evaluator, the checkpoint manager and the profiler. Each phase
+is timed (``StartupTimeline``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from distseq.checkpoint.manager import CheckpointManager, RngState
+from distseq.checkpoint.rundir import RunDir, open_run_dir
+from distseq.config import TrainConfig
+from distseq.config.world import launch_world_size, resolve_sharding
+from distseq.data.files import resolve_files
+from distseq.data.index import FileIndex, check_same_everywhere, open_index
+from distseq.data.stream import Layout, SampleSource, eval_batches
+from distseq.data.verify import Accounting
+from distseq.distributed.accelerator import (build_accelerator, check_world_size, ddp_without_buffer_notice,
+                                             local_device, needs_buffer_broadcast, print0, set_cpu_threads,
+                                             show_progress)
+from distseq.distributed.agree import any_rank
+from distseq.distributed.sharding import quiet_fsdp_warnings, shard_model
+from distseq.errors import RunIOError
+from distseq.fsio import write_json
+from distseq.models import build_model
+from distseq.models.flops import flops_per_token
+from distseq.ops.failpoints import pause_point
+from distseq.ops.hangs import HangReport
+from distseq.ops.signals import StopSignals
+from distseq.ops.startup import StartupTimeline
+from distseq.registry import TASKS
+from distseq.tasks import Task, TaskSpec
+from distseq.training.evaluation import Evaluator, eval_batch_size
+from distseq.training.feed import TrainingFeed
+from distseq.training.metrics import StepLogger, TrainingClock
+from distseq.training.optim import apply_options, build_optimizer
+from distseq.training.precision import Precision, resolve_precision
+from distseq.training.profiling import StepProfiler
+from distseq.training.progress import Progress
+from distseq.training.resume import resume
+from distseq.training.trackers import start_tracking, trackers
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything the steps need, built once by ``build_run``."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    precision: Precision
+    signals: StopSignals
+    run_dir: RunDir
+    task: Task
+    spec: TaskSpec
+    layout: Layout
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoints: CheckpointManager
+    progress: Progress
+    feed: TrainingFeed
+    config: dict  # the resolved config, as config.json and every checkpoint record it
+    start: int  # the first step this process trains
+    resumed_from: Optional[Path] = None
+    logger: Optional[StepLogger] = None
+    evaluator: Optional[Evaluator] = None
+    profiler: Optional[StepProfiler] = None
+    accounting: Optional[Accounting] = None
+    clock: Optional[TrainingClock] = None
+    nothing_left: Optional[dict] = None  # a finished run started again: its summary
+    files: Optional[FileIndex] = None  # indexed --data-files
+    model_name: str = ""  # --model, or the class of a module given to train(model=...)
+    flops_per_token: float = 0.0  # training FLOPs per token of this model (models/flops.py)
+    sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
+    startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir.path
+
+    def say(self, line: str) -> None:
+        print0(self.accelerator, line)
+
+    def write_agreed(self, files: dict) -> None:
+        """Run files written by the main process while the others wait for it: every rank learns the
+        outcome, so a failed write is the same one line everywhere, never a hang."""
+        problem = None
+        try:
+            for name, payload in files.items():
+                self.write(name, payload)
+        except RunIOError as error:
+            problem = error
+        if any_rank(self.accelerator, problem is not None) and problem is None:
+            problem = RunIOError(f"the main process could not write {', '.join(files)} in {self.path}")
+        if problem is not None:
+            raise problem
+
+    def write(self, name: str, payload) -> None:
+        """A run file, on the main process; an I/O error is one line naming it and what was kept."""
+        if self.accelerator.is_main_process:
+            try:
+                write_json(self.path / name, payload)
+            except OSError as error:
+                raise RunIOError(f"cannot write {self.path / name}: {error.strerror or error}; "
+                                 f"{self.checkpoints.kept()}") from None
+
+
+def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cleanup: contextlib.ExitStack,
+              hangs: Optional[HangReport] = None, groups: Optional[list] = None) -> Run:
+    """Everything before the first step; ``cleanup`` ends the trackers and releases the run dir;
+    ``hangs`` learns where a failed collective's stacks go; ``groups`` receives the process group, for
+    the caller to release after the run."""
+    startup = StartupTimeline()
+    startup.mark("imports")  # the interpreter, torch, accelerate, distseq
+    set_cpu_threads()
+    world = launch_world_size()
+    cfg.validate(world)  # the launch's count; check_world_size confirms it
+    d, t = cfg.data, cfg.train
+    task, spec = TASKS[d.task], cfg.task_spec()
+    files = open_files(cfg)  # every row checked before anything of the run is written
+    startup.mark("data_index")
+    torch.manual_seed(t.seed)
+    model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
+    model = model if model is not None else build_model(cfg.model, task, spec)
+    startup.mark("model")
+    sharding = resolve_sharding(t.sharding, world)
+    # probes this very model, as it will run: under FSDP2's policy when sharded
+    precision = resolve_precision(t.precision, cfg, local_device(), model, sharded=sharding == "fsdp")
+    startup.mark("precision_probe")
+    # constant buffers need no broadcast at each forward, which would also make every rank wait for the
+    # slowest inside the forward that the straggler report times
+    accelerator = build_accelerator(cfg, precision=precision.name, sharding=sharding, log_with=trackers(cfg),
+                                    broadcast_buffers=needs_buffer_broadcast(model))
+    if groups is not None and torch.distributed.is_initialized():
+        groups.append(torch.distributed.group.WORLD)
+    check_world_size(accelerator, t.expect_world_size)
+    if files is not None:
+        check_same_everywhere(files, accelerator)
+    startup.mark("rendezvous")  # every rank waits here for the slowest to arrive
+    run_dir = cleanup.enter_context(open_run_dir(accelerator, cfg))
+    if hangs is not None:
+        hangs.attach(run_dir.path, accelerator.process_index, accelerator.num_processes)
+    cleanup.callback(accelerator.end_training)  # trackers end before the run dir's lock is released
+    config = cfg.to_dict()
+    if run_dir.moved_aside:
+        print0(accelerator, f"distseq: --overwrite: moved the earlier run in {run_dir.path} aside to "
+                            f"{run_dir.moved_aside}")
+    pause_point("startup")
+
+    model_flops = flops_per_token(model, spec.seq_len)
+    sharded = ""
+    if sharding == "fsdp":  # before the optimizer exists: it must hold the sharded parameters
+        sharded = shard_model(model, precision.name, accelerator.device)
+        quiet_fsdp_warnings()
+    optimizer, scheduler = build_optimizer(model, cfg.optim, t.max_steps)
+    if sharding == "fsdp":
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        with ddp_without_buffer_notice():
+            model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (invariant 4)
+    layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
+    progress = Progress(first_step=t.start_step)
+    feed = TrainingFeed(cfg, accelerator=accelerator, layout=layout, files=files)
+    checkpoints = CheckpointManager(
+        cfg.checkpoint, accelerator=accelerator, run_dir=run_dir.path, max_steps=t.max_steps,
+        samples_per_step=layout.global_batch, model=model, optimizer=optimizer, sharding=sharding,
+        timeout_s=t.dist_timeout_s, meta={"config": config, **({"data": files.identity()} if files else {})},
+        shared={"progress": progress}, per_rank={"rng": RngState(), "data": feed})
+    cleanup.callback(checkpoints.close)  # a background save completes before the run dir's lock is released
+    run = Run(cfg=cfg, accelerator=accelerator, precision=precision, signals=signals, run_dir=run_dir, task=task,
+              spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
+              checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
+              model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup)
+    startup.mark("run_dir_and_optimizer")
+    resume(run)
+    startup.mark("resume")
+    if run.nothing_left is not None:
+        return run
+    apply_options(optimizer, scheduler, cfg.optim, run.start)  # O(1) at any step; the options in force now
+    if not run.progress.config_history:
+        run.progress.config_history.append({"step": run.start, "config": config})
+    run.feed.start(run.start)
+
+    run.write_agreed({"config.json": config, "config_history.json": run.progress.config_history})
+    # a fresh start over what a run killed before its first checkpoint logged: hide those curves
+    purge = run.start + 1 if run.resumed_from else (1 if (run.path / "tensorboard").is_dir() else None)
+    start_tracking(accelerator, cfg.flat(), purge_step=purge)
+    run.say(f"distseq: world_size={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
+            f"device={accelerator.device} sharding={sharding} precision={precision.name} ({precision.reason}) "
+            f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} global_batch={layout.global_batch} "
+            f"run_dir={run.path}")
+    if sharded:
+        run.say(f"distseq: {sharded}")
+    if files is not None:
+        run.say(f"distseq: data: {files.rows} rows in {len(files.files)} file(s); one epoch = "
+                f"{files.rows / layout.global_batch:.6g} steps of {layout.global_batch}, reshuffled each epoch")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    run.clock = TrainingClock(run.progress.train_seconds, run.progress.wall_seconds)  # evaluation, saves pause it
+    run.logger = StepLogger(cfg.log, accelerator=accelerator, max_steps=t.max_steps, global_batch=layout.global_batch,
+                            start=run.start, clock=run.clock, flops_per_token=run.flops_per_token,
+                            per_step=task.head == "per-step", tokens_before=run.progress.tokens)
+    cleanup.callback(run.logger.close)
+    held_out = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
+                            eval_batch_size(task, spec))
+    run.evaluator = Evaluator(t, accelerator=accelerator, model=model, task=task, batches=held_out,
+                              expected=d.eval_size, variable_length=spec.variable, clock=run.clock,
+                              history=run.progress.eval_history, emit=run.logger.emit)
+    run.profiler = StepProfiler(cfg.profile_range(), run.path, rank, accelerator.device)
+    run.accounting = Accounting(run.start * layout.global_batch, world) if t.verify_data else None
+    startup.mark("data_pipeline")
+    return run
+
+
+def open_files(cfg: TrainConfig) -> Optional[FileIndex]:
+    """The index of --data-files (built where missing or stale), None for the synthetic stream or
+    --data-streaming. Before the Accelerator exists, so the launch's RANK says who prints."""
+    d = cfg.data
+    if not d.data_files or d.data_streaming:
+        return None
+    main = os.environ.get("RANK", "0") == "0"
+    index = open_index(resolve_files(d.data_files), TASKS[d.task], cfg.task_spec(), d.sequence_column,
+                       d.label_column, d.data_cache, say=(lambda line: print(line, flush=True)) if main else
+                       (lambda line: None), progress=main and show_progress(cfg.log.progress))
+    return index.open()
