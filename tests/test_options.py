@@ -95,13 +95,15 @@ def test_options_are_read_and_set_like_fields_with_the_owners_defaults():
     assert "positions" not in cfg.to_dict()["model"]  # not the LSTM's
     with pytest.raises(AttributeError, match="no registered model declares such an option"):
         cfg.model.hiden_size = 3
-    cfg.model.kind = "decoder"
+    cfg.model.kind = "decoder"  # another model: its own options start from its defaults
+    assert cfg.model.options == {} and cfg.model.positions == "sinusoidal"
+    cfg.model.bidirectional = True  # set for the decoder now: refused, never ignored
     with pytest.raises(ConfigError, match=r"--bidirectional: is not an option of --model decoder \(its own options: "
                                           r"--num-heads, --positions, --tie-embeddings\); it belongs to --model gru, "
                                           r"lstm, rnn"):
         cfg.validate()
-    cfg.model.options.clear()
-    assert cfg.model.positions == "sinusoidal" and cfg.validate().task_spec().seq_len == 10
+    del cfg.model.options["bidirectional"]
+    assert cfg.validate().task_spec().seq_len == 10
     mqar = preset("mqar")
     assert mqar.task_spec().num_kv_pairs == 8 and mqar.data.num_kv_pairs == 8
 

@@ -44,11 +44,11 @@ TRAIN = ["--task", "max-feature", "--model", "mean-mlp", "--hidden-size", "32", 
 @pytest.mark.multiproc
 def test_the_readme_plugin_trains_on_two_processes_checks_exports_and_loads(plugin, tmp_path):
     run = tmp_path / "run"
-    proc = accelerate_launch(two_process_args(), ["train", "--import", str(plugin), *TRAIN, "--pool", "max",
+    proc = accelerate_launch(two_process_args(), ["train", "--import", str(plugin), *TRAIN, "--pool", "sum",
                                                   "--verify-data", "--run-dir", str(run)], timeout=240)
     assert_ok(proc)
     result = summary(run)
-    assert json.loads((run / "config.json").read_text())["model"]["pool"] == "max"
+    assert json.loads((run / "config.json").read_text())["model"]["pool"] == "sum"
     assert result["world_size"] == 2 and result["step"] == 60 and result["task"] == "max-feature"
     assert result["model"] == "mean-mlp" and result["data_accounting"]["checked_until"] == 60 * 64
     assert result["eval/accuracy"] > 0.8  # chance is 0.25
@@ -66,7 +66,7 @@ def test_the_readme_plugin_trains_on_two_processes_checks_exports_and_loads(plug
         f"model = distseq.load_model(r'{tmp_path / 'exported'}')\n"
         "x = torch.randn(5, 10, 4, generator=torch.Generator().manual_seed(0))\n"
         "print(model(x).argmax(-1).tolist())\n"
-        "assert model.pool == 'max' and model.distseq_config['model']['pool'] == 'max'\n"
+        "assert model.pool == 'sum' and model.distseq_config['model']['pool'] == 'sum'\n"
         "assert 'accelerate' not in sys.modules and 'distseq.training.loop' not in sys.modules\n"
     )
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
@@ -161,32 +161,32 @@ def test_a_plugin_models_own_option_is_an_option_like_any_other(plugin, tmp_path
     shown = run_main(["train", "--import", plugin, "--help"], capsys)
     assert shown.returncode == 0
     unwrapped = "".join(shown.stdout.split())  # argparse wraps lines, at hyphens too
-    assert "--pool{mean,max}howthestepsarepooledbeforetheMLP(--modelmean-mlp;defaultmean)" in unwrapped
+    assert "--pool{mean,sum}howthestepsarepooledbeforetheMLP(--modelmean-mlp;defaultmean)" in unwrapped
     args = ["train", "--import", plugin, *TRAIN[:4], "--max-steps", "4", "--log-every", "2", "--eval-size", "64",
             "--global-batch-size", "32", "--no-progress"]
     bad = run_main([*args, "--pool", "median", "--run-dir", tmp_path / "bad"], capsys)
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "distseq train: error: --pool: invalid choice 'median' (choose from mean, max) [an option of --model mean-mlp]")
+        "distseq train: error: --pool: invalid choice 'median' (choose from mean, sum) [an option of --model mean-mlp]")
     assert not (tmp_path / "bad").exists()
     config = tmp_path / "c.yaml"
-    config.write_text("model:\n  pool: max\n")
+    config.write_text("model:\n  pool: sum\n")
     run = tmp_path / "run"
     done = run_main([*args, "--config", config, "--run-dir", run], capsys)
     assert_ok(done)
-    assert json.loads((run / "config.json").read_text())["model"]["pool"] == "max"
+    assert json.loads((run / "config.json").read_text())["model"]["pool"] == "sum"
     meta = json.loads((run / "checkpoints" / "step-00000004" / "meta.json").read_text())
-    assert meta["config"]["model"]["pool"] == "max"
+    assert meta["config"]["model"]["pool"] == "sum"
     refused = run_main([*args, "--max-steps", "6", "--run-dir", run], capsys)  # the default is mean
     assert refused.returncode == 2 and refused.stderr.strip().endswith(
-        "step-00000004 was written with --pool max; this run has mean (resume with the same value, or --resume "
+        "step-00000004 was written with --pool sum; this run has mean (resume with the same value, or --resume "
         "never in a new --run-dir)")
-    resumed = run_main([*args, "--max-steps", "6", "--pool", "max", "--run-dir", run], capsys)
+    resumed = run_main([*args, "--max-steps", "6", "--pool", "sum", "--run-dir", run], capsys)
     assert_ok(resumed)
     assert summary(run)["step"] == 6
 
 
 def test_an_option_of_another_model_is_refused_naming_its_owners(plugin, tmp_path, capsys):
-    result = run_main(["train", "--import", plugin, "--model", "lstm", "--pool", "max", "--run-dir", tmp_path], capsys)
+    result = run_main(["train", "--import", plugin, "--model", "lstm", "--pool", "sum", "--run-dir", tmp_path], capsys)
     assert result.returncode == 2 and result.stderr.strip() == (
         "distseq train: error: --pool: is not an option of --model lstm (its own options: --bidirectional); it "
         "belongs to --model mean-mlp")

@@ -305,6 +305,6 @@ def test_a_hung_rank_fails_the_other_within_the_timeout(tmp_path):
     assert f"this rank's Python stacks are in {stacks}" in err
     text = stacks.read_text()
     assert text.startswith("distseq: rank 0 of 2, pid ") and "Where this rank waited" in text
-    assert 'distseq/loop.py", line' in text and "in run_loop" in text and "Timed out" in text
+    assert 'distseq/training/loop.py", line' in text and "in run_loop" in text and "Timed out" in text
     assert "Every thread of this process now:" in text and "(most recent call first)" in text
     assert not (tmp_path / "run" / "hang-rank1.txt").exists()  # the frozen rank wrote nothing: the culprit

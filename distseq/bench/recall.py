@@ -97,10 +97,9 @@ def mqar_runs(quick: bool, log: Callable[[str], None]) -> Dict:
     configs: Dict[str, dict] = {}
     for model in MQAR_MODELS:
         for m in pairs:
-            # the LSTM: the preset's depth and width; it has no position encoding (rope is the decoder's)
-            model_fields = {"kind": model} if model == "decoder" else {"kind": model, "positions": "sinusoidal"}
+            # the LSTM: the preset's depth and width (the decoder's heads and rotary positions are its own)
             cfg = _config("mqar", _merge(base, {"data": {"num_kv_pairs": m, "seq_len": max(min_len, 4 * m)},
-                                        "model": model_fields}))
+                                        "model": {"kind": model}}))
             summary = _train(cfg)
             rows.append({"model": model, "num_kv_pairs": m, "seq_len": cfg.data.seq_len,
                          "accuracy": summary["eval/accuracy"], "sequence_accuracy": summary["eval/sequence_accuracy"],

@@ -21,7 +21,7 @@ import torch
 from distseq.config import DataConfig
 from distseq.data.stream import Layout, SampleSource, micro_batches, steps_per_example, train_loader
 from distseq.registry import TASKS
-from distseq.tasks import TaskSpec
+from distseq.tasks import TaskSpec, spec_for
 
 SEEK_POSITION = 10**12
 TOKEN_SEQ_LEN = 2048
@@ -130,7 +130,7 @@ def token_stream_benchmark(seconds: float, warm: bool = True, seq_len: int = TOK
     torch.set_num_threads(1)
     try:
         for name, shape in TOKEN_SHAPES.items():
-            spec = TaskSpec(seq_len, seq_len, **shape)
+            spec = spec_for(name, seq_len, **shape)
             before = _randint_tokens_per_sec(spec.vocab_size, block, seq_len, seconds / 4)
             make = _make_tokens_per_sec(name, spec, block, seconds / 2)
             stream = _stream_tokens_per_sec(name, spec, micro_batch, seconds, warm)
@@ -207,7 +207,7 @@ def stream_benchmark(seconds: float = 2.0, seq_len: int = 10, micro_batch: int =
     for name, task in TASKS.items():
         if task.tokens:  # measured at their own length, in tokens/s (token_stream_benchmark)
             continue
-        task_spec = TaskSpec(max(seq_len, 11), max(seq_len, 11)) if name == "copy" else spec
+        task_spec = spec_for(name, max(seq_len, 11)) if name == "copy" else spec
         reference = samples_per_sec(lambda: _raw_blocks(task_spec, task.num_features(task_spec), block), block, seconds / 2)
         stream = samples_per_sec(lambda: _stream(name, task_spec, micro_batch, 0), micro_batch, seconds / 2)
         tasks[name] = {"stream_ratio": stream / reference, "stream_samples_per_sec": stream,

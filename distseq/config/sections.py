@@ -31,8 +31,10 @@ def component_options() -> Any:
 class _OwnsOptions:
     """A section whose chosen component (the task, the model) may declare options of its own (a dataclass
     given at registration). They are set and read like fields; ``options`` holds those set explicitly, by
-    name, and the chosen component's defaults fill in the rest. A name no registered component declares
-    is an AttributeError, as a misspelt field is."""
+    name, and the chosen component's defaults fill in the rest. Choosing another component starts from its
+    defaults (the options set so far were the previous one's); an option set afterwards that it does not
+    declare is refused at validation. A name no registered component declares is an AttributeError, as a
+    misspelt field is."""
 
     __slots__ = ()
     _component: str = ""  # the field naming the chosen component
@@ -64,6 +66,8 @@ class _OwnsOptions:
                              f"{self.component()!r} declares no such option")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == self._component and hasattr(self, "options") and value != getattr(self, name):
+            self.options.clear()  # another task or model: its own options start from its defaults
         if name in section_fields(type(self)) or name == "options":
             object.__setattr__(self, name, value)
         elif name in self._registry.declared_options():

@@ -1,10 +1,11 @@
 """Where a configuration comes from: a preset, then a config file, then the command line.
 
-``from_sources`` applies them in that order of precedence. A preset's task and model options belong
-to the preset's task and model: choosing another task or model (in the file or on the command line)
-starts from that one's defaults, so ``--preset mqar --model lstm`` trains an LSTM on the preset's
-data without the decoder's ``--positions``. An option given explicitly is never dropped: one the
-chosen component does not declare is a one-line error at validation.
+``from_sources`` applies them in that order of precedence, each source's choice of task and model
+before its options. A preset's task and model options belong to the preset's task and model: choosing
+another task or model starts from that one's defaults (``_OwnsOptions``), so ``--preset mqar --model
+lstm`` trains an LSTM on the preset's data without the decoder's ``--positions``. An option given
+explicitly is never dropped: one the chosen component does not declare is a one-line error at
+validation.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ def from_sources(preset_name: str, mapping: Optional[dict] = None, source: str =
     """``preset_name``, then ``mapping`` (a config file's sections, read from ``source``), then
     ``overrides`` (``{"section.name": value}``, the command line's)."""
     cfg = preset(preset_name)
-    mapping, overrides = mapping or {}, overrides or {}
-    for section, chooser in COMPONENT_FIELDS.items():
-        current = getattr(getattr(cfg, section), chooser)
-        from_file = mapping.get(section, {}).get(chooser, current) if isinstance(mapping.get(section), dict) else current
-        if overrides.get(f"{section}.{chooser}", from_file) != current:
-            getattr(cfg, section).options.clear()  # the preset's options were its own component's
+    mapping, overrides = dict(mapping or {}), dict(overrides or {})
+    for section, chooser in COMPONENT_FIELDS.items():  # the task and model chosen, before anyone's options
+        from_file = mapping.get(section, {}).get(chooser) if isinstance(mapping.get(section), dict) else None
+        chosen = overrides.pop(f"{section}.{chooser}", from_file)
+        if chosen is not None:
+            setattr(getattr(cfg, section), chooser, chosen)
+            if from_file is not None:
+                mapping[section] = {k: v for k, v in mapping[section].items() if k != chooser}
     apply_mapping(cfg, mapping, source)
     for key, value in overrides.items():
         section, name = key.split(".")

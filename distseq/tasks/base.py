@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from distseq.options import facts
 from distseq.registry import TASKS
 from distseq.tasks.heads import HEADS, per_step_scores
 
@@ -54,6 +55,15 @@ class TaskSpec:
         """Keyword arguments that rebuild this spec: ``TaskSpec(**spec.as_dict())``."""
         return {"seq_len": self.seq_len, "min_seq_len": self.min_seq_len, "vocab_size": self.vocab_size,
                 **dict(self.options)}
+
+
+def spec_for(task: str, seq_len: int, min_seq_len: Optional[int] = None, vocab_size: int = 8,
+             **options: Any) -> TaskSpec:
+    """A TaskSpec for the registered ``task``: its own options' defaults, then ``options`` (for code that
+    draws a task's samples outside a run: benchmarks, tests)."""
+    declared = TASKS.options(task)
+    own = {f.name: f.default for f in facts(declared)} if declared is not None else {}
+    return TaskSpec(seq_len, min_seq_len or seq_len, vocab_size, **{**own, **options})
 
 
 @dataclass(frozen=True)
