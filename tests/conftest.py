@@ -1,19 +1,26 @@
-"""Helpers shared by the tests: run distseq as real processes, read what a run wrote."""
+"""Helpers shared by the tests: run distseq in this process or as real processes, follow a process line by
+line, read what a run wrote."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable, List, Optional
 
+import psutil
 import pytest
+import torch
 
 from distseq.distributed.accelerator import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--max-steps", "6", "--log-every", "2", "--eval-every", "3", "--eval-size", "256", "--no-progress"]
+DISTSEQ = [sys.executable, "-m", "distseq.cli"]
 
 
 def cpu_env(**extra) -> dict:
@@ -31,17 +38,148 @@ def run_distseq(args, *, timeout: float = 240, env=None) -> subprocess.Completed
     )
 
 
-def run_main(args, capsys) -> subprocess.CompletedProcess:
-    """``distseq ARGS`` in this process (no interpreter start: seconds faster than ``run_distseq``)."""
+class Started:
+    """A process a test started (``distseq ...``, a launcher, torchrun), followed line by line.
+
+    stdout and stderr go to files under ``logs`` (no pipe can fill up and stall it); ``wait_for_line``
+    polls them. Leaving the ``with`` block, or ``close()``, kills whatever it started that still runs,
+    its children first (torchrun and distseq launch start ranks in sessions of their own).
+    ``session``: a process group of its own, as a terminal's foreground job; ``signals``: the dispositions
+    it starts with, e.g. ``{"SIGINT": signal.SIG_DFL}`` (a background job of a non-interactive shell
+    inherits SIGINT ignored, and distseq keeps an inherited SIG_IGN)."""
+
+    def __init__(self, cmd: List[str], logs: Path, *, env=None, session: bool = False, signals: Optional[dict] = None):
+        logs.mkdir(parents=True, exist_ok=True)
+        stem = f"process-{len(list(logs.glob('process-*.out')))}"
+        self.stdout_path, self.stderr_path = logs / f"{stem}.out", logs / f"{stem}.err"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.popen = subprocess.Popen(
+                [str(a) for a in cmd], stdout=out, stderr=err, text=True, env=env or cpu_env(), cwd=REPO,
+                start_new_session=session, preexec_fn=disposition(**signals) if signals else None)
+        self.pid, self.seen = self.popen.pid, []
+
+    def __enter__(self) -> "Started":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def output(self):
+        return self.stdout_path.read_text(), self.stderr_path.read_text()
+
+    def describe(self) -> str:
+        out, err = self.output()
+        return f"exit {self.popen.poll()}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+
+    def wait_for_line(self, prefix: str, timeout: float = 180) -> str:
+        """The first whole stdout line starting with ``prefix`` (each is flushed), once it is there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [line for line in self.output()[0].splitlines(keepends=True)
+                     if line.startswith(prefix) and line.endswith("\n")]
+            if found:
+                self.seen += self.children()  # ranks start in sessions of their own: remember them
+                return found[0]
+            if self.popen.poll() is not None:
+                pytest.fail(f"the process ended before printing {prefix!r}: {self.describe()}")
+            time.sleep(0.05)
+        pytest.fail(f"no line starting with {prefix!r} within {timeout:.0f} s: {self.describe()}")
+
+    def children(self) -> list:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def ranks(self) -> list:
+        """The rank processes under a launcher: its children running distseq.cli (one ending now counts)."""
+        found = []
+        for child in self.children():
+            try:
+                if "distseq.cli" in " ".join(child.cmdline()):
+                    found.append(child)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                found.append(child)
+        return found
+
+    def send_signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def finish(self, timeout: float = 180) -> subprocess.CompletedProcess:
+        """Its exit code, stdout and stderr once it has exited (a test failure naming what still runs after
+        ``timeout`` seconds)."""
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            alive = [rank.pid for rank in self.ranks()]
+            self.close()
+            pytest.fail(f"did not exit within {timeout:.0f} s (rank processes still running: {alive})\n"
+                        f"{self.describe()}")
+        return subprocess.CompletedProcess(self.popen.args, self.popen.returncode, *self.output())
+
+    def close(self) -> None:
+        started = self.children() + self.seen
+        for process in started:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(started, timeout=10)
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(timeout=30)
+
+
+def disposition(**handlers):
+    """A preexec_fn that sets the child's signal dispositions, e.g. ``SIGINT=signal.SIG_DFL``."""
+    def apply():
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
+    return apply
+
+
+def run_until(cmd: List[str], prefix: str, act: Callable[[Started], None], logs: Path, *, timeout: float = 180,
+              **start) -> subprocess.CompletedProcess:
+    """Run ``cmd``; once a stdout line starts with ``prefix``, call ``act(process)``; its outcome once it ends.
+    Whatever it started is killed at the end, however the test ends."""
+    with Started(cmd, logs, **start) as process:
+        process.wait_for_line(prefix, timeout)
+        act(process)
+        return process.finish(timeout)
+
+
+def weights_at(run_dir, step: int) -> dict:
+    """The whole weights of ``run_dir``'s checkpoint of ``step``."""
+    return checkpoint_weights(Path(run_dir) / "checkpoints" / f"step-{step:08d}")
+
+
+def assert_bit_identical(got: dict, want: dict) -> None:
+    """Bit-identical: the same names, each tensor equal to the last bit."""
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def run_here(args) -> subprocess.CompletedProcess:
+    """``distseq ARGS`` in this process, its output captured (no interpreter start: seconds faster than
+    ``run_distseq``). For what a process's own start and end do not change: a run's outcome and files."""
+    import contextlib
+    import io
+
     from distseq.cli import main
 
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_main(args, capsys=None) -> subprocess.CompletedProcess:
+    """``run_here``; ``capsys`` is not needed (kept for the tests that pass it)."""
+    return run_here(args)
 
 
 def accelerate_launch(launch_args, args, *, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -110,6 +248,14 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("multiproc"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test computes on one thread, as every process the tests start does (cpu_env): the results of
+    in-process and launched runs are then bit-comparable, and two test workers (xdist) share two cores."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, assert_ok, run_distseq
+from conftest import TINY, assert_ok, run_here
 from distseq.cli import main
 
 CKPT = "checkpoints/step-00000006"
@@ -258,7 +258,7 @@ def tree_hash(root: Path) -> str:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
-    assert_ok(run_distseq(["train", "--run-dir", str(run), "--hidden-size", "16", "--global-batch-size", "64", *TINY]))
+    assert_ok(run_here(["train", "--run-dir", str(run), "--hidden-size", "16", "--global-batch-size", "64", *TINY]))
     return run
 
 

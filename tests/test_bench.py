@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from conftest import assert_ok, run_distseq, summary
+from conftest import assert_ok, run_here, summary
 from distseq.bench import GOALS, SUITE_NAMES
 from distseq.bench.report import PLOTS_HINT, write_report
 
@@ -27,7 +27,7 @@ def finite(value) -> bool:
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = run_distseq(["bench", "--quick", "--out", str(out)], timeout=600)
+    proc = run_here(["bench", "--quick", "--out", str(out)])
     assert_ok(proc)
     return out, proc
 
@@ -134,7 +134,7 @@ def test_report_without_matplotlib_says_how_to_get_plots(quick_bench, tmp_path, 
 
 
 def test_profile_steps_writes_a_trace_and_the_shares(tmp_path):
-    proc = run_distseq(["train", "--run-dir", str(tmp_path), "--max-steps", "8", "--eval-every", "0",
+    proc = run_here(["train", "--run-dir", str(tmp_path), "--max-steps", "8", "--eval-every", "0",
                         "--eval-size", "256", "--log-every", "4", "--no-progress", "--profile-steps", "2:6"])
     assert_ok(proc)
     traces = list((tmp_path / "tensorboard" / "profile").glob("rank0.*.pt.trace.json"))
@@ -151,7 +151,7 @@ def test_profile_steps_writes_a_trace_and_the_shares(tmp_path):
 
 
 def test_summary_counts_training_time_without_evaluation(tmp_path):
-    assert_ok(run_distseq(["train", "--run-dir", str(tmp_path), "--max-steps", "40", "--eval-every", "10",
+    assert_ok(run_here(["train", "--run-dir", str(tmp_path), "--max-steps", "40", "--eval-every", "10",
                            "--eval-size", "256", "--no-progress"]))
     result = summary(tmp_path)
     history = result["eval_history"]
@@ -164,15 +164,15 @@ def test_summary_counts_training_time_without_evaluation(tmp_path):
 
 def test_a_run_resumed_inside_the_profiled_range_profiles_from_its_first_step(tmp_path):
     common = ["train", "--run-dir", str(tmp_path), "--eval-size", "256", "--no-progress"]
-    assert_ok(run_distseq([*common, "--max-steps", "4"]))
-    proc = run_distseq([*common, "--max-steps", "8", "--profile-steps", "2:6"])
+    assert_ok(run_here([*common, "--max-steps", "4"]))
+    proc = run_here([*common, "--max-steps", "8", "--profile-steps", "2:6"])
     assert_ok(proc)
     assert "resuming from" in proc.stdout and "profiled steps 5..6" in proc.stdout
     assert json.loads((tmp_path / "profile.json").read_text())["steps"] == [4, 6]
 
 
 def test_bench_quick_checkpoint_suite_measures_sync_async_and_a_resharded_load(tmp_path):
-    proc = run_distseq(["bench", "checkpoint", "--quick", "--out", str(tmp_path)], timeout=300)
+    proc = run_here(["bench", "checkpoint", "--quick", "--out", str(tmp_path)])
     assert_ok(proc)
     result = json.loads((tmp_path / "checkpoint.json").read_text())
     bench = json.loads((tmp_path / "bench.json").read_text())

@@ -13,7 +13,7 @@ from distseq.data.stream import SampleSource
 from distseq.errors import ConfigError
 from distseq.registry import TASKS
 
-from conftest import cpu_env, run_distseq
+from conftest import cpu_env, run_distseq, run_here
 
 BUILTINS = sorted(TASKS)
 # small token shapes that still exercise every part: 3 pairs fill all 3 query slots of mqar's 12 steps
@@ -222,7 +222,7 @@ def test_a_task_depending_on_n_keeps_the_contract(register):
 
 # --- the command line ----------------------------------------------------------------------------------
 def test_cli_check_task_prints_one_ok_line_per_property():
-    result = run_distseq(["check-task", "sum-sign"], timeout=120)
+    result = run_here(["check-task", "sum-sign"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(PROPERTIES) + 1

@@ -1,10 +1,9 @@
 """The command line: help explains every option; a bad value is one line naming the option, exit 2."""
 
-import dataclasses
 
 import pytest
 
-from conftest import run_distseq
+from conftest import run_distseq, run_here
 from distseq.cli import main
 from distseq.config import SECTIONS, TrainConfig
 from distseq.errors import ConfigError
@@ -103,5 +102,5 @@ def test_help_explains_every_option(capsys):
 
 
 def test_top_level_help_lists_commands():
-    proc = run_distseq(["--help"])
+    proc = run_here(["--help"])
     assert proc.returncode == 0 and "train" in proc.stdout and "distseq launch" in proc.stdout

@@ -3,16 +3,14 @@ bit-exact recovery, clear row errors) and --data-streaming (one pass, lockstep e
 
 import json
 import signal
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary,
-                      two_process_args)
+from conftest import (DISTSEQ, REPO, accelerate_launch, assert_bit_identical, assert_ok, free_port, run_here,
+                      run_until, summary, two_process_args, weights_at)
 from distseq.data.verify import Digest
 from distseq.cli import main
 from distseq.data.streaming import FileStream
@@ -40,14 +38,6 @@ def file_args(files, run_dir, *extra):
             "--eval-every", "0", "--log-every", "2", "--no-progress", "--run-dir", str(run_dir), *extra]
 
 
-def weights(run_dir, step):
-    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def run_in_process(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -63,7 +53,7 @@ def test_files_cycle_over_epochs_the_same_from_jsonl_and_parquet(tmp_path):
     runs = {}
     for name, path in (("jsonl", jsonl), ("parquet", parquet)):
         runs[name] = tmp_path / name
-        proc = run_distseq(file_args([path], runs[name], "--max-steps", "10", "--verify-data"))
+        proc = run_here(file_args([path], runs[name], "--max-steps", "10", "--verify-data"))
         assert_ok(proc)
         assert "distseq: data: 70 rows in 1 file(s); one epoch = 4.375 steps of 16, reshuffled each epoch" in proc.stdout
         result = summary(runs[name])
@@ -72,27 +62,27 @@ def test_files_cycle_over_epochs_the_same_from_jsonl_and_parquet(tmp_path):
         meta = json.loads((runs[name] / "checkpoints" / "step-00000010" / "meta.json").read_text())
         assert meta["data"]["rows"] == 70 and meta["data"]["files"] == 1
     assert proc.stdout.count("indexing") == 1  # a new file's index is built once, with one line
-    assert_bit_identical(weights(runs["jsonl"], 10), weights(runs["parquet"], 10))
+    assert_bit_identical(weights_at(runs["jsonl"], 10), weights_at(runs["parquet"], 10))
 
 
 def test_the_index_is_built_once_and_reused(tmp_path):
     data = write_jsonl(tmp_path / "a.jsonl", 40)
-    first = run_distseq(file_args([data], tmp_path / "one", "--max-steps", "2"))
-    second = run_distseq(file_args([data], tmp_path / "two", "--max-steps", "2"))
+    first = run_here(file_args([data], tmp_path / "one", "--max-steps", "2"))
+    second = run_here(file_args([data], tmp_path / "two", "--max-steps", "2"))
     assert_ok(first), assert_ok(second)
     assert "distseq: indexing 1 of 1 data file(s)" in first.stdout and "indexed 40 rows" in first.stdout
     assert "indexing" not in second.stdout and "indexed" not in second.stdout
     data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])  # one more row
-    third = run_distseq(file_args([data], tmp_path / "three", "--max-steps", "2"))
+    third = run_here(file_args([data], tmp_path / "three", "--max-steps", "2"))
     assert_ok(third)
     assert f"distseq: {data} changed size" in third.stdout and "indexed 41 rows" in third.stdout
 
 
 def test_a_file_changed_since_the_checkpoint_refuses_the_resume(tmp_path):
     data, run_dir = write_jsonl(tmp_path / "a.jsonl", 40), tmp_path / "run"
-    assert_ok(run_distseq(file_args([data], run_dir, "--max-steps", "4")))
+    assert_ok(run_here(file_args([data], run_dir, "--max-steps", "4")))
     write_jsonl(data, 40, seed=7)  # same rows count, other values
-    proc = run_distseq(file_args([data], run_dir, "--max-steps", "8"))
+    proc = run_here(file_args([data], run_dir, "--max-steps", "8"))
     assert proc.returncode == 2
     line, = proc.stderr.strip().splitlines()
     assert f"{run_dir / 'checkpoints' / 'step-00000004'} was trained on other data: 40 rows in 1 file(s)" in line
@@ -102,14 +92,13 @@ def test_a_file_changed_under_a_running_job_stops_it_without_saving(tmp_path):
     data, run_dir = write_jsonl(tmp_path / "a.jsonl", 40), tmp_path / "run"
     args = file_args([data], run_dir, "--max-steps", "600", "--checkpoint-every", "300", "--log-every", "1",
                      "--hidden-size", "8")
-    proc = subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
-    for line in proc.stdout:
-        if line.startswith("step=2/"):
-            with open(data, "a") as handle:
-                handle.write(data.read_text().splitlines(keepends=True)[0])
-            break
-    _, err = proc.communicate(timeout=180)
+
+    def append_a_row(process) -> None:
+        with open(data, "a") as handle:
+            handle.write(data.read_text().splitlines(keepends=True)[0])
+
+    proc = run_until([*DISTSEQ, *args], "step=2/", append_a_row, tmp_path / "logs")
+    err = proc.stderr
     assert proc.returncode == 2, err
     line, = err.strip().splitlines()
     assert f"{data} changed size" in line and "while this run trained on it; stopped at step 300 without saving" in line
@@ -123,20 +112,15 @@ def test_killed_file_run_resumes_bit_exact(tmp_path):
     args = ["--max-steps", "24", "--checkpoint-every", "4", "--log-every", "1", "--num-workers", "1",
             "--precision", "no"]
     reference = tmp_path / "reference"
-    assert_ok(run_distseq(file_args([data], reference, *args)))
+    assert_ok(run_here(file_args([data], reference, *args)))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "distseq.cli", *file_args([data], run_dir, *args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
-    for line in proc.stdout:
-        if line.startswith("step=10/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=120)
+    proc = run_until([*DISTSEQ, *file_args([data], run_dir, *args)], "step=10/",
+                     lambda p: p.send_signal(signal.SIGKILL), tmp_path / "logs")
     assert proc.returncode == -signal.SIGKILL
-    rerun = run_distseq(file_args([data], run_dir, *args))
+    rerun = run_here(file_args([data], run_dir, *args))
     assert_ok(rerun)
     assert "resuming from" in rerun.stdout and "step 8" in rerun.stdout
-    assert_bit_identical(weights(run_dir, 24), weights(reference, 24))
+    assert_bit_identical(weights_at(run_dir, 24), weights_at(reference, 24))
 
 
 @pytest.mark.slow
@@ -148,12 +132,12 @@ def test_elastic_resume_on_files_continues_at_the_next_sample(tmp_path):
     common = ["--global-batch-size", "12", "--verify-data", "--precision", "no", "--checkpoint-every", "0",
               "--hidden-size", "16", "--log-every", "1"]
     reference = tmp_path / "reference"
-    assert_ok(run_distseq(file_args(files, reference, *common, "--max-steps", "16")))
+    assert_ok(run_here(file_args(files, reference, *common, "--max-steps", "16")))
     run_dir = tmp_path / "run"
     for part, (world, until) in enumerate([(2, 4), (1, 8), (3, 12), (2, 16)]):
         args = file_args(files, run_dir, *common, "--max-steps", str(until))
         if world == 1:
-            proc = run_distseq(args)
+            proc = run_here(args)
         else:
             launch = ["--multi_gpu", "--num_processes", str(world), "--num_machines", "1", "--mixed_precision", "no",
                       "--dynamo_backend", "no", "--main_process_port", str(free_port())]
@@ -168,7 +152,7 @@ def test_elastic_resume_on_files_continues_at_the_next_sample(tmp_path):
         for digest in per_rank[1:]:
             merged = merged.merge(digest)
         assert merged == Digest.of_range(start * 12, until * 12), part
-    end, expected = weights(run_dir, 16), weights(reference, 16)
+    end, expected = weights_at(run_dir, 16), weights_at(reference, 16)
     for key in expected:
         torch.testing.assert_close(end[key], expected[key], rtol=1e-4, atol=1e-5)
 
@@ -223,12 +207,12 @@ def test_data_streaming_needs_data_files(tmp_path, capsys):
 # --- --data-streaming ------------------------------------------------------------------------------
 def test_streamed_jsonl_and_parquet_train_until_the_rows_run_out(tmp_path):
     jsonl = write_jsonl(tmp_path / "a.jsonl", 70)
-    proc = run_distseq(file_args([jsonl], tmp_path / "run", "--data-streaming"))
+    proc = run_here(file_args([jsonl], tmp_path / "run", "--data-streaming"))
     assert_ok(proc)
     assert summary(tmp_path / "run")["step"] == 4  # 70 rows // 16 per step; the 6 left over are dropped
     assert "data files used up after step 4" in proc.stdout
     parquet = jsonl_to_parquet(jsonl, tmp_path / "a.parquet")
-    assert_ok(run_distseq(file_args([parquet], tmp_path / "pq", "--data-streaming")))
+    assert_ok(run_here(file_args([parquet], tmp_path / "pq", "--data-streaming")))
     assert summary(tmp_path / "pq")["step"] == 4
 
 
@@ -289,7 +273,7 @@ def test_a_bad_streamed_row_on_one_rank_stops_both_without_a_hang(tmp_path):
 @pytest.mark.multiproc
 def test_a_streamed_run_resumes_only_on_the_same_process_count(tmp_path):
     data, run_dir = write_jsonl(tmp_path / "a.jsonl", 200), tmp_path / "run"
-    assert_ok(run_distseq(file_args([data], run_dir, "--data-streaming", "--max-steps", "2")))
+    assert_ok(run_here(file_args([data], run_dir, "--data-streaming", "--max-steps", "2")))
     proc = accelerate_launch(two_process_args(), file_args([data], run_dir, "--data-streaming", "--max-steps", "4"),
                              timeout=180)
     assert proc.returncode != 0
@@ -300,17 +284,17 @@ def test_a_checkpoint_from_before_the_index_resumes_streamed(tmp_path):
     """A --data-files checkpoint written before --data-streaming existed (its config lacks the option):
     its files were streamed, so it resumes with --data-streaming and is refused, naming it, without."""
     data, run_dir = write_jsonl(tmp_path / "a.jsonl", 200), tmp_path / "run"
-    assert_ok(run_distseq(file_args([data], run_dir, "--data-streaming", "--max-steps", "2")))
+    assert_ok(run_here(file_args([data], run_dir, "--data-streaming", "--max-steps", "2")))
     meta_path = run_dir / "checkpoints" / "step-00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
     del meta["config"]["data"]["data_streaming"], meta["config"]["data"]["data_cache"]
     meta_path.write_text(json.dumps(meta))
-    refused = run_distseq(file_args([data], run_dir, "--max-steps", "4"))
+    refused = run_here(file_args([data], run_dir, "--max-steps", "4"))
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith(f"{meta_path.parent} was written with --data-streaming True; this run "
                                            f"has False (resume with the same value, or --resume never in a new "
                                            f"--run-dir)")
-    resumed = run_distseq(file_args([data], run_dir, "--data-streaming", "--max-steps", "4"))
+    resumed = run_here(file_args([data], run_dir, "--data-streaming", "--max-steps", "4"))
     assert_ok(resumed)
     assert "resuming from" in resumed.stdout and summary(run_dir)["step"] == 4
 
@@ -321,7 +305,7 @@ def test_index_only_builds_the_index_and_writes_nothing_of_the_run(tmp_path, cap
     out = capsys.readouterr().out
     assert "distseq: indexing 1 of 1 data file(s)" in out and "distseq: index of 1 file(s) ready: 30 rows" in out
     assert not run_dir.exists()
-    proc = run_distseq(file_args([data], run_dir, "--max-steps", "2"))
+    proc = run_here(file_args([data], run_dir, "--max-steps", "2"))
     assert_ok(proc)
     assert "indexing" not in proc.stdout  # built already
     code, err = run_in_process(["train", "--index-only", "--run-dir", str(run_dir)], capsys)
@@ -330,10 +314,10 @@ def test_index_only_builds_the_index_and_writes_nothing_of_the_run(tmp_path, cap
 
 def test_a_files_run_resumed_without_its_files_is_refused(tmp_path):
     data, run_dir = write_jsonl(tmp_path / "a.jsonl", 40), tmp_path / "run"
-    assert_ok(run_distseq(file_args([data], run_dir, "--max-steps", "2")))
+    assert_ok(run_here(file_args([data], run_dir, "--max-steps", "2")))
     args = [a for a in file_args([data], run_dir, "--max-steps", "4") if a != str(data)]
     args.remove("--data-files")
-    proc = run_distseq(args)
+    proc = run_here(args)
     assert proc.returncode == 2
     assert f"was written with --data-files {data}; this run has None" in proc.stderr
 

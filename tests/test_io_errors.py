@@ -14,12 +14,13 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env, summary
+from conftest import DISTSEQ, REPO, cpu_env, run_until, summary
 from distseq.checkpoint.format import read_meta
 from distseq.cli import main
 
@@ -55,27 +56,12 @@ def tmpfs():
             subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def popen(args, wrap=()):
-    return subprocess.Popen([*wrap, sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
-
-
 def run_and_break(args, breaker, wrap=(), at="step=10/"):
     """Start training, call ``breaker()`` once stdout shows a line starting with ``at``; (exit, out, err)."""
-    proc = popen(args, wrap)
-    seen = []
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith(at):
-                breaker()
-                break
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-    return proc.returncode, "".join(seen) + out, err
+    logs = Path(tempfile.mkdtemp(prefix="distseq-io-"))
+    done = run_until([*wrap, *DISTSEQ, *args], at, lambda process: breaker(), logs, timeout=120)
+    shutil.rmtree(logs, ignore_errors=True)
+    return done.returncode, done.stdout, done.stderr
 
 
 def rerun(args, wrap=()):

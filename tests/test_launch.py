@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 
-from conftest import REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary
+from conftest import REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_here, summary
 from distseq.config import TrainConfig
 from distseq.training.precision import cpu_has_native_bf16, resolve_precision, runs_under
 
@@ -104,7 +104,7 @@ def test_two_nodes_on_loopback_train_together(tmp_path):
     result = summary(tmp_path / "two")
     assert result["world_size"] == 2 and result["backend"] == "gloo"
     assert [d["count"] for d in result["data_accounting"]["per_rank"]] == [96, 96]
-    assert_ok(run_distseq([*ARGS, "--run-dir", str(tmp_path / "one")]))
+    assert_ok(run_here([*ARGS, "--run-dir", str(tmp_path / "one")]))
     a = checkpoint_weights(tmp_path / "one" / "checkpoints" / "step-00000006")
     b = checkpoint_weights(tmp_path / "two" / "checkpoints" / "step-00000006")
     for key in a:
@@ -112,7 +112,7 @@ def test_two_nodes_on_loopback_train_together(tmp_path):
 
 
 def test_probe_table_covers_the_cpu_rows(tmp_path):
-    proc = run_distseq(["probe", "--hidden-size", "16", "--global-batch-size", "32", "--json", str(tmp_path / "p.json")])
+    proc = run_here(["probe", "--hidden-size", "16", "--global-batch-size", "32", "--json", str(tmp_path / "p.json")])
     assert_ok(proc)
     rows = {(r["model"], r["precision"]): r for r in json.loads((tmp_path / "p.json").read_text())}
     kinds = ("decoder", "rnn", "gru", "lstm", "transformer")
@@ -157,5 +157,5 @@ def test_gpu_check_says_when_there_is_no_gpu(tmp_path):
 
 
 def test_summary_reports_peak_memory(tmp_path):
-    assert_ok(run_distseq([*ARGS, "--run-dir", str(tmp_path / "run")]))
+    assert_ok(run_here([*ARGS, "--run-dir", str(tmp_path / "run")]))
     assert 50 < summary(tmp_path / "run")["peak_rss_mb"] < 8000

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_distseq, summary,
+from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_here, summary,
                       two_process_args)
 from distseq.data.verify import Digest
 
@@ -30,7 +30,7 @@ def files(run_dir):
 
 def test_two_processes_share_the_stream_and_only_rank_0_writes(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    assert_ok(run_distseq([*ARGS, "--run-dir", str(one)]))
+    assert_ok(run_here([*ARGS, "--run-dir", str(one)]))
     proc = accelerate_launch(two_process_args(), [*ARGS, "--run-dir", str(two)], timeout=180)
     assert_ok(proc)
 
@@ -94,7 +94,7 @@ def test_a_token_task_on_two_processes_counts_every_token_once(tmp_path):
                   "--eval-size", "64", "--global-batch-size", "16", "--no-progress", "--verify-data",
                   "--grad-clip", "0", "--precision", "no"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert_ok(run_distseq([*token_args, "--run-dir", str(one)]))
+    assert_ok(run_here([*token_args, "--run-dir", str(one)]))
     assert_ok(accelerate_launch(two_process_args(), [*token_args, "--run-dir", str(two)], timeout=180))
     first, second = summary(one), summary(two)
     assert second["world_size"] == 2 and first["world_size"] == 1

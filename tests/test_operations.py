@@ -13,11 +13,11 @@ import signal
 import subprocess
 import sys
 
-import psutil
 import pytest
 import torch
 
-from conftest import REPO, checkpoint_weights, cpu_env, run_main, scalars, summary
+from conftest import (REPO, Started, assert_bit_identical, cpu_env, run_main, run_until, scalars, summary,
+                      weights_at)
 from distseq.ops.stragglers import compare_ranks
 
 ARGS = ["--max-steps", "60", "--checkpoint-every", "10", "--log-every", "5", "--eval-every", "0", "--eval-size",
@@ -27,49 +27,15 @@ LAUNCH = [sys.executable, "-m", "distseq.cli", "launch"]
 TWO = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]  # 0: a free port
 
 
-def start(cmd, stderr, env=None) -> subprocess.Popen:
-    """A launcher in a process group of its own (as a terminal's foreground job), SIGINT at its default (a
-    background job of a shell would inherit it ignored); stderr to a file, so no pipe can fill up."""
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env or cpu_env(), cwd=REPO,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def ranks_of(launcher: subprocess.Popen) -> list:
-    """The rank processes under a launcher (torchrun starts them in sessions of their own)."""
-    return [p for p in psutil.Process(launcher.pid).children(recursive=True) if "distseq.cli" in " ".join(p.cmdline())]
-
-
-def run_until(cmd, line_start: str, act, tmp_path, env=None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run ``cmd``; when a stdout line starts with ``line_start``, call ``act(launcher)`` once. Every rank
-    seen is killed at the end whatever happened (they live in sessions of their own)."""
-    err_path = tmp_path / f"stderr-{len(list(tmp_path.glob('stderr-*')))}.txt"
-    with open(err_path, "w") as err_file:
-        proc = start(cmd, err_file, env)
-    out, acted, seen = [], False, []
-    try:
-        for line in proc.stdout:
-            out.append(line)
-            if not acted and line.startswith(line_start):
-                seen = ranks_of(proc)
-                act(proc)
-                acted = True
-        proc.wait(timeout=timeout)
-    finally:
-        for p in seen + (ranks_of(proc) if proc.poll() is None else []):
-            p.kill() if p.is_running() else None
-        proc.kill()
-        proc.wait()
-    assert acted, f"never saw {line_start!r}:\n{''.join(out)[-2000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), err_path.read_text())
-
-
-def kill_one_rank(launcher: subprocess.Popen) -> None:
-    victim = max(ranks_of(launcher), key=lambda p: p.pid)  # the newest: a rank, never the launcher itself
+def kill_one_rank(launcher: Started) -> None:
+    victim = max(launcher.ranks(), key=lambda p: p.pid)  # the newest: a rank, never the launcher itself
     victim.send_signal(signal.SIGKILL)
 
 
-def weights_at(run_dir, step: int) -> dict:
-    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
+def as_a_terminal_job(cmd, prefix, act, tmp_path, env=None):
+    """``run_until`` for a launcher in a process group of its own with SIGINT at its default, as a terminal's
+    foreground job (a background job of a shell would inherit SIGINT ignored)."""
+    return run_until(cmd, prefix, act, tmp_path / "logs", env=env, session=True, signals={"SIGINT": signal.SIG_DFL})
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +58,7 @@ def assert_healed(proc: subprocess.CompletedProcess, run_dir, uninterrupted) -> 
     assert int(resumed[0][2]) == 32 * int(resumed[0][1])
     result = summary(run_dir)
     assert (result["status"], result["step"], result["world_size"]) == ("complete", 60, 2)
-    a, b = weights_at(uninterrupted, 60), weights_at(run_dir, 60)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # byte-identical
+    assert_bit_identical(weights_at(run_dir, 60), weights_at(uninterrupted, 60))
 
 
 @pytest.mark.multiproc
@@ -102,7 +67,7 @@ def test_torchrun_restarts_a_crashed_rank_in_place(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [*TORCHRUN, "--max-restarts", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
            "-m", "distseq.cli", "train", *ARGS, "--run-dir", str(run_dir)]
-    proc = run_until(cmd, "step=25/", kill_one_rank, tmp_path, env=cpu_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+    proc = as_a_terminal_job(cmd, "step=25/", kill_one_rank, tmp_path, env=cpu_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     assert_healed(proc, run_dir, uninterrupted)
 
 
@@ -111,7 +76,7 @@ def test_distseq_launch_restarts_a_crashed_rank_with_accelerates_max_restarts(un
     """Asynchronous checkpoints too: their gloo group of their own is created again in each attempt."""
     run_dir = tmp_path / "run"
     cmd = [*LAUNCH, *TWO, "--max_restarts", "2", "train", *ARGS, "--async-checkpoint", "--run-dir", str(run_dir)]
-    proc = run_until(cmd, "step=25/", kill_one_rank, tmp_path)
+    proc = as_a_terminal_job(cmd, "step=25/", kill_one_rank, tmp_path)
     assert_healed(proc, run_dir, uninterrupted)
     assert "Traceback" not in proc.stderr
 
@@ -122,7 +87,7 @@ def test_distseq_launch_ends_with_the_ranks_meaning_not_a_traceback(tmp_path):
     endless = [a if a != "60" else "100000" for a in ARGS]
 
     # preempted: SIGTERM to the launcher reaches every rank, which save; 143
-    proc = run_until([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(run_dir)], "step=10/",
+    proc = as_a_terminal_job([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(run_dir)], "step=10/",
                      lambda p: p.send_signal(signal.SIGTERM), tmp_path)
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "distseq: SIGTERM: saved" in proc.stdout and "exiting 143" in proc.stdout
@@ -139,13 +104,13 @@ def test_distseq_launch_ends_with_the_ranks_meaning_not_a_traceback(tmp_path):
                      r"rank\(s\) failed too)?; exiting 2\n$", proc.stderr), proc.stderr[-2000:]
 
     # SIGUSR1 (SLURM's warning before the time limit) to the launcher: the same as SIGTERM
-    proc = run_until([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(tmp_path / "usr1")], "step=10/",
+    proc = as_a_terminal_job([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(tmp_path / "usr1")], "step=10/",
                      lambda p: p.send_signal(signal.SIGUSR1), tmp_path)
     assert proc.returncode == 143 and "distseq: SIGUSR1: saved" in proc.stdout, proc.stderr[-3000:]
     assert summary(tmp_path / "usr1")["status"] == "preempted" and "Traceback" not in proc.stderr
 
     # a crash without restarts: 1, naming the rank and the signal
-    proc = run_until([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(tmp_path / "crash")], "step=10/",
+    proc = as_a_terminal_job([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(tmp_path / "crash")], "step=10/",
                      kill_one_rank, tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert re.search(r"distseq launch: rank [01] was killed by SIGKILL \(failed: it could print no line of its "
@@ -153,7 +118,7 @@ def test_distseq_launch_ends_with_the_ranks_meaning_not_a_traceback(tmp_path):
 
     # Ctrl-C in a terminal (SIGINT to the launcher's whole process group), one process: the rank is in a
     # session of its own, so it gets the signal once, from the launcher, and saves (twice would not): 130
-    proc = run_until([*LAUNCH, "--num_processes", "1", "train", *endless, "--run-dir", str(tmp_path / "one")],
+    proc = as_a_terminal_job([*LAUNCH, "--num_processes", "1", "train", *endless, "--run-dir", str(tmp_path / "one")],
                      "step=10/", lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "distseq: SIGINT: saved" in proc.stdout and "Traceback" not in proc.stderr

@@ -8,17 +8,15 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import (REPO, assert_ok, checkpoint_training_state, checkpoint_weights, cpu_env, free_port,
-                      run_distseq, scalars, summary, two_process_args)
+from conftest import (DISTSEQ, Started, assert_bit_identical, assert_ok, checkpoint_training_state, checkpoint_weights,
+                      cpu_env, free_port, run_here, run_until, scalars, summary, two_process_args, weights_at)
 from distseq.data.verify import Digest
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
@@ -30,41 +28,25 @@ BASE = ["train", "--max-steps", str(STEPS), "--checkpoint-every", "5", "--keep-l
 
 
 def weights(run_dir, step=STEPS):
-    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
-
-
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    return weights_at(run_dir, step)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run every recovered run must match bit for bit."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert_ok(run_distseq([*BASE, "--run-dir", str(run_dir)]))
+    assert_ok(run_here([*BASE, "--run-dir", str(run_dir)]))
     return weights(run_dir)
 
 
-def popen(args, **env):
-    return subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cpu_env(**env), cwd=REPO)
-
-
-def signal_after(proc, line_prefix, signum, target=None):
-    """Send ``signum`` to ``target`` (default: proc) once proc prints a line starting with ``line_prefix``."""
-    for line in proc.stdout:
-        if line.startswith(line_prefix):
-            (target or proc).send_signal(signum)
-            break
-    out, err = proc.communicate(timeout=180)
-    return proc.returncode, out, err
+def signalled(args, line_prefix, signum, logs, **env):
+    """``distseq ARGS``, sent ``signum`` once it prints a line starting with ``line_prefix``."""
+    return run_until([*DISTSEQ, *args], line_prefix, lambda p: p.send_signal(signum), logs, env=cpu_env(**env))
 
 
 def test_retention_keeps_the_newest(reference, tmp_path):
     run_dir = tmp_path / "run"
-    assert_ok(run_distseq([*BASE, "--run-dir", str(run_dir)]))
+    assert_ok(run_here([*BASE, "--run-dir", str(run_dir)]))
     assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == [
         "step-00000030", "step-00000035", "step-00000040"]
     meta = json.loads((run_dir / "checkpoints" / "step-00000040" / "meta.json").read_text())
@@ -79,15 +61,14 @@ def test_killed_run_resumes_bit_exact(kill, reference, tmp_path):
     run_dir = tmp_path / "run"
     args = [*BASE, "--run-dir", str(run_dir)]
     if kill.startswith("sigkill"):
-        code, _, _ = signal_after(popen(args), "step=15/", signal.SIGKILL)
+        code = signalled(args, "step=15/", signal.SIGKILL, tmp_path / "logs").returncode
     else:
-        proc = popen(args, DISTSEQ_FAILPOINT=kill)
-        proc.communicate(timeout=180)
-        code = proc.returncode
+        with Started([*DISTSEQ, *args], tmp_path / "logs", env=cpu_env(DISTSEQ_FAILPOINT=kill)) as proc:
+            code = proc.finish().returncode
         debris = run_dir / "checkpoints" / f".tmp-step-{int(kill.split('@')[1]):08d}"
         assert debris.is_dir()  # died half-way through a save: the temporary directory is all that is left
     assert code == -signal.SIGKILL
-    restarted = run_distseq(args)
+    restarted = run_here(args)
     assert_ok(restarted)
     assert "resuming from" in restarted.stdout
     assert_bit_identical(weights(run_dir), reference)
@@ -97,12 +78,11 @@ def test_killed_run_resumes_bit_exact(kill, reference, tmp_path):
 def test_damaged_newest_checkpoint_is_reported_and_skipped(reference, tmp_path):
     run_dir = tmp_path / "run"
     args = [*BASE, "--run-dir", str(run_dir)]
-    code, _, _ = signal_after(popen(args), "step=25/", signal.SIGKILL)
-    assert code == -signal.SIGKILL
+    assert signalled(args, "step=25/", signal.SIGKILL, tmp_path / "logs").returncode == -signal.SIGKILL
     newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     weights_file = newest / "state" / "__0_0.distcp"  # the weights and optimizer state of the one rank
     weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
-    restarted = run_distseq(args)
+    restarted = run_here(args)
     assert_ok(restarted)
     assert f"skipping checkpoint: {weights_file} does not match its sha256" in restarted.stdout
     step = int(newest.name.split("-")[1])
@@ -133,7 +113,7 @@ def test_a_version_1_checkpoint_resumes_bit_exact(tmp_path):
     same weights, bit for bit, as the run never interrupted."""
     whole, old = tmp_path / "whole", tmp_path / "old"
     args = [*BASE, "--max-steps", "8", "--checkpoint-every", "4"]
-    assert_ok(run_distseq([*args, "--run-dir", str(whole)]))
+    assert_ok(run_here([*args, "--run-dir", str(whole)]))
     shutil.copytree(whole, old)
     step_4 = old / "checkpoints" / "step-00000004"
     reference_4 = checkpoint_weights(step_4)
@@ -143,7 +123,7 @@ def test_a_version_1_checkpoint_resumes_bit_exact(tmp_path):
     assert_bit_identical(load_file(step_4 / "model.safetensors"), reference_4)
     shutil.rmtree(old / "checkpoints" / "step-00000008")
 
-    resumed = run_distseq([*args, "--run-dir", str(old)])
+    resumed = run_here([*args, "--run-dir", str(old)])
     assert_ok(resumed)
     assert f"resuming from {step_4}" in resumed.stdout
     assert summary(old)["status"] == "complete" and summary(old)["step"] == 8
@@ -154,14 +134,14 @@ def test_a_version_1_checkpoint_resumes_bit_exact(tmp_path):
 def test_sigterm_saves_exits_143_and_resumes_bit_exact(reference, tmp_path):
     run_dir = tmp_path / "run"
     args = [*BASE, "--run-dir", str(run_dir)]
-    code, out, _ = signal_after(popen(args), "step=15/", signal.SIGTERM)
-    assert code == 143
+    stopped = signalled(args, "step=15/", signal.SIGTERM, tmp_path / "logs")
+    assert stopped.returncode == 143
     result = summary(run_dir)
     assert result["status"] == "preempted" and 15 <= result["step"] < STEPS
     saved = run_dir / "checkpoints" / f"step-{result['step']:08d}"
-    assert f"SIGTERM: saved {saved} at step {result['step']}; exiting 143" in out
+    assert f"SIGTERM: saved {saved} at step {result['step']}; exiting 143" in stopped.stdout
     assert (saved / "meta.json").is_file()
-    assert_ok(run_distseq(args))
+    assert_ok(run_here(args))
     assert summary(run_dir)["status"] == "complete"
     assert_bit_identical(weights(run_dir), reference)
 
@@ -172,16 +152,14 @@ def test_sigusr1_under_slurm_requeues(tmp_path):
     record = tmp_path / "scontrol.args"
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {record}\n")
     (bin_dir / "scontrol").chmod(0o755)
-    proc = popen([*BASE, "--run-dir", str(tmp_path / "run"), "--requeue"],
-                 SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
-    code, out, _ = signal_after(proc, "step=10/", signal.SIGUSR1)
-    assert code == 143 and "scontrol requeue 4242: ok" in out
+    stopped = signalled([*BASE, "--run-dir", str(tmp_path / "run"), "--requeue"], "step=10/", signal.SIGUSR1,
+                        tmp_path / "logs", SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert stopped.returncode == 143 and "scontrol requeue 4242: ok" in stopped.stdout
     assert record.read_text().split() == ["requeue", "4242"]
 
 
-def accelerate_popen(args):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *two_process_args(), "-m", "distseq.cli", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+def accelerate_launch_cmd(args):
+    return [sys.executable, "-m", "accelerate.commands.launch", *two_process_args(), "-m", "distseq.cli", *args]
 
 
 def digest_of(result):
@@ -197,30 +175,22 @@ def test_resume_on_another_world_size_continues_the_stream(first, second, refere
     """Preempt on ``first`` processes (signal one rank), resume on ``second``: no sample twice, none skipped."""
     run_dir = tmp_path / "run"
     args = [*BASE, "--run-dir", str(run_dir), "--verify-data"]
-    if first == 2:
-        launcher = accelerate_popen(args)
-        for line in launcher.stdout:
-            if line.startswith("step=15/"):
-                ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                         if "distseq.cli" in " ".join(p.cmdline())]
-                ranks[-1].send_signal(signal.SIGUSR1)  # one rank only: all must agree to stop
-                break
-        _, err = launcher.communicate(timeout=180)
-        assert "exitcode  : 143" in err  # each rank saved and exited 143; the launcher reports it
+    if first == 2:  # one rank only: all must agree to stop
+        launched = run_until(accelerate_launch_cmd(args), "step=15/",
+                             lambda p: p.ranks()[-1].send_signal(signal.SIGUSR1), tmp_path / "logs")
+        assert "exitcode  : 143" in launched.stderr  # each rank saved and exited 143; the launcher reports it
     else:
-        code, _, _ = signal_after(popen(args), "step=15/", signal.SIGTERM)
-        assert code == 143
+        assert signalled(args, "step=15/", signal.SIGTERM, tmp_path / "logs").returncode == 143
     before = summary(run_dir)
     stopped = before["step"]
     assert before["status"] == "preempted" and before["world_size"] == first
     assert digest_of(before) == Digest.of_range(0, stopped * GLOBAL_BATCH)
 
     if second == 2:
-        launcher = accelerate_popen(args)
-        out, err = launcher.communicate(timeout=180)
-        assert launcher.returncode == 0, err[-3000:]
+        with Started(accelerate_launch_cmd(args), tmp_path / "logs") as launcher:
+            assert_ok(launcher.finish())
     else:
-        assert_ok(run_distseq(args))
+        assert_ok(run_here(args))
     after = summary(run_dir)
     assert after["status"] == "complete" and after["world_size"] == second and after["step"] == STEPS
     assert after["resumed_from"].endswith(f"step-{stopped:08d}")
@@ -247,7 +217,7 @@ FILE_ARGS = ["train", "--data-streaming", "--task", "adding", "--seq-len", "6", 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     data = adding_rows(tmp_path / "d.jsonl", 80, bad_row=27)  # rows 24..31 are step 4
-    proc = run_distseq([*FILE_ARGS, "--data-files", str(data), "--run-dir", str(tmp_path / "run")])
+    proc = run_here([*FILE_ARGS, "--data-files", str(data), "--run-dir", str(tmp_path / "run")])
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "distseq train: error: non-finite loss or gradient at step 4; stopped without saving "
@@ -258,7 +228,7 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
 def test_nonfinite_loss_skips_the_step_on_request(tmp_path):
     data = adding_rows(tmp_path / "d.jsonl", 80, bad_row=27)
     run_dir = tmp_path / "run"
-    assert_ok(run_distseq([*FILE_ARGS, "--data-files", str(data), "--run-dir", str(run_dir), "--on-nonfinite", "skip"]))
+    assert_ok(run_here([*FILE_ARGS, "--data-files", str(data), "--run-dir", str(run_dir), "--on-nonfinite", "skip"]))
     result = summary(run_dir)
     assert result["step"] == 10 and result["skipped_steps"] == 1
 
@@ -273,31 +243,22 @@ def test_a_hung_rank_fails_the_other_within_the_timeout(tmp_path):
     port = free_port()
 
     def node(rank):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "-m", "distseq.cli", "train", "--max-steps", "100000", "--log-every", "5", "--eval-every", "0",
-               "--eval-size", "64", "--global-batch-size", "64", "--hidden-size", "16", "--no-progress",
-               "--checkpoint-every", "0", "--dist-timeout-s", "8", "--run-dir", str(tmp_path / "run")]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
+        return Started([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                        "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        "-m", "distseq.cli", "train", "--max-steps", "100000", "--log-every", "5", "--eval-every", "0",
+                        "--eval-size", "64", "--global-batch-size", "64", "--hidden-size", "16", "--no-progress",
+                        "--checkpoint-every", "0", "--dist-timeout-s", "8", "--run-dir", str(tmp_path / "run")],
+                       tmp_path / "logs")
 
-    main, other = node(0), node(1)
-    frozen = []
-    try:
-        for line in main.stdout:
-            if line.startswith("step=20/"):
-                frozen = [p for p in psutil.Process(other.pid).children(recursive=True)]
-                for p in frozen:
-                    p.send_signal(signal.SIGSTOP)
-                break
+    with node(0) as main, node(1) as other:
+        main.wait_for_line("step=20/")
+        for p in other.children():
+            p.send_signal(signal.SIGSTOP)
         started = time.monotonic()
-        _, err = main.communicate(timeout=120)
+        ended = main.finish(timeout=120)
         waited = time.monotonic() - started
-    finally:
-        for p in frozen:
-            p.kill()
-        other.kill()
-        other.communicate()
-    assert main.returncode == 1
+    err = ended.stderr
+    assert ended.returncode == 1
     assert "distseq train: error: lost contact with another process" in err and "Timed out" in err
     assert 6 < waited < 60
     # the survivor's stacks: where it waited (the step's agreement, called from the loop) and every thread

@@ -6,17 +6,13 @@ import time
 import pytest
 import torch
 
-from conftest import assert_ok, checkpoint_training_state, checkpoint_weights, run_distseq, run_main, scalars, summary
+from conftest import assert_ok, checkpoint_training_state, run_here, run_main, scalars, summary, weights_at
 from distseq import TrainConfig
 from distseq.config import OptimConfig
 from distseq.training.optim import apply_options, build_optimizer, lr_factor
 
 BASE = ["train", "--hidden-size", "16", "--global-batch-size", "32", "--log-every", "5", "--eval-every", "0",
         "--eval-size", "64", "--checkpoint-every", "10", "--no-progress", "--precision", "no", "--warmup-steps", "4"]
-
-
-def weights(run_dir, step):
-    return checkpoint_weights(run_dir / "checkpoints" / f"step-{step:08d}")
 
 
 def expected_lr(step, max_steps, **optim):
@@ -28,7 +24,7 @@ def expected_lr(step, max_steps, **optim):
 def first_half(tmp_path_factory):
     """10 steps at --lr 0.003, the run every resume below continues from (copied)."""
     run = tmp_path_factory.mktemp("half") / "run"
-    assert_ok(run_distseq([*BASE, "--run-dir", str(run), "--max-steps", "10", "--lr", "0.003"]))
+    assert_ok(run_here([*BASE, "--run-dir", str(run), "--max-steps", "10", "--lr", "0.003"]))
     return run
 
 
@@ -62,7 +58,7 @@ def test_changed_options_take_effect_from_the_resumed_step(first_half, tmp_path,
     _, saved = checkpoint_training_state(changed / "checkpoints" / "step-00000020")
     assert saved.param_groups[0]["weight_decay"] == 0.1 and saved.param_groups[0]["initial_lr"] == 0.03
     assert saved.param_groups[0]["lr"] == pytest.approx(expected_lr(20, 20, lr=0.03), rel=1e-6)
-    assert any(not torch.equal(a, b) for a, b in zip(weights(same, 20).values(), weights(changed, 20).values()))
+    assert any(not torch.equal(a, b) for a, b in zip(weights_at(same, 20).values(), weights_at(changed, 20).values()))
 
     # config.json is what ran; config_history.json and the summary keep how it got there
     assert json.loads((changed / "config.json").read_text())["optim"]["lr"] == 0.03
@@ -127,7 +123,7 @@ def test_overwrite_moves_the_earlier_run_aside(first_half, tmp_path, cli):
     """The reported bug: a shorter fresh run in a dir with a longer finished one lost its checkpoints to
     --keep-last and the next auto resume adopted the old weights."""
     run = copy_run(first_half, tmp_path / "run")
-    old_weights = weights(run, 10)
+    old_weights = weights_at(run, 10)
     proc = cli([*BASE, "--run-dir", str(run), "--max-steps", "4", "--checkpoint-every", "1",
                         "--keep-last", "2", "--resume", "never", "--overwrite", "--seed", "1"])
     assert_ok(proc)
@@ -139,7 +135,7 @@ def test_overwrite_moves_the_earlier_run_aside(first_half, tmp_path, cli):
     again = cli([*BASE, "--run-dir", str(run), "--max-steps", "6", "--seed", "1"])
     assert_ok(again)
     assert f"resuming from {run / 'checkpoints' / 'step-00000004'}" in again.stdout
-    assert any(not torch.equal(a, b) for a, b in zip(old_weights.values(), weights(run, 6).values()))
+    assert any(not torch.equal(a, b) for a, b in zip(old_weights.values(), weights_at(run, 6).values()))
 
 
 def test_resume_path_refuses_a_dir_with_later_checkpoints(first_half, tmp_path, cli):

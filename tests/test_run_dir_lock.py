@@ -4,13 +4,11 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
+from conftest import DISTSEQ, Started, assert_ok, run_here, summary
 from distseq.checkpoint.format import newest_verified, read_meta
 from distseq.errors import CheckpointError, ConfigError
 from distseq.inference.export import model_from_checkpoint
@@ -23,24 +21,11 @@ LONG = ["train", "--hidden-size", "8", "--global-batch-size", "16", "--max-steps
         "--precision", "no"]
 
 
-def start(args):
-    return subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO)
-
-
-def wait_for(proc, prefix):
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return
-    raise AssertionError(f"never printed {prefix!r}: {proc.stderr.read()[-2000:]}")
-
-
 def test_a_second_writer_is_refused_naming_the_holder_and_readers_still_work(tmp_path):
     run = tmp_path / "run"
-    writer = start([*LONG, "--run-dir", str(run)])
-    try:
-        wait_for(writer, "step=10/")
-        second = run_distseq([*LONG, "--max-steps", "20", "--run-dir", str(run)], timeout=60)
+    with Started([*DISTSEQ, *LONG, "--run-dir", str(run)], tmp_path / "logs") as writer:
+        writer.wait_for_line("step=10/")
+        second = run_here([*LONG, "--max-steps", "20", "--run-dir", str(run)])
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
             f"distseq train: error: --run-dir: {run} is in use by another distseq run (host {socket.gethostname()}, "
@@ -48,32 +33,30 @@ def test_a_second_writer_is_refused_naming_the_holder_and_readers_still_work(tmp
             + "); wait for it to end or choose another --run-dir"]
         # readers, while the writer saves a checkpoint every step and keeps only the newest
         for attempt in range(3):
-            evaluated = run_distseq(["eval", "--run-dir", str(run), "--output", str(tmp_path / f"eval{attempt}.json"),
-                                     "--eval-size", "64"], timeout=120)
+            evaluated = run_here(["eval", "--run-dir", str(run), "--output", str(tmp_path / f"eval{attempt}.json"),
+                                  "--eval-size", "64"])
             assert_ok(evaluated)
             assert json.loads((tmp_path / f"eval{attempt}.json").read_text())["samples"] == 64
-        exported = run_distseq(["export", "--checkpoint", str(newest_verified(run, print)[0]),
-                                "--out", str(tmp_path / "exported")], timeout=120)
+        exported = run_here(["export", "--checkpoint", str(newest_verified(run, print)[0]),
+                             "--out", str(tmp_path / "exported")])
         # the checkpoint may be gone by the time export starts: then one line says so; never a traceback
         if exported.returncode:
             assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1, exported.stderr
             assert "was deleted while being read" in exported.stderr or "is not a checkpoint" in exported.stderr
         else:
             assert (tmp_path / "exported" / "model.safetensors").is_file()
-    finally:
         writer.send_signal(signal.SIGTERM)
-        writer.communicate(timeout=60)
-    assert writer.returncode == 143
+        assert writer.finish(timeout=60).returncode == 143
     assert summary(run)["status"] == "preempted"
     assert (run / ".lock").read_text() == ""  # released: no stale holder named
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
     run = tmp_path / "run"
-    writer = start([*LONG, "--run-dir", str(run)])
-    wait_for(writer, "step=5/")
-    writer.kill()
-    writer.communicate(timeout=60)
+    with Started([*DISTSEQ, *LONG, "--run-dir", str(run)], tmp_path / "logs") as writer:
+        writer.wait_for_line("step=5/")
+        writer.send_signal(signal.SIGKILL)
+        writer.finish(timeout=60)
     assert "pid" in (run / ".lock").read_text()  # the killed holder never released it by hand...
     RunDirLock(run).acquire().release()  # ...but the OS did
 
@@ -89,7 +72,7 @@ def test_the_lock_excludes_a_second_holder_in_the_same_process(tmp_path):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
-    assert_ok(run_distseq([*LONG, "--max-steps", "3", "--keep-last", "0", "--run-dir", str(run)]))
+    assert_ok(run_here([*LONG, "--max-steps", "3", "--keep-last", "0", "--run-dir", str(run)]))
     return run
 
 
@@ -109,7 +92,7 @@ def test_a_checkpoint_deleted_before_it_is_read_is_one_line(finished, tmp_path):
     gone = tmp_path / "step-00000003"
     with pytest.raises(CheckpointError, match="is not a checkpoint directory"):
         read_meta(gone)
-    proc = run_distseq(["export", "--checkpoint", str(gone), "--out", str(tmp_path / "out")])
+    proc = run_here(["export", "--checkpoint", str(gone), "--out", str(tmp_path / "out")])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"distseq export: error: {gone} is not a checkpoint directory"]
 

@@ -22,15 +22,13 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import REPO, cpu_env, free_port, summary
+from conftest import Started, free_port, summary
 from distseq.data.verify import Digest
 from distseq.checkpoint.format import read_meta
 
@@ -43,78 +41,12 @@ ARGS = ["train", "--hidden-size", "8", "--global-batch-size", str(G), "--precisi
         "--no-progress", "--verify-data", "--max-steps", str(MAX_STEPS)]
 
 
-class Torchrun:
-    """``torchrun --nproc_per_node N -m distseq.cli ARGS``, stdout and stderr in files under ``logs``.
-
-    torchrun starts each rank in a session of its own, so killing the launcher alone would leave the
-    ranks running: leaving the ``with`` block kills every process the launch started, ranks first."""
-
-    def __init__(self, processes: int, args: list, logs: Path, name: str):
-        self.processes = processes
-        self.command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "distseq.cli",
-                        *args, "--expect-world-size", str(processes)]
-        self.stdout_path, self.stderr_path = logs / f"{name}.stdout", logs / f"{name}.stderr"
-
-    def __enter__(self) -> "Torchrun":
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.launcher = subprocess.Popen(self.command, stdout=out, stderr=err, env=cpu_env(), cwd=REPO)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            started = psutil.Process(self.launcher.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            started = []
-        for process in started:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(started, timeout=10)
-        if self.launcher.poll() is None:
-            self.launcher.kill()
-        self.launcher.wait(timeout=10)
-
-    def output(self):
-        return self.stdout_path.read_text(), self.stderr_path.read_text()
-
-    def describe(self) -> str:
-        out, err = self.output()
-        return f"exit {self.launcher.poll()}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
-
-    def wait_for_line(self, prefix: str, timeout: float) -> None:
-        """Until the main process has printed a whole line starting with ``prefix`` (it flushes each one)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(line.startswith(prefix) for line in self.output()[0].splitlines(keepends=True)
-                   if line.endswith("\n")):
-                return
-            if self.launcher.poll() is not None:
-                pytest.fail(f"the launch ended before printing {prefix!r}: {self.describe()}")
-            time.sleep(0.05)
-        pytest.fail(f"no line starting with {prefix!r} within {timeout:.0f} s: {self.describe()}")
-
-    def ranks(self) -> list:
-        """The rank processes: the launcher's children running distseq.cli (a rank ending right now counts)."""
-        found = []
-        for child in psutil.Process(self.launcher.pid).children(recursive=True):
-            try:
-                if "distseq.cli" in child.cmdline():
-                    found.append(child)
-            except (psutil.NoSuchProcess, psutil.ZombieProcess):
-                found.append(child)
-        return found
-
-    def finish(self, timeout: float):
-        """The launcher's exit code, stdout and stderr once it has exited."""
-        try:
-            code = self.launcher.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            alive = [rank.pid for rank in self.ranks()]  # torchrun waits for every rank; which ones are left
-            pytest.fail(f"the launch did not exit within {timeout:.0f} s; rank processes still running: {alive}"
-                        f"\n{self.describe()}")
-        return (code, *self.output())
+def torchrun(processes: int, args: list, logs: Path) -> Started:
+    """``torchrun --nproc_per_node N -m distseq.cli ARGS`` (stdout and stderr in files under ``logs``). torchrun
+    starts each rank in a session of its own: leaving the ``with`` block kills every process it started."""
+    return Started([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "distseq.cli", *args,
+                    "--expect-world-size", str(processes)], logs)
 
 
 def consumed(result: dict) -> Digest:
@@ -156,7 +88,7 @@ def test_preempted_on_8_ranks_resumes_on_5_consuming_every_sample_once(tmp_path)
 
     # --- 8 ranks, preempted after step K ---
     started = time.monotonic()
-    with Torchrun(8, args, tmp_path, "preempted") as launch:
+    with torchrun(8, args, tmp_path / "logs") as launch:
         launch.wait_for_line(f"step={k}/", timeout=150)  # 8 ranks importing torch on 2 cores: ~15 s
         ranks = launch.ranks()
         # Every rank gets the signal itself, not through the launcher. torchrun does forward a SIGTERM
@@ -169,7 +101,8 @@ def test_preempted_on_8_ranks_resumes_on_5_consuming_every_sample_once(tmp_path)
         # that hung at exit.
         for rank in ranks:
             rank.send_signal(signal.SIGTERM)
-        code, out, err = launch.finish(timeout=90)  # > torchrun's 30 s shutdown
+        done = launch.finish(timeout=90)  # > torchrun's 30 s shutdown
+    code, out, err = done.returncode, done.stdout, done.stderr
     preempted_seconds = time.monotonic() - started
     assert len(ranks) == 8, f"torchrun started {len(ranks)} rank processes: {[r.pid for r in ranks]}"
     assert "distseq: world_size=8 backend=gloo" in out, out[-3000:]
@@ -210,9 +143,10 @@ def test_preempted_on_8_ranks_resumes_on_5_consuming_every_sample_once(tmp_path)
 
     # --- the same command on 5 ranks: resumes at step S, completes at M ---
     started = time.monotonic()
-    with Torchrun(5, args, tmp_path, "resumed") as launch:
-        code, out, err = launch.finish(timeout=150)
-        assert code == 0, launch.describe()
+    with torchrun(5, args, tmp_path / "logs") as launch:
+        done = launch.finish(timeout=150)
+        assert done.returncode == 0, launch.describe()
+    out = done.stdout
     resumed_seconds = time.monotonic() - started
     assert "distseq: world_size=5 backend=gloo" in out, out[-3000:]
     assert (f"distseq: resuming from {saved} (step {s}, {s * G} samples, written by 8 process(es), "

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, assert_ok, checkpoint_weights, cpu_env, free_port, run_main, summary
+from conftest import REPO, assert_bit_identical, assert_ok, checkpoint_weights, cpu_env, free_port, run_main, run_until, summary
 from distseq.data.verify import Digest
 from distseq.config import TrainConfig
 from distseq.errors import ConfigError
@@ -181,12 +181,6 @@ def uninterrupted_fsdp(tmp_path_factory):
     return checkpoint_weights(run / "checkpoints" / "step-00000016")
 
 
-def assert_bit_identical(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 @pytest.mark.multiproc
 @pytest.mark.parametrize("failpoint, mode", [
     ("checkpoint-background@8", "--async-checkpoint"),  # killed while step 8 is written in the background
@@ -290,16 +284,9 @@ def test_sigterm_with_a_background_save_in_flight_saves_and_resumes_bit_exact(un
            "--master_port", str(free_port()), "-m", "distseq.cli", *BASE, "--run-dir", str(run), "--max-steps", "16",
            "--sharding", "fsdp", "--async-checkpoint", "--checkpoint-every", "1", "--log-every", "1",
            "--eval-every", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO,
-                            start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("step=6/"):
-            os.killpg(proc.pid, signal.SIGTERM)  # SLURM's preemption: the launcher and both ranks
-            break
-    out, err = proc.communicate(timeout=180)
-    out = "".join(seen) + out
+    # SLURM's preemption: SIGTERM to the launcher and both ranks
+    ended = run_until(cmd, "step=6/", lambda p: os.killpg(p.pid, signal.SIGTERM), tmp_path / "logs", session=True)
+    out, err = ended.stdout, ended.stderr
     result = summary(run)
     assert result["status"] == "preempted" and 6 <= result["step"] < 16, err[-3000:]
     saved = run / "checkpoints" / f"step-{result['step']:08d}"

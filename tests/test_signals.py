@@ -8,13 +8,11 @@ restores the default disposition of the signal it will receive (``preexec_fn``),
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO, assert_ok, cpu_env, run_distseq, summary
+from conftest import DISTSEQ, Started, assert_ok, cpu_env, run_here, summary
 # the same run as test_recovery.py's, and its uninterrupted reference (a module-scoped fixture)
 from test_recovery import BASE, STEPS, assert_bit_identical, reference, weights  # noqa: F401
 from distseq.checkpoint.format import read_meta
@@ -26,34 +24,8 @@ SHORT = ["train", "--max-steps", "2", "--log-every", "1", "--eval-every", "0", "
          "--global-batch-size", "64", "--hidden-size", "16", "--no-progress", "--precision", "no"]
 
 
-def disposition(**handlers):
-    """A preexec_fn that sets the child's signal dispositions, e.g. ``SIGINT=signal.SIG_DFL``."""
-    def apply():
-        for name, handler in handlers.items():
-            signal.signal(getattr(signal, name), handler)
-    return apply
-
-
-def popen(args, preexec_fn=None, **env):
-    return subprocess.Popen([sys.executable, "-m", "distseq.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cpu_env(**env), cwd=REPO, preexec_fn=preexec_fn)
-
-
-def wait_for_line(proc, prefix):
-    """Read proc's stdout up to (and including) the first line starting with ``prefix``; the lines read."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(prefix):
-            return seen
-    out, err = proc.communicate(timeout=60)
-    pytest.fail(f"no line starting with {prefix!r}; exit {proc.returncode}\nstdout:\n{''.join(seen)}{out}\n"
-                f"stderr:\n{err[-3000:]}")
-
-
-def finish(proc, seen=()):
-    out, err = proc.communicate(timeout=180)
-    return proc.returncode, "".join(seen) + out, err
+def start(args, logs, signals=None, session=False, **env) -> Started:
+    return Started([*DISTSEQ, *args], logs, env=cpu_env(**env), signals=signals, session=session)
 
 
 def step_dirs(run_dir):
@@ -63,11 +35,12 @@ def step_dirs(run_dir):
 def stopped_by(signum, run_dir, code, status):
     """Send ``signum`` after step 15 is logged: the run saves at the next boundary, prints the line
     saying so, exits ``code`` with ``status`` and no error; the saved checkpoint verifies."""
-    proc = popen([*BASE, "--run-dir", str(run_dir)], preexec_fn=disposition(**{signum.name: signal.SIG_DFL}))
-    seen = wait_for_line(proc, "step=15/")
-    proc.send_signal(signum)
-    exit_code, out, err = finish(proc, seen)
-    assert exit_code == code, f"stdout:\n{out}\nstderr:\n{err}"
+    with start([*BASE, "--run-dir", str(run_dir)], run_dir.parent / "logs", {signum.name: signal.SIG_DFL}) as proc:
+        proc.wait_for_line("step=15/")
+        proc.send_signal(signum)
+        ended = proc.finish()
+    out, err = ended.stdout, ended.stderr
+    assert ended.returncode == code, f"stdout:\n{out}\nstderr:\n{err}"
     result = summary(run_dir)
     step = result["step"]
     assert result["status"] == status and 15 <= step < STEPS
@@ -81,7 +54,7 @@ def stopped_by(signum, run_dir, code, status):
 def test_sigint_saves_exits_130_and_resumes_bit_exact(reference, tmp_path):
     run_dir = tmp_path / "run"
     saved, step = stopped_by(signal.SIGINT, run_dir, 130, "interrupted")
-    restarted = run_distseq([*BASE, "--run-dir", str(run_dir)])
+    restarted = run_here([*BASE, "--run-dir", str(run_dir)])
     assert_ok(restarted)
     assert f"distseq: resuming from {saved} (step {step}," in restarted.stdout
     assert summary(run_dir)["status"] == "complete"
@@ -92,15 +65,16 @@ def test_second_sigint_exits_at_once_keeping_the_newest_checkpoint(reference, tm
     run_dir = tmp_path / "run"
     args = [*BASE, "--run-dir", str(run_dir)]
     # DISTSEQ_PAUSE holds the process at the step boundary where the first SIGINT is acted on
-    proc = popen(args, preexec_fn=disposition(SIGINT=signal.SIG_DFL), DISTSEQ_PAUSE="stopping")
-    seen = wait_for_line(proc, "step=15/")
-    proc.send_signal(signal.SIGINT)
-    seen += wait_for_line(proc, "distseq: paused at stopping")
-    proc.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    code, out, err = finish(proc, seen)
+    with start(args, tmp_path / "logs", {"SIGINT": signal.SIG_DFL}, DISTSEQ_PAUSE="stopping") as proc:
+        proc.wait_for_line("step=15/")
+        proc.send_signal(signal.SIGINT)
+        proc.wait_for_line("distseq: paused at stopping")
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        ended = proc.finish()
     assert time.monotonic() - sent < 5  # at once: no save, no teardown
-    assert code == 130, f"stdout:\n{out}\nstderr:\n{err}"
+    out, err = ended.stdout, ended.stderr
+    assert ended.returncode == 130, f"stdout:\n{out}\nstderr:\n{err}"
     assert err.strip().splitlines() == [
         "distseq: second SIGINT: exiting now without saving (the newest complete checkpoint is intact)"], err
     assert "Traceback" not in err
@@ -111,7 +85,7 @@ def test_second_sigint_exits_at_once_keeping_the_newest_checkpoint(reference, tm
         meta, _ = read_meta(path)  # every hash verifies: nothing half-written under a step-N name
         assert meta["step"] == int(path.name[5:])
 
-    restarted = run_distseq(args)
+    restarted = run_here(args)
     assert_ok(restarted)
     assert f"distseq: resuming from {complete[-1]} " in restarted.stdout
     assert_bit_identical(weights(run_dir), reference)
@@ -127,50 +101,50 @@ def test_inherited_sig_ign_for_sigint_is_respected(tmp_path):
     """``nohup``-style: SIGINT was ignored when the process started, so it trains on to the end."""
     run_dir = tmp_path / "run"
     args = [*SHORT, "--max-steps", "10", "--run-dir", str(run_dir)]
-    proc = popen(args, preexec_fn=disposition(SIGINT=signal.SIG_IGN))
-    seen = wait_for_line(proc, "step=3/")
-    proc.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # a second one does not exit either
-    code, out, err = finish(proc, seen)
-    assert code == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    with start(args, tmp_path / "logs", {"SIGINT": signal.SIG_IGN}) as proc:
+        proc.wait_for_line("step=3/")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # a second one does not exit either
+        ended = proc.finish()
+    assert ended.returncode == 0, f"stdout:\n{ended.stdout}\nstderr:\n{ended.stderr}"
     result = summary(run_dir)
     assert result["status"] == "complete" and result["step"] == 10
-    assert "SIGINT" not in out + err
+    assert "SIGINT" not in ended.stdout + ended.stderr
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_startup_stops_at_once_saving_nothing(signum, code, tmp_path):
     run_dir = tmp_path / "run"
     args = [*SHORT, "--run-dir", str(run_dir)]
-    proc = popen(args, preexec_fn=disposition(**{signum.name: signal.SIG_DFL}), DISTSEQ_PAUSE="startup")
-    seen = wait_for_line(proc, "distseq: paused at startup")
-    started = time.monotonic()
-    proc.send_signal(signum)
-    returncode, out, err = finish(proc, seen)
+    with start(args, tmp_path / "logs", {signum.name: signal.SIG_DFL}, DISTSEQ_PAUSE="startup") as proc:
+        proc.wait_for_line("distseq: paused at startup")
+        started = time.monotonic()
+        proc.send_signal(signum)
+        ended = proc.finish()
     assert time.monotonic() - started < 30  # not the pause point's minute
-    assert returncode == code, f"stdout:\n{out}\nstderr:\n{err}"
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
+    assert ended.returncode == code, f"stdout:\n{ended.stdout}\nstderr:\n{ended.stderr}"
+    lines = ended.stderr.strip().splitlines()
+    assert len(lines) == 1, ended.stderr
     assert f"{signum.name} during start-up" in lines[0] and "nothing was saved" in lines[0], lines[0]
     assert not step_dirs(run_dir) and not list(run_dir.rglob("step-*"))
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing but the (released) lock file
     RunDirLock(run_dir).acquire().release()  # free: acquire() raises while another process holds it
 
-    if signum == signal.SIGTERM:  # and a second run on the same --run-dir starts at once (once: ~5 s)
-        again = run_distseq(args)
-        assert_ok(again)
+    if signum == signal.SIGTERM:  # and a second run on the same --run-dir starts at once
+        assert_ok(run_here(args))
         assert summary(run_dir)["status"] == "complete" and summary(run_dir)["step"] == 2
 
 
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_imports_is_one_line_not_a_traceback(signum, code, tmp_path):
     run_dir = tmp_path / "run"
-    proc = popen([*SHORT, "--run-dir", str(run_dir)], preexec_fn=disposition(**{signum.name: signal.SIG_DFL}))
-    time.sleep(1.0)  # `import torch` and accelerate take seconds: this lands in them
-    proc.send_signal(signum)
-    returncode, out, err = finish(proc)
-    assert returncode == code, f"stdout:\n{out}\nstderr:\n{err}"
+    with start([*SHORT, "--run-dir", str(run_dir)], tmp_path / "logs", {signum.name: signal.SIG_DFL}) as proc:
+        time.sleep(1.0)  # `import torch` and accelerate take seconds: this lands in them
+        proc.send_signal(signum)
+        ended = proc.finish()
+    err = ended.stderr
+    assert ended.returncode == code, f"stdout:\n{ended.stdout}\nstderr:\n{err}"
     assert "Traceback" not in err, err
     assert err.strip(), "no message on stderr"
     assert "nothing was saved" in err.strip().splitlines()[-1], err
@@ -182,16 +156,15 @@ def test_a_stop_signal_to_the_process_group_with_dataloader_workers_saves(signum
     """SLURM's preemption and Ctrl-C signal the whole process group, DataLoader workers included: the workers
     ignore it, the main process saves at the step boundary and exits 143 (130), no worker traceback."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "distseq.cli", "train", "--max-steps", "100000", "--log-every", "5",
-                             "--eval-every", "0", "--eval-size", "64", "--global-batch-size", "24", "--hidden-size", "8",
-                             "--num-workers", "2", "--no-progress", "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), cwd=REPO,
-                            start_new_session=True, preexec_fn=disposition(SIGINT=signal.SIG_DFL))
-    seen = wait_for_line(proc, "step=10/")
-    os.killpg(proc.pid, signum)
-    code, out, err = finish(proc, seen)
-    assert code == (143 if signum == signal.SIGTERM else 130), err[-3000:]
+    args = ["train", "--max-steps", "100000", "--log-every", "5", "--eval-every", "0", "--eval-size", "64",
+            "--global-batch-size", "24", "--hidden-size", "8", "--num-workers", "2", "--no-progress", "--run-dir",
+            str(run_dir)]
+    with start(args, tmp_path / "logs", {"SIGINT": signal.SIG_DFL}, session=True) as proc:
+        proc.wait_for_line("step=10/")
+        os.killpg(proc.pid, signum)
+        ended = proc.finish()
+    assert ended.returncode == (143 if signum == signal.SIGTERM else 130), ended.stderr[-3000:]
     result = summary(run_dir)
     saved = run_dir / "checkpoints" / f"step-{result['step']:08d}"
-    assert saved.is_dir() and f"saved {saved} at step {result['step']}" in out
-    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert saved.is_dir() and f"saved {saved} at step {result['step']}" in ended.stdout
+    assert "Traceback" not in ended.stderr and "DataLoader worker" not in ended.stderr

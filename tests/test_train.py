@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, assert_ok, checkpoint_weights, run_distseq, scalars, summary
+from conftest import TINY, assert_ok, checkpoint_weights, run_here, scalars, summary
 from distseq.config import PRESETS, preset
 from distseq.training.precision import cpu_has_native_bf16
 from distseq.tasks.base import TASKS
@@ -22,7 +22,7 @@ TB_TAGS = {"train/loss", "train/accuracy", "train/lr", "train/grad_norm", "eval/
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_trains_and_writes_outputs(name, run_dir):
-    proc = run_distseq(["train", "--preset", name, "--run-dir", str(run_dir), *TINY])
+    proc = run_here(["train", "--preset", name, "--run-dir", str(run_dir), *TINY])
     assert_ok(proc)
     result = summary(run_dir)
     assert SUMMARY_KEYS <= result.keys()
@@ -54,12 +54,12 @@ def test_preset_trains_and_writes_outputs(name, run_dir):
 def test_every_model_learns_a_little(model, run_dir):
     args = ["train", "--model", model, "--run-dir", str(run_dir), "--max-steps", "60", "--eval-every", "0",
             "--eval-size", "1024", "--no-progress", "--hidden-size", "16", "--warmup-steps", "10", "--lr", "0.01"]
-    assert_ok(run_distseq(args))
+    assert_ok(run_here(args))
     assert summary(run_dir)["eval/accuracy"] > 0.75
 
 
 def test_default_preset_reaches_99_percent(run_dir):
-    proc = run_distseq(["train", "--run-dir", str(run_dir), "--no-progress"], timeout=300)
+    proc = run_here(["train", "--run-dir", str(run_dir), "--no-progress"])
     assert_ok(proc)
     result = summary(run_dir)
     assert result["model"] == "lstm" and result["task"] == "sum-sign"
@@ -68,7 +68,7 @@ def test_default_preset_reaches_99_percent(run_dir):
 
 
 def test_seed_preset_matches_the_original_example(run_dir):
-    proc = run_distseq(["train", "--preset", "seed", "--run-dir", str(run_dir), "--no-progress"])
+    proc = run_here(["train", "--preset", "seed", "--run-dir", str(run_dir), "--no-progress"])
     assert_ok(proc)
     result = summary(run_dir)
     assert result["model"] == "rnn" and result["step"] == 320 and result["samples"] == 320 * 32
@@ -82,8 +82,8 @@ def test_gradient_accumulation_matches_a_large_batch(tmp_path):
     """Same global batch, split into 2 micro-batches: same samples per step, same weights up to float error."""
     base = ["train", "--max-steps", "8", "--eval-every", "0", "--eval-size", "64", "--no-progress",
             "--global-batch-size", "64", "--grad-clip", "0", "--precision", "no"]
-    assert_ok(run_distseq([*base, "--run-dir", str(tmp_path / "a")]))
-    assert_ok(run_distseq([*base, "--run-dir", str(tmp_path / "b"), "--grad-accum-steps", "2"]))
+    assert_ok(run_here([*base, "--run-dir", str(tmp_path / "a")]))
+    assert_ok(run_here([*base, "--run-dir", str(tmp_path / "b"), "--grad-accum-steps", "2"]))
     a = checkpoint_weights(tmp_path / "a" / "checkpoints" / "step-00000008")
     b = checkpoint_weights(tmp_path / "b" / "checkpoints" / "step-00000008")
     for key in a:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch, assert_ok, cpu_env, run_distseq, summary, two_process_args
+from conftest import REPO, accelerate_launch, assert_ok, cpu_env, run_here, summary, two_process_args
 from distseq import load_model
 from distseq.cli import main
 from distseq.inference.export import model_from_checkpoint
@@ -22,18 +22,18 @@ TRAIN = ["train", "--no-progress", "--eval-every", "0"]
 def trained(tmp_path_factory):
     """A small LSTM run with a checkpoint at step 200."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    assert_ok(run_distseq([*TRAIN, "--run-dir", str(run_dir), "--max-steps", "200", "--eval-size", "512"]))
+    assert_ok(run_here([*TRAIN, "--run-dir", str(run_dir), "--max-steps", "200", "--eval-size", "512"]))
     return run_dir
 
 
 def test_transformer_learns_sum_sign_to_99_percent(tmp_path):
-    proc = run_distseq([*TRAIN, "--model", "transformer", "--max-steps", "600", "--run-dir", str(tmp_path)])
+    proc = run_here([*TRAIN, "--model", "transformer", "--max-steps", "600", "--run-dir", str(tmp_path)])
     assert_ok(proc)
     assert summary(tmp_path)["eval/accuracy"] >= 0.99
 
 
 def test_transformer_learns_copy_at_a_short_delay(tmp_path):
-    proc = run_distseq([*TRAIN, "--model", "transformer", "--task", "copy", "--seq-len", "12", "--copy-len", "3",
+    proc = run_here([*TRAIN, "--model", "transformer", "--task", "copy", "--seq-len", "12", "--copy-len", "3",
                         "--max-steps", "200", "--run-dir", str(tmp_path)])
     assert_ok(proc)
     assert summary(tmp_path)["eval/accuracy"] >= 0.99  # symbols recalled after 5 blank steps
@@ -41,7 +41,7 @@ def test_transformer_learns_copy_at_a_short_delay(tmp_path):
 
 @pytest.mark.multiproc
 def test_eval_on_two_processes_counts_every_sample_once(trained, tmp_path):
-    assert_ok(run_distseq(["eval", "--run-dir", str(trained), "--eval-size", "1001"]))
+    assert_ok(run_here(["eval", "--run-dir", str(trained), "--eval-size", "1001"]))
     one = json.loads((trained / "eval.json").read_text())
     proc = accelerate_launch(two_process_args(), ["eval", "--run-dir", str(trained), "--eval-size", "1001"])
     assert_ok(proc)
@@ -56,14 +56,14 @@ def test_eval_on_data_files(trained, tmp_path):
     rows = [{"sequence": [1.0] * 10, "label": 1}, {"sequence": [-1.0] * 10, "label": 0}] * 5
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert_ok(run_distseq(["eval", "--run-dir", str(trained), "--data-files", str(data)]))
+    assert_ok(run_here(["eval", "--run-dir", str(trained), "--data-files", str(data)]))
     result = json.loads((trained / "eval.json").read_text())
     assert result["samples"] == 10 and result["accuracy"] == 1.0
 
 
 def test_predict_random_and_from_a_file(trained, tmp_path):
     checkpoint = str(trained / "checkpoints" / "step-00000200")
-    proc = run_distseq(["predict", "--checkpoint", checkpoint, "--random", "50"])
+    proc = run_here(["predict", "--checkpoint", checkpoint, "--random", "50"])
     assert_ok(proc)
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(lines) == 50 and all(0 <= r["probability"] <= 1 and r["class"] in (0, 1) for r in lines)
@@ -72,7 +72,7 @@ def test_predict_random_and_from_a_file(trained, tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text(json.dumps({"sequence": [1.0] * 10}) + "\n" + json.dumps({"sequence": [-2.0] * 10}) + "\n")
     out = tmp_path / "out.jsonl"
-    assert_ok(run_distseq(["predict", "--checkpoint", checkpoint, "--input", str(data), "--output", str(out)]))
+    assert_ok(run_here(["predict", "--checkpoint", checkpoint, "--input", str(data), "--output", str(out)]))
     assert [json.loads(line)["class"] for line in out.read_text().splitlines()] == [1, 0]
 
 
@@ -96,7 +96,7 @@ def test_predict_bad_line_names_it_and_writes_nothing(line, message, trained, tm
 
 def test_export_gives_the_training_time_logits(trained, tmp_path):
     checkpoint = trained / "checkpoints" / "step-00000200"
-    assert_ok(run_distseq(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]))
+    assert_ok(run_here(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]))
     assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json"}
     exported = load_model(tmp_path / "export")
     original, _, _ = model_from_checkpoint(checkpoint)
@@ -113,7 +113,7 @@ def test_export_gives_the_training_time_logits(trained, tmp_path):
 def test_print_config_shows_the_resolved_config(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  kind: gru\noptim:\n  lr: 0.5\n")
-    proc = run_distseq(["train", "--preset", "seed", "--config", str(config), "--lr", "0.1", "--print-config"])
+    proc = run_here(["train", "--preset", "seed", "--config", str(config), "--lr", "0.1", "--print-config"])
     assert_ok(proc)
     resolved = json.loads(proc.stdout)
     assert resolved["model"]["kind"] == "gru" and resolved["optim"]["lr"] == 0.1
