@@ -30,8 +30,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from distseq.errors import ConfigError

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from conftest import checkpoint_weights  # tests/ is this script's directory: on sys.path
 
 

@@ -208,10 +208,10 @@ def checkpoint_training_state(checkpoint_dir):
     are the saved ones. DCP loads the keys the fresh ones hold: these are all that training saves."""
     import torch
 
+    from distseq.checkpoint.dcp import load_state
     from distseq.inference.export import config_of
     from distseq.models import build_model
     from distseq.registry import TASKS
-    from distseq.checkpoint.dcp import load_state
 
     meta = json.loads((Path(checkpoint_dir) / "meta.json").read_text())
     cfg = config_of(meta["config"])

@@ -9,8 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from distseq.data.stream import Layout, SampleSource, micro_batches, train_loader
 from distseq.data.index import FileSource, open_index
+from distseq.data.stream import Layout, SampleSource, micro_batches, train_loader
 from distseq.registry import TASKS
 from distseq.tasks import TaskSpec
 

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY, assert_ok, run_here
+
 from distseq.cli import main
 
 CKPT = "checkpoints/step-00000006"

@@ -9,8 +9,8 @@ import json
 import math
 
 import pytest
-
 from conftest import assert_ok, run_here, summary
+
 from distseq.bench import GOALS, SUITE_NAMES
 from distseq.bench.report import PLOTS_HINT, write_report
 

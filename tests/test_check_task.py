@@ -6,14 +6,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import cpu_env, run_distseq, run_here
 
-from distseq.data.contract import PROPERTIES, check_task, format_findings
 from distseq.config import TrainConfig
+from distseq.data.contract import PROPERTIES, check_task, format_findings
 from distseq.data.stream import SampleSource
 from distseq.errors import ConfigError
 from distseq.registry import TASKS
-
-from conftest import cpu_env, run_distseq, run_here
 
 BUILTINS = sorted(TASKS)
 # small token shapes that still exercise every part: 3 pairs fill all 3 query slots of mqar's 12 steps

@@ -2,8 +2,8 @@
 
 
 import pytest
-
 from conftest import run_distseq, run_here
+
 from distseq.cli import main
 from distseq.config import SECTIONS, TrainConfig
 from distseq.errors import ConfigError

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import checkpoint_weights, run_main, summary
+from safetensors.torch import load_file
 
 RELEASE = Path(__file__).resolve().parent / "fixtures" / "release-0.1"
 QUIET = ["--eval-every", "0", "--eval-size", "32", "--log-every", "2", "--no-progress", "--checkpoint-every", "2"]

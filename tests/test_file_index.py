@@ -31,14 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import REPO, cpu_env, free_port, run_main, summary
 
 import distseq.data.index as fi
-from conftest import REPO, cpu_env, free_port, run_main, summary
-from distseq.data.stream import derive_seed
-from distseq.data.index import FileSource, open_index
 from distseq.data.files import resolve_files
-from distseq.tasks.sampling import Permutation
+from distseq.data.index import FileSource, open_index
+from distseq.data.stream import derive_seed
 from distseq.tasks.base import TASKS, TaskSpec
+from distseq.tasks.sampling import Permutation
 
 T = 6
 SUM_SIGN, ADDING = TASKS["sum-sign"], TASKS["adding"]

@@ -8,12 +8,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import (
+    DISTSEQ,
+    REPO,
+    accelerate_launch,
+    assert_bit_identical,
+    assert_ok,
+    free_port,
+    run_here,
+    run_until,
+    summary,
+    two_process_args,
+    weights_at,
+)
 
-from conftest import (DISTSEQ, REPO, accelerate_launch, assert_bit_identical, assert_ok, free_port, run_here,
-                      run_until, summary, two_process_args, weights_at)
-from distseq.data.verify import Digest
 from distseq.cli import main
 from distseq.data.streaming import FileStream
+from distseq.data.verify import Digest
 from distseq.tasks.base import TASKS, TaskSpec
 
 

@@ -6,8 +6,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, assert_ok, cpu_env, run_main, scalars, summary
+
 from distseq.fsio import write_json
 from distseq.training.metrics import Throughput, TrainingClock
 

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import DISTSEQ, REPO, cpu_env, run_until, summary
+
 from distseq.checkpoint.format import read_meta
 from distseq.cli import main
 

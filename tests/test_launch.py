@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
-
 from conftest import REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_here, summary
+
 from distseq.config import TrainConfig
 from distseq.training.precision import cpu_has_native_bf16, resolve_precision, runs_under
 

@@ -6,9 +6,18 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    accelerate_launch,
+    assert_ok,
+    checkpoint_weights,
+    cpu_env,
+    free_port,
+    run_here,
+    summary,
+    two_process_args,
+)
 
-from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_here, summary,
-                      two_process_args)
 from distseq.data.verify import Digest
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]

@@ -15,9 +15,8 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, Started, assert_bit_identical, cpu_env, run_main, run_until, scalars, summary, weights_at
 
-from conftest import (REPO, Started, assert_bit_identical, cpu_env, run_main, run_until, scalars, summary,
-                      weights_at)
 from distseq.ops.stragglers import compare_ranks
 
 ARGS = ["--max-steps", "60", "--checkpoint-every", "10", "--log-every", "5", "--eval-every", "0", "--eval-size",

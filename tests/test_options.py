@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import pytest
-
 from conftest import run_main
+
 from distseq.config import TrainConfig, preset
 from distseq.errors import ConfigError
 from distseq.options import CHANGEABLE, IDENTITY, PER_START, facts, option

@@ -8,9 +8,18 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    accelerate_launch,
+    assert_ok,
+    checkpoint_weights,
+    cpu_env,
+    run_distseq,
+    run_main,
+    summary,
+    two_process_args,
+)
 
-from conftest import (REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, run_distseq, run_main, summary,
-                      two_process_args)
 from distseq.registry import MODELS, PLUGINS, TASKS
 
 SECTION = "## Your own model and task"

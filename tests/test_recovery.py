@@ -13,10 +13,24 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    DISTSEQ,
+    Started,
+    assert_bit_identical,
+    assert_ok,
+    checkpoint_training_state,
+    checkpoint_weights,
+    cpu_env,
+    free_port,
+    run_here,
+    run_until,
+    scalars,
+    summary,
+    two_process_args,
+    weights_at,
+)
 from safetensors.torch import load_file, save_file
 
-from conftest import (DISTSEQ, Started, assert_bit_identical, assert_ok, checkpoint_training_state, checkpoint_weights,
-                      cpu_env, free_port, run_here, run_until, scalars, summary, two_process_args, weights_at)
 from distseq.data.verify import Digest
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')

@@ -5,8 +5,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import assert_ok, checkpoint_training_state, run_here, run_main, scalars, summary, weights_at
+
 from distseq import TrainConfig
 from distseq.config import OptimConfig
 from distseq.training.optim import apply_options, build_optimizer, lr_factor

@@ -7,12 +7,12 @@ import socket
 
 import pytest
 import torch
-
 from conftest import DISTSEQ, Started, assert_ok, run_here, summary
+
 from distseq.checkpoint.format import newest_verified, read_meta
 from distseq.errors import CheckpointError, ConfigError
-from distseq.inference.export import model_from_checkpoint
 from distseq.fsio import RunDirLock
+from distseq.inference.export import model_from_checkpoint
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 

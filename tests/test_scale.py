@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Started, free_port, summary
-from distseq.data.verify import Digest
+
 from distseq.checkpoint.format import read_meta
+from distseq.data.verify import Digest
 
 G = 40  # global batch: divisible by both 8 and 5 ranks (micro-batches of 5 and of 8)
 MAX_STEPS = 30  # M: far enough past the latest preemption point that the stop always lands before it

@@ -11,10 +11,20 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    REPO,
+    assert_bit_identical,
+    assert_ok,
+    checkpoint_weights,
+    cpu_env,
+    free_port,
+    run_main,
+    run_until,
+    summary,
+)
 
-from conftest import REPO, assert_bit_identical, assert_ok, checkpoint_weights, cpu_env, free_port, run_main, run_until, summary
-from distseq.data.verify import Digest
 from distseq.config import TrainConfig
+from distseq.data.verify import Digest
 from distseq.errors import ConfigError
 
 G = 12  # global batch: divisible by 1, 2 and 3 processes
@@ -157,8 +167,9 @@ def test_fsdp_trains_as_ddp_does(reshard_chain, tmp_path):
 
 @pytest.mark.multiproc
 def test_a_sharded_checkpoint_exports_to_one_model(reshard_chain, tmp_path, capsys):
-    from distseq import load_model
     from safetensors.torch import load_file
+
+    from distseq import load_model
 
     checkpoint = reshard_chain[0] / "checkpoints" / "step-00000008"  # written by 3 FSDP ranks
     assert_ok(run_main(["export", "--checkpoint", checkpoint, "--out", tmp_path / "export"], capsys))

@@ -11,10 +11,11 @@ import signal
 import time
 
 import pytest
-
 from conftest import DISTSEQ, Started, assert_ok, cpu_env, run_here, summary
+
 # the same run as test_recovery.py's, and its uninterrupted reference (a module-scoped fixture)
 from test_recovery import BASE, STEPS, assert_bit_identical, reference, weights  # noqa: F401
+
 from distseq.checkpoint.format import read_meta
 from distseq.fsio import RunDirLock
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, checkpoint_weights, free_port, summary
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]

@@ -6,8 +6,8 @@ import tracemalloc
 import pytest
 import torch
 
-from distseq.data.verify import Digest
 from distseq.data.stream import Layout, SampleSource, eval_batches, make_shards, micro_batches, train_loader
+from distseq.data.verify import Digest
 from distseq.tasks import TaskSpec
 
 T10 = TaskSpec(10, 10)

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, checkpoint_weights, cpu_env, run_main, scalars, summary
-from distseq.data.contract import PROPERTIES, check_task
+
 from distseq.config import ModelConfig, TrainConfig
-from distseq.models.flops import flops_per_token, matmul_params
+from distseq.data.contract import PROPERTIES, check_task
 from distseq.models import build_model
+from distseq.models.flops import flops_per_token, matmul_params
 from distseq.registry import TASKS
 from distseq.tasks import IGNORE, TaskSpec
 from distseq.tasks.tokens import POWER_A
@@ -746,7 +746,7 @@ def test_per_step_loss_and_scores_on_answers_only_equal_the_dense_form(monkeypat
 
 def test_mfu_peaks_by_gpu_name():
     """The first fragment found wins, so a name never falls to a shorter fragment it contains."""
-    from distseq.models.flops import peak_for_name, peak_flops
+    from distseq.models.flops import peak_flops, peak_for_name
 
     assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_for_name("NVIDIA H100 PCIe") == 756e12 and peak_for_name("NVIDIA H100 NVL") == 835e12

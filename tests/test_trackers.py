@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY, assert_ok, run_main, scalars
+
 from distseq.config import TrainConfig
 
 FAST = ["train", *TINY, "--global-batch-size", "32", "--hidden-size", "16", "--checkpoint-every", "0"]

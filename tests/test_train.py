@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY, assert_ok, checkpoint_weights, run_here, scalars, summary
+
 from distseq.config import PRESETS, preset
-from distseq.training.precision import cpu_has_native_bf16
 from distseq.tasks.base import TASKS
 from distseq.training.loop import train
+from distseq.training.precision import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
 

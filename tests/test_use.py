@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, accelerate_launch, assert_ok, cpu_env, run_here, summary, two_process_args
+
 from distseq import load_model
 from distseq.cli import main
 from distseq.inference.export import model_from_checkpoint

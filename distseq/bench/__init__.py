@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from distseq.errors import DistseqError
 from distseq.fsio import write_json
+
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",

@@ -321,8 +321,9 @@ def checkpoint_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
 def checkpoint_benchmark(sizes: Sizes, quick: bool, log: Callable[[str], None] = print,
                          root: Optional[str] = None) -> Dict:
     """Every measurement of the suite, in a temporary directory (``root``: where to make it)."""
-    from . import goal_met, machine
     from distseq.distributed.accelerator import fresh_accelerator
+
+    from . import goal_met, machine
 
     # DCP warns that one process is assumed, from the background thread of every async save too
     warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")

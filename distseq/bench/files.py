@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from distseq.config import DataConfig
-from distseq.data.stream import Layout, micro_batches, steps_per_example, train_loader
 from distseq.data.index import FileIndex, FileSource, open_index
+from distseq.data.stream import Layout, micro_batches, steps_per_example, train_loader
 from distseq.registry import TASKS
 from distseq.tasks import TaskSpec
 

@@ -113,7 +113,7 @@ def overhead_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     from distseq.distributed.accelerator import set_cpu_threads
 
     set_cpu_threads()  # the thread count train() uses, for the plain loop too
-    steps, repeats = (10, 3) if quick else (100, 3)
+    steps, repeats = (10, 1) if quick else (100, 3)
     rates = compare(overhead_config, steps, repeats, "overhead (lstm)", log)
     ours, plain = statistics.median(rates["distseq"]), statistics.median(rates["plain"])
     decoder_steps = 4 if quick else 100

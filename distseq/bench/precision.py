@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from distseq.training.precision import format_probe, probe_table
 from distseq.distributed.accelerator import local_device, set_cpu_threads
+from distseq.training.precision import format_probe, probe_table
+
 from .overhead import overhead_config
 
 

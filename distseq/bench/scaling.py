@@ -21,6 +21,7 @@ from typing import Callable, Dict, Tuple
 
 from distseq.config import TrainConfig
 from distseq.distributed.accelerator import free_port
+
 from .overhead import overhead_config
 
 MICRO_BATCH = 256

@@ -153,8 +153,8 @@ def verify_data_overhead(steps: int, repeats: int) -> Dict[str, float]:
     measured step time. ``verify_data_overhead_end_to_end``: median wall time with it on vs off,
     alternated; a ~1% effect is below this figure's noise on a shared machine.
     """
-    from distseq.data.verify import Digest
     from distseq.config import preset
+    from distseq.data.verify import Digest
     from distseq.training.loop import train
 
     seconds = {False: [], True: []}

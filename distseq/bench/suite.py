@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distseq.fsio import write_json
 from distseq.training.metrics import peak_memory
+
 from .accuracy import accuracy_suite
 from .checkpoint import checkpoint_suite
 from .files import files_suite

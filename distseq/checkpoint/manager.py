@@ -26,8 +26,16 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from distseq.checkpoint.dcp import STATE, checkpoint_group, load_state, load_whole_state
-from distseq.checkpoint.format import (FORMAT_VERSION, WEIGHTS, _cause, _first_line, checkpoint_dir, newest_verified,
-                                       read_meta, versions)
+from distseq.checkpoint.format import (
+    FORMAT_VERSION,
+    WEIGHTS,
+    _cause,
+    _first_line,
+    checkpoint_dir,
+    newest_verified,
+    read_meta,
+    versions,
+)
 from distseq.checkpoint.writer import PendingSave, write_checkpoint
 from distseq.config import CheckpointConfig
 from distseq.distributed.agree import any_rank, main_decides

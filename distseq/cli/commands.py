@@ -80,8 +80,8 @@ def export(args: argparse.Namespace) -> None:
 
 
 def probe(args: argparse.Namespace) -> None:
-    from distseq.training.precision import format_probe, probe_table
     from distseq.distributed.accelerator import local_device
+    from distseq.training.precision import format_probe, probe_table
 
     cfg = from_sources(args.preset, overrides=overrides(args))
     cfg.validate()

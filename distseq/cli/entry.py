@@ -11,8 +11,15 @@ from typing import List, Optional
 
 from distseq.cli.commands import COMMANDS
 from distseq.cli.parser import build_parser, imports_in
-from distseq.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, DistseqError, StartupStopped, \
-    Stopped
+from distseq.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    ConfigError,
+    DistseqError,
+    StartupStopped,
+    Stopped,
+)
 from distseq.registry import import_plugins
 
 

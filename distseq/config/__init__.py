@@ -8,8 +8,16 @@ configuration comes from (``sources.py``: preset, file, command line) and what t
 
 from distseq.config.presets import PRESETS, preset
 from distseq.config.run_config import TrainConfig
-from distseq.config.sections import (SECTIONS, CheckpointConfig, DataConfig, LogConfig, LoopConfig, ModelConfig,
-                                     OptimConfig, option_for)
+from distseq.config.sections import (
+                                     SECTIONS,
+                                     CheckpointConfig,
+                                     DataConfig,
+                                     LogConfig,
+                                     LoopConfig,
+                                     ModelConfig,
+                                     OptimConfig,
+                                     option_for,
+)
 from distseq.config.sources import apply_mapping, from_sources, read_config_file
 
 __all__ = ["PRESETS", "SECTIONS", "CheckpointConfig", "DataConfig", "LogConfig", "LoopConfig", "ModelConfig",

@@ -6,8 +6,16 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from distseq.config.checks import profile_range, trackers, validate
-from distseq.config.sections import (SECTIONS, CheckpointConfig, DataConfig, LogConfig, LoopConfig, ModelConfig,
-                                     OptimConfig, _OwnsOptions)
+from distseq.config.sections import (
+    SECTIONS,
+    CheckpointConfig,
+    DataConfig,
+    LogConfig,
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    _OwnsOptions,
+)
 from distseq.options import facts
 from distseq.tasks import TaskSpec
 

@@ -15,9 +15,24 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from distseq.errors import ConfigError
-
-from distseq.options import (CHANGEABLE, IDENTITY, MAX_POSITION, MAX_SEED, MAX_SEQ_LEN, MAX_TIMEOUT_S, MAX_VOCAB,
-                             MAX_WIDTH, MAX_LAYERS, MAX_WORKERS, MAX_WORLD, PER_START, Fact, facts, flag_of, option)
+from distseq.options import (
+    CHANGEABLE,
+    IDENTITY,
+    MAX_LAYERS,
+    MAX_POSITION,
+    MAX_SEED,
+    MAX_SEQ_LEN,
+    MAX_TIMEOUT_S,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    MAX_WORKERS,
+    MAX_WORLD,
+    PER_START,
+    Fact,
+    facts,
+    flag_of,
+    option,
+)
 from distseq.registry import MODELS, TASKS, Registry
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")

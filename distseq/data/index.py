@@ -45,12 +45,12 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from distseq.data.files import check_files, file_format, row_to_sample
 from distseq.data.stream import LRU, derive_seed
 from distseq.errors import ConfigError, DataFileError, DistseqError, RunIOError
-from distseq.data.files import check_files, file_format, row_to_sample
 from distseq.fsio import sha256_file, write_json
-from distseq.tasks.sampling import Permutation
 from distseq.tasks import Batch, Task, TaskSpec
+from distseq.tasks.sampling import Permutation
 
 INDEX_VERSION = 1
 CHUNK_BYTES = 64 << 20  # bytes per record batch of an index: bounded memory while building, few chunks to gather from

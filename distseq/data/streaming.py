@@ -22,9 +22,9 @@ from accelerate import Accelerator
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
+from distseq.data.files import file_format, row_to_sample
 from distseq.distributed.agree import max_over_ranks
 from distseq.errors import DataFileError
-from distseq.data.files import file_format, row_to_sample
 from distseq.ops.quiet import quiet_logger
 from distseq.tasks import Batch, Task, TaskSpec
 

@@ -13,7 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from safetensors.torch import load as load_safetensors, load_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
 from torch import nn
 
 from distseq.checkpoint.format import WEIGHTS, read_meta

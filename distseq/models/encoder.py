@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from distseq.errors import ConfigError
-from distseq.models.flops import matmul_params
 from distseq.models.base import head_output, input_layer, register_model, sinusoidal_positions
+from distseq.models.flops import matmul_params
 from distseq.options import MAX_WIDTH, option
 from distseq.tasks import Task, TaskSpec
 

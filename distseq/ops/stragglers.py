@@ -22,7 +22,6 @@ from typing import Dict, List, Tuple
 import torch
 from accelerate import Accelerator
 
-
 MIN_SHARE_OF_STEP = 0.1  # a slow rank is named when its excess costs at least this share of a step
 
 

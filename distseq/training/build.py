@@ -29,9 +29,16 @@ from distseq.data.files import resolve_files
 from distseq.data.index import FileIndex, check_same_everywhere, open_index
 from distseq.data.stream import Layout, SampleSource, eval_batches
 from distseq.data.verify import Accounting
-from distseq.distributed.accelerator import (build_accelerator, check_world_size, ddp_without_buffer_notice,
-                                             local_device, needs_buffer_broadcast, print0, set_cpu_threads,
-                                             show_progress)
+from distseq.distributed.accelerator import (
+    build_accelerator,
+    check_world_size,
+    ddp_without_buffer_notice,
+    local_device,
+    needs_buffer_broadcast,
+    print0,
+    set_cpu_threads,
+    show_progress,
+)
 from distseq.distributed.agree import any_rank
 from distseq.distributed.sharding import quiet_fsdp_warnings, shard_model
 from distseq.errors import RunIOError

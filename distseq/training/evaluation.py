@@ -13,8 +13,8 @@ from accelerate import Accelerator
 
 from distseq.config import LoopConfig
 from distseq.errors import DataAccountingError
-from distseq.training.metrics import log_line
 from distseq.tasks import Batch, Task
+from distseq.training.metrics import log_line
 
 EVAL_BATCH = 1024  # held-out samples per forward pass, at most
 EVAL_BATCH_BYTES = 2**28  # and at most this much input and float32 output per forward pass

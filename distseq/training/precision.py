@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from distseq.config import TrainConfig, ModelConfig
+from distseq.config import ModelConfig, TrainConfig
 from distseq.errors import ConfigError
 from distseq.models import build_model
 from distseq.registry import MODELS, TASKS
