@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -41,22 +42,38 @@ def run_distseq(args, *, timeout: float = 240, env=None) -> subprocess.Completed
 class Started:
     """A process a test started (``distseq ...``, a launcher, torchrun), followed line by line.
 
-    stdout and stderr go to files under ``logs`` (no pipe can fill up and stall it); ``wait_for_line``
-    polls them. Leaving the ``with`` block, or ``close()``, kills whatever it started that still runs,
-    its children first (torchrun and distseq launch start ranks in sessions of their own).
+    A thread reads its stdout as it comes (``wait_for_line`` returns the moment the line is read, so a
+    signal sent then lands at that step) and keeps a copy in a file under ``logs``; stderr goes to a file
+    (no pipe fills up and stalls it). Leaving the ``with`` block, or ``close()``, kills whatever it started
+    that still runs, its children first (torchrun and distseq launch start ranks in sessions of their own).
     ``session``: a process group of its own, as a terminal's foreground job; ``signals``: the dispositions
     it starts with, e.g. ``{"SIGINT": signal.SIG_DFL}`` (a background job of a non-interactive shell
     inherits SIGINT ignored, and distseq keeps an inherited SIG_IGN)."""
 
     def __init__(self, cmd: List[str], logs: Path, *, env=None, session: bool = False, signals: Optional[dict] = None):
         logs.mkdir(parents=True, exist_ok=True)
-        stem = f"process-{len(list(logs.glob('process-*.out')))}"
+        stem = f"process-{len(list(logs.glob('process-*.err')))}"
         self.stdout_path, self.stderr_path = logs / f"{stem}.out", logs / f"{stem}.err"
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+        with open(self.stderr_path, "w") as err:
             self.popen = subprocess.Popen(
-                [str(a) for a in cmd], stdout=out, stderr=err, text=True, env=env or cpu_env(), cwd=REPO,
+                [str(a) for a in cmd], stdout=subprocess.PIPE, stderr=err, text=True, env=env or cpu_env(), cwd=REPO,
                 start_new_session=session, preexec_fn=disposition(**signals) if signals else None)
-        self.pid, self.seen = self.popen.pid, []
+        self.pid, self.seen, self.lines = self.popen.pid, [], []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        with open(self.stdout_path, "w") as copy:
+            for line in self.popen.stdout:
+                copy.write(line)
+                copy.flush()
+                with self.changed:
+                    self.lines.append(line)
+                    self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)  # end of output
+            self.changed.notify_all()
 
     def __enter__(self) -> "Started":
         return self
@@ -65,25 +82,26 @@ class Started:
         self.close()
 
     def output(self):
-        return self.stdout_path.read_text(), self.stderr_path.read_text()
+        return "".join(line for line in self.lines if line is not None), self.stderr_path.read_text()
 
     def describe(self) -> str:
         out, err = self.output()
         return f"exit {self.popen.poll()}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
 
     def wait_for_line(self, prefix: str, timeout: float = 180) -> str:
-        """The first whole stdout line starting with ``prefix`` (each is flushed), once it is there."""
+        """The first stdout line starting with ``prefix``, as soon as it is read."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in self.output()[0].splitlines(keepends=True)
-                     if line.startswith(prefix) and line.endswith("\n")]
-            if found:
-                self.seen += self.children()  # ranks start in sessions of their own: remember them
-                return found[0]
-            if self.popen.poll() is not None:
-                pytest.fail(f"the process ended before printing {prefix!r}: {self.describe()}")
-            time.sleep(0.05)
-        pytest.fail(f"no line starting with {prefix!r} within {timeout:.0f} s: {self.describe()}")
+        with self.changed:
+            while True:
+                found = next((line for line in self.lines if line is not None and line.startswith(prefix)), None)
+                if found is not None:
+                    break
+                if self.lines and self.lines[-1] is None:
+                    pytest.fail(f"the process ended before printing {prefix!r}: {self.describe()}")
+                if not self.changed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    pytest.fail(f"no line starting with {prefix!r} within {timeout:.0f} s: {self.describe()}")
+        self.seen += self.children()  # ranks start in sessions of their own: remember them
+        return found
 
     def children(self) -> list:
         try:
@@ -115,6 +133,7 @@ class Started:
             self.close()
             pytest.fail(f"did not exit within {timeout:.0f} s (rank processes still running: {alive})\n"
                         f"{self.describe()}")
+        self.reader.join(timeout=30)
         return subprocess.CompletedProcess(self.popen.args, self.popen.returncode, *self.output())
 
     def close(self) -> None:
@@ -128,6 +147,7 @@ class Started:
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(timeout=30)
+        self.reader.join(timeout=30)
 
 
 def disposition(**handlers):

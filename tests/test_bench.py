@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from conftest import assert_ok, run_here, summary
+from conftest import assert_ok, run_distseq, run_here, summary
 
 from distseq.bench import GOALS, SUITE_NAMES
 from distseq.bench.report import PLOTS_HINT, write_report
@@ -27,7 +27,8 @@ def finite(value) -> bool:
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = run_here(["bench", "--quick", "--out", str(out)])
+    # a process of its own: its suites print to the stdout they inherit
+    proc = run_distseq(["bench", "--quick", "--out", str(out)], timeout=600)
     assert_ok(proc)
     return out, proc
 
@@ -172,7 +173,7 @@ def test_a_run_resumed_inside_the_profiled_range_profiles_from_its_first_step(tm
 
 
 def test_bench_quick_checkpoint_suite_measures_sync_async_and_a_resharded_load(tmp_path):
-    proc = run_here(["bench", "checkpoint", "--quick", "--out", str(tmp_path)])
+    proc = run_distseq(["bench", "checkpoint", "--quick", "--out", str(tmp_path)], timeout=300)
     assert_ok(proc)
     result = json.loads((tmp_path / "checkpoint.json").read_text())
     bench = json.loads((tmp_path / "bench.json").read_text())

@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
         "one.",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    for add in (add_train, add_bench, add_eval, add_predict, add_export, add_probe, add_launch, add_check_task):
+        add(commands)
+    for sub in commands.choices.values():
+        sub.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                         help="import a plugin first (a module name or a .py file) that registers tasks or models "
+                         "with distseq.register_task / register_model; repeatable. Modules of the "
+                         "'distseq.plugins' entry-point group are imported too")
+    return parser
+
+
+def add_train(commands) -> None:
     train = commands.add_parser(
         "train",
         help="train a model (start from a preset, override any field)",
@@ -128,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "once per node before a large job, so its processes do not wait for it at start-up")
     add_train_options(train)
 
+
+def add_bench(commands) -> None:
     bench = commands.add_parser(
         "bench",
         help="measure distseq against raw references on this machine (ratios in one run)",
@@ -148,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="short measurements (about 2 minutes in all): checks the suites run, not for comparison")
 
+
+def add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="evaluate a checkpoint on held-out data; writes RUN/eval.json",
         description="Evaluate the newest intact checkpoint of --run-dir (or --checkpoint) on the held-out stream "
@@ -159,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-files", help="evaluate on these parquet/jsonl files instead (the run's columns)")
     evaluate.add_argument("--output", metavar="FILE", help="write the result here (default: RUN/eval.json)")
 
+
+def add_predict(commands) -> None:
     predict = commands.add_parser(
         "predict", help="predictions of a checkpoint as JSON lines",
         description="One JSON line per input: probability and class (binary tasks), value (adding), or the "
@@ -171,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--sequence-column", default="sequence", help="field of each input line (default: sequence)")
     predict.add_argument("--output", help="write here (atomically) instead of stdout")
 
+
+def add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="export a checkpoint for inference (model.safetensors + config.json)",
         description="Write model.safetensors and config.json; distseq.load_model(DIR) rebuilds the model "
@@ -179,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a checkpoint directory")
     export.add_argument("--out", required=True, help="output directory")
 
+
+def add_probe(commands) -> None:
     probe = commands.add_parser(
         "probe", help="which model x precision runs on this device, and how fast",
         description="One forward+backward per model kind x precision on this device (the GPU of LOCAL_RANK, "
@@ -188,12 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="configuration to start from (default: default)")
     add_fields(probe, PROBE_FIELDS, " (default: the preset's)")
     probe.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
+
+
+def add_launch(commands) -> None:
     commands.add_parser(
         "launch", add_help=False,
         help="launch train or eval on N processes with accelerate's launcher: the ranks' exit codes relayed "
         "(143 preempted, 130 interrupted, 2 bad input, 1 failure), reliable in-job restarts (--max_restarts); "
         "`distseq launch --help` for more",
     )
+
+
+def add_check_task(commands) -> None:
     check = commands.add_parser(
         "check-task", help="prove a task keeps the stream contract (built-in or a plugin's)",
         description="Check that a registered task is a pure, vectorised, seekable function of (seed, block, "
@@ -206,12 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("task", metavar="TASK", help="a registered task name (--import a plugin for your own)")
     add_fields(check, CHECK_TASK_FIELDS)
     add_component_options(check, "data")
-    for sub in commands.choices.values():
-        sub.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                         help="import a plugin first (a module name or a .py file) that registers tasks or models "
-                         "with distseq.register_task / register_model; repeatable. Modules of the "
-                         "'distseq.plugins' entry-point group are imported too")
-    return parser
 
 
 PROBE_FIELDS: Tuple[str, ...] = ("data.seq_len", "model.hidden_size", "train.global_batch_size")

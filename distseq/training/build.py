@@ -93,6 +93,7 @@ class Run:
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
     flops_per_token: float = 0.0  # training FLOPs per token of this model (models/flops.py)
     sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
+    sharded: str = ""  # under fsdp, the line saying what was sharded
     startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
 
     @property
@@ -133,11 +134,25 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     the caller to release after the run."""
     startup = StartupTimeline()
     startup.mark("imports")  # the interpreter, torch, accelerate, distseq
+    run = _join(cfg, model, signals, cleanup, startup, hangs, groups)
+    startup.mark("run_dir_and_optimizer")
+    resume(run)
+    startup.mark("resume")
+    if run.nothing_left is None:
+        _begin(run, cleanup)
+        startup.mark("data_pipeline")
+    return run
+
+
+def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cleanup: contextlib.ExitStack,
+          startup: StartupTimeline, hangs: Optional[HangReport], groups: Optional[list]) -> Run:
+    """The options checked, the data indexed, the model built and probed, the process group joined, the run
+    directory prepared, the model sharded or wrapped with its optimizer, the checkpoint manager."""
     set_cpu_threads()
     world = launch_world_size()
     cfg.validate(world)  # the launch's count; check_world_size confirms it
-    d, t = cfg.data, cfg.train
-    task, spec = TASKS[d.task], cfg.task_spec()
+    t = cfg.train
+    task, spec = TASKS[cfg.data.task], cfg.task_spec()
     files = open_files(cfg)  # every row checked before anything of the run is written
     startup.mark("data_index")
     torch.manual_seed(t.seed)
@@ -162,25 +177,14 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
     if hangs is not None:
         hangs.attach(run_dir.path, accelerator.process_index, accelerator.num_processes)
     cleanup.callback(accelerator.end_training)  # trackers end before the run dir's lock is released
-    config = cfg.to_dict()
     if run_dir.moved_aside:
         print0(accelerator, f"distseq: --overwrite: moved the earlier run in {run_dir.path} aside to "
                             f"{run_dir.moved_aside}")
     pause_point("startup")
-
-    model_flops = flops_per_token(model, spec.seq_len)
-    sharded = ""
-    if sharding == "fsdp":  # before the optimizer exists: it must hold the sharded parameters
-        sharded = shard_model(model, precision.name, accelerator.device)
-        quiet_fsdp_warnings()
-    optimizer, scheduler = build_optimizer(model, cfg.optim, t.max_steps)
-    if sharding == "fsdp":
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        with ddp_without_buffer_notice():
-            model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (invariant 4)
+    model_flops = flops_per_token(model, spec.seq_len)  # of the model as built, before any wrapper
+    model, optimizer, scheduler, sharded = _place(model, cfg, accelerator, sharding, precision)
     layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
-    progress = Progress(first_step=t.start_step)
+    config, progress = cfg.to_dict(), Progress(first_step=t.start_step)
     feed = TrainingFeed(cfg, accelerator=accelerator, layout=layout, files=files)
     checkpoints = CheckpointManager(
         cfg.checkpoint, accelerator=accelerator, run_dir=run_dir.path, max_steps=t.max_steps,
@@ -188,49 +192,63 @@ def build_run(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals
         timeout_s=t.dist_timeout_s, meta={"config": config, **({"data": files.identity()} if files else {})},
         shared={"progress": progress}, per_rank={"rng": RngState(), "data": feed})
     cleanup.callback(checkpoints.close)  # a background save completes before the run dir's lock is released
-    run = Run(cfg=cfg, accelerator=accelerator, precision=precision, signals=signals, run_dir=run_dir, task=task,
-              spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
-              checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
-              model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup)
-    startup.mark("run_dir_and_optimizer")
-    resume(run)
-    startup.mark("resume")
-    if run.nothing_left is not None:
-        return run
-    apply_options(optimizer, scheduler, cfg.optim, run.start)  # O(1) at any step; the options in force now
-    if not run.progress.config_history:
-        run.progress.config_history.append({"step": run.start, "config": config})
-    run.feed.start(run.start)
+    return Run(cfg=cfg, accelerator=accelerator, precision=precision, signals=signals, run_dir=run_dir, task=task,
+               spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
+               checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
+               model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup,
+               sharded=sharded)
 
-    run.write_agreed({"config.json": config, "config_history.json": run.progress.config_history})
+
+def _place(model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, sharding: str, precision: Precision):
+    """The model sharded (FSDP2, before the optimizer exists: it must hold the shards) or wrapped (DDP), its
+    optimizer and schedule; and the line saying what was sharded ("" when nothing was)."""
+    sharded = ""
+    if sharding == "fsdp":
+        sharded = shard_model(model, precision.name, accelerator.device)
+        quiet_fsdp_warnings()
+    optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
+    if sharding == "fsdp":
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        with ddp_without_buffer_notice():
+            model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (invariant 4)
+    return model, optimizer, scheduler, sharded
+
+
+def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
+    """From the step the run starts at: the options in force, the data, config.json, the trackers, the start
+    lines, and the components that own their timing (step logger, evaluator, profiler, data accounting)."""
+    cfg, accelerator, layout, d, t = run.cfg, run.accelerator, run.layout, run.cfg.data, run.cfg.train
+    apply_options(run.optimizer, run.scheduler, cfg.optim, run.start)  # O(1) at any step; the options in force now
+    if not run.progress.config_history:
+        run.progress.config_history.append({"step": run.start, "config": run.config})
+    run.feed.start(run.start)
+    run.write_agreed({"config.json": run.config, "config_history.json": run.progress.config_history})
     # a fresh start over what a run killed before its first checkpoint logged: hide those curves
     purge = run.start + 1 if run.resumed_from else (1 if (run.path / "tensorboard").is_dir() else None)
     start_tracking(accelerator, cfg.flat(), purge_step=purge)
     run.say(f"distseq: world_size={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
-            f"device={accelerator.device} sharding={sharding} precision={precision.name} ({precision.reason}) "
-            f"micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} global_batch={layout.global_batch} "
-            f"run_dir={run.path}")
-    if sharded:
-        run.say(f"distseq: {sharded}")
-    if files is not None:
-        run.say(f"distseq: data: {files.rows} rows in {len(files.files)} file(s); one epoch = "
-                f"{files.rows / layout.global_batch:.6g} steps of {layout.global_batch}, reshuffled each epoch")
-
+            f"device={accelerator.device} sharding={run.sharding} precision={run.precision.name} "
+            f"({run.precision.reason}) micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} "
+            f"global_batch={layout.global_batch} run_dir={run.path}")
+    if run.sharded:
+        run.say(f"distseq: {run.sharded}")
+    if run.files is not None:
+        run.say(f"distseq: data: {run.files.rows} rows in {len(run.files.files)} file(s); one epoch = "
+                f"{run.files.rows / layout.global_batch:.6g} steps of {layout.global_batch}, reshuffled each epoch")
     rank, world = accelerator.process_index, accelerator.num_processes
     run.clock = TrainingClock(run.progress.train_seconds, run.progress.wall_seconds)  # evaluation, saves pause it
     run.logger = StepLogger(cfg.log, accelerator=accelerator, max_steps=t.max_steps, global_batch=layout.global_batch,
                             start=run.start, clock=run.clock, flops_per_token=run.flops_per_token,
-                            per_step=task.head == "per-step", tokens_before=run.progress.tokens)
+                            per_step=run.task.head == "per-step", tokens_before=run.progress.tokens)
     cleanup.callback(run.logger.close)
-    held_out = eval_batches(SampleSource(d.task, spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
-                            eval_batch_size(task, spec))
-    run.evaluator = Evaluator(t, accelerator=accelerator, model=model, task=task, batches=held_out,
-                              expected=d.eval_size, variable_length=spec.variable, clock=run.clock,
+    held_out = eval_batches(SampleSource(d.task, run.spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
+                            eval_batch_size(run.task, run.spec))
+    run.evaluator = Evaluator(t, accelerator=accelerator, model=run.model, task=run.task, batches=held_out,
+                              expected=d.eval_size, variable_length=run.spec.variable, clock=run.clock,
                               history=run.progress.eval_history, emit=run.logger.emit)
     run.profiler = StepProfiler(cfg.profile_range(), run.path, rank, accelerator.device)
     run.accounting = Accounting(run.start * layout.global_batch, world) if t.verify_data else None
-    startup.mark("data_pipeline")
-    return run
 
 
 def open_files(cfg: TrainConfig) -> Optional[FileIndex]:
