@@ -51,7 +51,8 @@ def main() -> int:
             proc = subprocess.Popen([*train, "--run-dir", str(chaos)], env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, text=True)
             time.sleep(rng.uniform(1.0, 8.0))  # start-up takes ~3 s: some kills land before training starts
-            if proc.poll() is None:  # the launcher and every rank at once (torchrun puts ranks in sessions of their own)
+            if proc.poll() is None:
+                # the launcher and every rank at once (torchrun puts ranks in sessions of their own)
                 for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
                     with contextlib.suppress(psutil.NoSuchProcess):
                         process.send_signal(signal.SIGKILL)

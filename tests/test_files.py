@@ -66,7 +66,8 @@ def test_files_cycle_over_epochs_the_same_from_jsonl_and_parquet(tmp_path):
         runs[name] = tmp_path / name
         proc = run_here(file_args([path], runs[name], "--max-steps", "10", "--verify-data"))
         assert_ok(proc)
-        assert "distseq: data: 70 rows in 1 file(s); one epoch = 4.375 steps of 16, reshuffled each epoch" in proc.stdout
+        assert ("distseq: data: 70 rows in 1 file(s); one epoch = 4.375 steps of 16, reshuffled each epoch"
+                in proc.stdout)
         result = summary(runs[name])
         assert result["step"] == 10 and result["samples"] == 160 and result["status"] == "complete"
         assert result["data_accounting"]["checked_until"] == 160
@@ -212,7 +213,8 @@ def test_bad_data_file_options(extra, option, tmp_path, capsys):
 
 def test_data_streaming_needs_data_files(tmp_path, capsys):
     code, err = run_in_process(["train", "--data-streaming", "--run-dir", str(tmp_path / "run")], capsys)
-    assert code == 2 and err.endswith("--data-streaming: applies to --data-files only; give --data-files or leave it out")
+    assert code == 2 and err.endswith("--data-streaming: applies to --data-files only; "
+                                      "give --data-files or leave it out")
 
 
 # --- --data-streaming ------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def test_torchrun_restarts_a_crashed_rank_in_place(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [*TORCHRUN, "--max-restarts", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
            "-m", "distseq.cli", "train", *ARGS, "--run-dir", str(run_dir)]
-    proc = as_a_terminal_job(cmd, "step=25/", kill_one_rank, tmp_path, env=cpu_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
+    proc = as_a_terminal_job(cmd, "step=25/", kill_one_rank, tmp_path,
+                             env=cpu_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     assert_healed(proc, run_dir, uninterrupted)
 
 

@@ -168,10 +168,12 @@ def test_a_config_file_sets_an_owned_option_and_names_an_unknown_key(tmp_path, c
 
 def test_probe_and_check_task_take_their_options_from_the_same_facts(capsys):
     bad = run_main(["probe", "--seq-len", "0"], capsys)
-    assert bad.returncode == 2 and bad.stderr.strip() == "distseq probe: error: --seq-len: must be an integer >= 1 (got 0)"
+    assert bad.returncode == 2 and bad.stderr.strip() == ("distseq probe: error: --seq-len: "
+                                                          "must be an integer >= 1 (got 0)")
     refused = run_main(["check-task", "mqar", "--num-kv-pairs", "100"], capsys)
     assert refused.returncode == 2
-    assert refused.stderr.strip() == ("distseq check-task: error: --seq-len: mqar needs --seq-len >= 4 x --num-kv-pairs "
+    assert refused.stderr.strip() == ("distseq check-task: error: --seq-len: "
+                                      "mqar needs --seq-len >= 4 x --num-kv-pairs "
                                       "= 400 (the pairs, then a query slot per pair) (got 64)")
     foreign = run_main(["check-task", "parity", "--copy-len", "3"], capsys)
     assert foreign.returncode == 2 and "--copy-len: is not an option of --task parity" in foreign.stderr

@@ -126,7 +126,8 @@ class _LengthsIgnored(torch.nn.Module):
 def test_unknown_names_list_the_registered_ones_and_a_bad_plugin_is_one_line(tmp_path, capsys):
     result = run_main(["train", "--task", "nope", "--run-dir", tmp_path / "r"], capsys)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("distseq train: error: --task: invalid choice 'nope' (choose from adding, copy, ")
+    assert result.stderr.strip().startswith("distseq train: error: --task: invalid choice 'nope' "
+                                            "(choose from adding, copy, ")
     assert result.stderr.strip().endswith("sum-sign; a plugin adds more: --import MODULE)")
     broken = tmp_path / "broken.py"
     broken.write_text("import torch\nraise RuntimeError('my bug')\n")

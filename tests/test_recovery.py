@@ -225,7 +225,8 @@ def adding_rows(path, rows, bad_row=None):
 
 
 FILE_ARGS = ["train", "--data-streaming", "--task", "adding", "--seq-len", "6", "--global-batch-size", "8",
-             "--max-steps", "10", "--checkpoint-every", "2", "--log-every", "1", "--eval-every", "0", "--eval-size", "32",
+             "--max-steps", "10", "--checkpoint-every", "2", "--log-every", "1", "--eval-every", "0",
+             "--eval-size", "32",
              "--no-progress"]
 
 

@@ -255,7 +255,8 @@ def test_a_forged_state_metadata_executes_nothing(tmp_path, capsys):
     meta = json.loads((checkpoint / "meta.json").read_text())
     meta["sha256"]["state/.metadata"] = hashlib.sha256((checkpoint / "state" / ".metadata").read_bytes()).hexdigest()
     (checkpoint / "meta.json").write_text(json.dumps(meta))
-    for args in (["eval", "--run-dir", run, "--checkpoint", checkpoint], ["export", "--checkpoint", checkpoint, "--out", tmp_path / "export"],
+    for args in (["eval", "--run-dir", run, "--checkpoint", checkpoint],
+                 ["export", "--checkpoint", checkpoint, "--out", tmp_path / "export"],
                  ["train", "--preset", "seed", "--max-steps", "4", "--no-progress", "--run-dir", run]):
         result = run_main(args, capsys)
         assert result.returncode == 2, result.stderr

@@ -143,7 +143,8 @@ def test_a_crashed_rank_heals_in_place_without_a_requeue(slurm, reference, tmp_p
     log = tmp_path / "out" / f"job-{job}.txt"
     wait_for_line(log, "step=100/")
     ranks = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "distseq.cli" in p.info["cmdline"]
-             and "train" in p.info["cmdline"] and "launch" not in p.info["cmdline"] and str(run_dir) in p.info["cmdline"]]
+             and "train" in p.info["cmdline"] and "launch" not in p.info["cmdline"]
+             and str(run_dir) in p.info["cmdline"]]
     assert len(ranks) == 2
     ranks[-1].kill()
     wait_gone(slurm, job)

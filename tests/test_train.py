@@ -46,7 +46,8 @@ def test_preset_trains_and_writes_outputs(name, run_dir):
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 6
     # the operator is told where everything is
-    assert str(run_dir / "summary.json") in proc.stdout and f"tensorboard --logdir {run_dir / 'tensorboard'}" in proc.stdout
+    assert (str(run_dir / "summary.json") in proc.stdout
+            and f"tensorboard --logdir {run_dir / 'tensorboard'}" in proc.stdout)
     assert proc.stdout.count("step=2/6 train/loss=") == 1
 
 

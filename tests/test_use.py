@@ -106,7 +106,8 @@ def test_export_gives_the_training_time_logits(trained, tmp_path):
     assert exported.distseq_config["data"]["task"] == "sum-sign" and exported.distseq_config["step"] == 200
     # no trainer, no accelerate: a fresh interpreter that never imports them
     code = (f"import sys, torch, distseq; m = distseq.load_model({str(tmp_path / 'export')!r}); "
-            "m(torch.zeros(1, 10, 1)); assert 'accelerate' not in sys.modules and 'distseq.training.loop' not in sys.modules")
+            "m(torch.zeros(1, 10, 1)); assert 'accelerate' not in sys.modules "
+            "and 'distseq.training.loop' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], env=cpu_env(), capture_output=True).returncode == 0
 
 

@@ -83,7 +83,8 @@ def induction_runs(quick: bool, log: Callable[[str], None]) -> Dict:
         result[f"induction_train_seconds_{layers}"] = summary["train_seconds"]
         result[f"induction_steps_to_{INDUCTION_TARGET}_{layers}"] = reached["step"] if reached else None
         result["config"][f"induction_{layers}_layer{'s' if layers > 1 else ''}"] = cfg.to_dict()
-        log(f"  induction, {layers} layer{'s' if layers > 1 else ' '}: held-out accuracy {summary['eval/accuracy']:.4f} "
+        log(f"  induction, {layers} layer{'s' if layers > 1 else ' '}: held-out accuracy "
+            f"{summary['eval/accuracy']:.4f} "
             f"after {cfg.train.max_steps} steps ({summary['train_seconds']:.1f} s of training; chance "
             f"{1 / (cfg.data.vocab_size - 1):.3f}); {INDUCTION_TARGET} "
             + (f"at step {reached['step']}" if reached else "not reached"))

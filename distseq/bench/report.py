@@ -23,7 +23,8 @@ GOALS = {
     "async_block_ratio": ("<=", 0.2),
 }
 
-PLOTS_HINT = "plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), then run distseq bench again"
+PLOTS_HINT = ("plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), "
+              "then run distseq bench again")
 
 
 def ordered_shares(shares: Dict[str, float]) -> Dict[str, float]:
@@ -50,7 +51,8 @@ def headline_rows(bench: Dict) -> List[tuple]:
         "scaling_efficiency": "scaling_2proc / 2",
         "stream_ratio": "stream samples/s / raw torch.randn (sum-sign, seq 10)",
         "seek_ratio": "first batch at sample 10^12 / at 0",
-        "token_stream_ratio": "stream tokens/s / torch.randint blocks, lowest of mqar, induction, selective-copy (seq 2048)",
+        "token_stream_ratio": "stream tokens/s / torch.randint blocks, lowest of mqar, induction, selective-copy "
+                              "(seq 2048)",
         "files_ratio": "--data-files rows/s (indexed, shuffled stream) / raw pyarrow take of the same rows from the "
                        "file read into memory (parquet, seq 10, batch 256)",
         "files_seek_ratio": "first batch of --data-files at position 10^7 / at 0 (opening the cached index)",
@@ -80,7 +82,8 @@ def summary_table(bench: Dict) -> str:
              + (" (quick: short measurements, for a smoke test)" if bench["quick"] else "")]
     lines += [f"  {key:<22} {value:>12}  {goal:<18} {text}" for key, value, goal, text in headline_rows(bench)]
     if "step_time_shares" in bench:
-        lines.append("  step time (profile)    " + "  ".join(f"{k}={100 * v:.1f}%" for k, v in ordered_shares(bench["step_time_shares"]).items()))
+        lines.append("  step time (profile)    "
+                     + "  ".join(f"{k}={100 * v:.1f}%" for k, v in ordered_shares(bench["step_time_shares"]).items()))
     if "precision_table" in bench:
         cells = [f"{r['model']}/{r['precision']}=" + (f"{r['steps_per_sec']:.1f}" if r["works"] else "x")
                  for r in bench["precision_table"]]
@@ -97,7 +100,8 @@ def summary_table(bench: Dict) -> str:
                                                             for r in bench["mqar_table"]))
     lines.append("  peak RSS (MB)          " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_rss_mb"].items()))
     if "peak_cuda_memory_mb" in bench:
-        lines.append("  peak CUDA memory (MB)  " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_cuda_memory_mb"].items()))
+        lines.append("  peak CUDA memory (MB)  " + "  ".join(f"{k}={v:.0f}"
+                                                            for k, v in bench["peak_cuda_memory_mb"].items()))
     return "\n".join(lines)
 
 
@@ -151,7 +155,8 @@ def _plot_precision(plt, rows: List[dict], path: Path) -> None:
     for j, precision in enumerate(precisions):
         values = [next((r["steps_per_sec"] or 0.0) for r in rows if r["model"] == k and r["precision"] == precision)
                   for k in kinds]
-        ax.bar([i + j * width for i in range(len(kinds))], values, width, label={"no": "fp32"}.get(precision, precision))
+        ax.bar([i + j * width for i in range(len(kinds))], values, width,
+               label={"no": "fp32"}.get(precision, precision))
     ax.set_xticks([i + width * (len(precisions) - 1) / 2 for i in range(len(kinds))], kinds)
     ax.set_ylabel("forward+backward steps/s (0 = does not run)")
     ax.legend()
@@ -289,7 +294,8 @@ def details(suites: Dict) -> List[str]:
                      f"of {c['steps']} steps; CPU even on a GPU machine).")
     if "accuracy" in suites:
         a = suites["accuracy"]
-        lines.append(f"- **time to accuracy**: the default preset ({a['default_precision']}) evaluated every 50 steps on "
+        lines.append(f"- **time to accuracy**: the default preset ({a['default_precision']}) "
+                     "evaluated every 50 steps on "
                      f"held-out data, final accuracy {a['default_final_accuracy']:.4f} after "
                      f"{a['default_train_seconds']:.2f} s of training; the original recipe as a plain script "
                      f"(Sigmoid + BCELoss, label shape fixed), evaluated after each of its 10 epochs.")
@@ -302,7 +308,8 @@ def details(suites: Dict) -> List[str]:
 
         f = suites["files"]
         lines += [f"- **files**: the trainer's stream over the index (micro-batch {f['micro_batch']}, 0 workers, "
-                  "shuffled) vs pyarrow `take` of the same row ids from the file read into memory beforehand (untimed), medians "
+                  "shuffled) vs pyarrow `take` of the same row ids from the file read into memory beforehand "
+                  "(untimed), medians "
                   f"of {f['sizes']['repeats']} alternating repeats; first batch: medians of {f['seek_repeats']} "
                   f"alternating repeats ({f['seek_note']}).", "", "```", files_table(f), "```"]
     return lines
@@ -320,7 +327,8 @@ def recall_section(r: Dict) -> List[str]:
              f"(chance {1 / (two['data']['vocab_size'] - 1):.3f}).", ""]
     rows = r["mqar_table"]
     d = r["config"]["mqar_decoder"]
-    lines += [f"- **MQAR** (`--preset mqar` with: vocab {d['data']['vocab_size']}, batch {d['train']['global_batch_size']}, "
+    lines += [f"- **MQAR** (`--preset mqar` with: vocab {d['data']['vocab_size']}, "
+              f"batch {d['train']['global_batch_size']}, "
               f"lr {d['optim']['lr']}, the same steps per cell; decoder and LSTM each {d['model']['num_layers']} "
               f"layers of width {d['model']['hidden_size']}): held-out accuracy per query", "",
               "| model | kv pairs | seq len | accuracy | sequence accuracy | steps | train s |",

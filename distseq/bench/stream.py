@@ -54,7 +54,8 @@ def _stream(task: str, spec: TaskSpec, micro_batch: int, workers: int, first_ste
     """The trainer's stream for one process, with the default block size and example grouping."""
     defaults = DataConfig()
     source = SampleSource(task, spec, seed=0, block_size=defaults.block_size)
-    loader = train_loader(source, Layout(micro_batch, 1, 1), 0, first_step, 10**9, defaults.samples_per_example, workers)
+    loader = train_loader(source, Layout(micro_batch, 1, 1), 0, first_step, 10**9, defaults.samples_per_example,
+                          workers)
     return micro_batches(loader, micro_batch)
 
 
@@ -208,7 +209,8 @@ def stream_benchmark(seconds: float = 2.0, seq_len: int = 10, micro_batch: int =
         if task.tokens:  # measured at their own length, in tokens/s (token_stream_benchmark)
             continue
         task_spec = spec_for(name, max(seq_len, 11)) if name == "copy" else spec
-        reference = samples_per_sec(lambda: _raw_blocks(task_spec, task.num_features(task_spec), block), block, seconds / 2)
+        reference = samples_per_sec(lambda: _raw_blocks(task_spec, task.num_features(task_spec), block), block,
+                                    seconds / 2)
         stream = samples_per_sec(lambda: _stream(name, task_spec, micro_batch, 0), micro_batch, seconds / 2)
         tasks[name] = {"stream_ratio": stream / reference, "stream_samples_per_sec": stream,
                        "raw_samples_per_sec": reference}
@@ -250,12 +252,14 @@ def stream_table(r: Dict) -> str:
          r["stream_samples_per_sec_by_workers"]["2"] / r["raw_samples_per_sec"]),
         ("naive datasets, 1 sample/example", r["naive_samples_per_sec"], r["naive_ratio"]),
     ]
-    lines = [f"{'stream (sum-sign, seq %d, batch %d)' % (r['seq_len'], r['micro_batch']):<40} {'samples/s':>12} {'ratio':>8}"]
+    lines = [f"{'stream (sum-sign, seq %d, batch %d)' % (r['seq_len'], r['micro_batch']):<40} "
+             f"{'samples/s':>12} {'ratio':>8}"]
     lines += [f"{name:<40} {rate:>12,.0f} {ratio:>8.3f}" for name, rate, ratio in rows]
     lines += [f"{'task ' + name:<40} {t['stream_samples_per_sec']:>12,.0f} {t['stream_ratio']:>8.3f}"
               for name, t in r["tasks"].items()]
     lines.append(f"stream_ratio={r['stream_ratio']:.3f} (goal >= 0.5)  "
-                 f"seek_ratio={r['seek_ratio']:.3f} (goal <= 1.1; first batch {r['first_batch_seconds_at_0'] * 1000:.1f} ms "
+                 f"seek_ratio={r['seek_ratio']:.3f} (goal <= 1.1; "
+                 f"first batch {r['first_batch_seconds_at_0'] * 1000:.1f} ms "
                  f"at 0, {r['first_batch_seconds_at_1e12'] * 1000:.1f} ms at 10^12)")
     lines.append(f"{'tokens (seq %d, batch %d, 1 thread)' % (r['token_stream_seq_len'], r['token_micro_batch']):<40} "
                  f"{'tokens/s':>12} {'ratio':>8} {'randint tokens/s':>17} {'make alone':>11}")

@@ -81,7 +81,8 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
     try:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError:
-        raise CheckpointError(_vanished(path) if not path.is_dir() else f"{path} has no meta.json (incomplete)") from None
+        raise CheckpointError(_vanished(path) if not path.is_dir()
+                              else f"{path} has no meta.json (incomplete)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{meta_file} is not valid JSON") from None
     except OSError as error:
@@ -92,7 +93,8 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
     if (not isinstance(meta["step"], int) or not isinstance(meta.get("samples"), int)
             or not isinstance(meta.get("world_size"), int) or not isinstance(config, dict)
             or not all(isinstance(config.get(section), dict) for section in ("data", "model", "optim", "train"))):
-        raise CheckpointError(f"{meta_file} lacks an integer step, samples, world_size or the config sections (damaged)")
+        raise CheckpointError(f"{meta_file} lacks an integer step, samples, world_size or the config sections "
+                              "(damaged)")
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has format version {version}; this distseq reads versions "

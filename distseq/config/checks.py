@@ -31,7 +31,8 @@ _TRACKER_PACKAGES = {
 
 
 def validate(cfg, world_size: int = 1):
-    """Check every value of ``cfg`` (a ``TrainConfig``) for a launch of ``world_size`` processes; ``cfg`` itself, its values
+    """Check every value of ``cfg`` (a ``TrainConfig``) for a launch of ``world_size`` processes; ``cfg`` itself, its
+    values
     as the options hold them (a Path as str, an int as float where a number is asked for)."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ConfigError("WORLD_SIZE", f"the number of processes must be an integer >= 1 (got {world_size!r})")
@@ -125,7 +126,8 @@ def _check_combinations(cfg, world_size: int) -> None:
     per_step = world_size * t.grad_accum_steps
     if t.global_batch_size % per_step:
         raise ConfigError("--global-batch-size", f"{t.global_batch_size} is not divisible by processes x "
-                                                 f"--grad-accum-steps = {world_size} x {t.grad_accum_steps} = {per_step}")
+                                                 f"--grad-accum-steps = {world_size} x {t.grad_accum_steps} "
+                                                 f"= {per_step}")
 
 
 def _check_sizes(cfg, world_size: int) -> None:

@@ -321,7 +321,8 @@ def _shapes(ctx: _Context) -> Finding:
         f"x ({K}, {spec.seq_len}, {task.num_features(spec)}) float32"
     return Finding("shapes", True, f"{x_kind}, y "
                    f"{('(%d,)' % K) if y.dim() == 1 else '(%d, %d)' % (K, spec.seq_len)} {_dtype(y)} as head "
-                   f"{task.head!r} declares, {lengths}, {'in range' if task.tokens else 'finite'}; make(generator, {small}, spec) gives {small} samples")
+                   f"{task.head!r} declares, {lengths}, {'in range' if task.tokens else 'finite'}; "
+                   f"make(generator, {small}, spec) gives {small} samples")
 
 
 def _determinism(ctx: _Context, runs) -> Finding:
@@ -338,7 +339,8 @@ def _determinism(ctx: _Context, runs) -> Finding:
                        f"(two fresh sources): {why}")
     if rng:
         k = rng[0]
-        return Finding("determinism", False, f"sample {k * ctx.block_size}: drawing block {k}, make() changed the state "
+        return Finding("determinism", False,
+                       f"sample {k * ctx.block_size}: drawing block {k}, make() changed the state "
                        f"of {uses}, which training's initialisation and dropout share: draw only from the "
                        "generator it is given")
     return Finding("determinism", True, f"{len(a['index'])} samples at positions 0 to 2**62-1 bit-identical "
@@ -456,7 +458,8 @@ def _labels(ctx: _Context, runs) -> Finding:
         try:
             again = label(x.clone(), None if lengths is None else lengths.clone(), ctx.spec)
         except Exception as error:
-            return Finding("labels", False, f"label(x, lengths, spec) raised {_describe(error)} on samples {a}..{b - 1}")
+            return Finding("labels", False,
+                           f"label(x, lengths, spec) raised {_describe(error)} on samples {a}..{b - 1}")
         if not isinstance(again, torch.Tensor) or tuple(again.shape) != tuple(y.shape):
             shape = tuple(again.shape) if isinstance(again, torch.Tensor) else type(again).__name__
             return Finding("labels", False, f"label() returned {shape} for samples {a}..{b - 1}; y is {tuple(y.shape)}")
@@ -470,7 +473,8 @@ def _labels(ctx: _Context, runs) -> Finding:
                 where, got, want = f"sample {a + row}", again[row], y[row]
             else:  # per-step labels: name the step too
                 step = int((~same[row]).reshape(-1).nonzero()[0])
-                where, got, want = f"sample {a + row}, step {step}", again[row].reshape(-1)[step], y[row].reshape(-1)[step]
+                where, got, want = (f"sample {a + row}, step {step}", again[row].reshape(-1)[step],
+                                    y[row].reshape(-1)[step])
             return Finding("labels", False, f"{where}: label() gives {got.item()} but make() gave y = {want.item()}")
         checked += b - a
     return Finding("labels", True, f"label(x, lengths, spec) equals y on {checked} samples"

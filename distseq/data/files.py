@@ -31,7 +31,8 @@ def resolve_files(pattern: str) -> List[str]:
     for part in filter(None, (p.strip() for p in pattern.split(","))):
         matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
         if len(matches) == 1 and Path(matches[0]).is_dir():
-            raise ConfigError("--data-files", f"{part} is a directory: give its files (e.g. {Path(part) / '*.parquet'})")
+            raise ConfigError("--data-files", f"{part} is a directory: "
+                                              f"give its files (e.g. {Path(part) / '*.parquet'})")
         if not matches or not all(Path(m).is_file() for m in matches):
             raise ConfigError("--data-files", f"no such file: {part}")
         files += matches
@@ -41,11 +42,13 @@ def resolve_files(pattern: str) -> List[str]:
     for path in files:
         real = str(Path(path).resolve())
         if real in seen:
-            raise ConfigError("--data-files", f"{path} is listed twice (as {seen[real]} too): each file's rows count once")
+            raise ConfigError("--data-files", f"{path} is listed twice (as {seen[real]} too): "
+                                              "each file's rows count once")
         seen[real] = path
     suffixes = {Path(f).suffix for f in files}
     if not suffixes <= FORMATS.keys() or len({FORMATS[s] for s in suffixes}) != 1:
-        raise ConfigError("--data-files", f"files must all be .jsonl/.json or all .parquet (got {', '.join(sorted(suffixes))})")
+        raise ConfigError("--data-files", "files must all be .jsonl/.json or all .parquet "
+                                          f"(got {', '.join(sorted(suffixes))})")
     return files
 
 
@@ -75,7 +78,8 @@ def file_columns(path: str) -> Optional[List[str]]:
         try:
             metadata = pq.read_metadata(path)
         except Exception as error:  # not a parquet file: one line naming it
-            raise ConfigError("--data-files", f"{path} is not a readable parquet file: {str(error).splitlines()[0]}") from None
+            raise ConfigError("--data-files", f"{path} is not a readable parquet file: "
+                                              f"{str(error).splitlines()[0]}") from None
         return metadata.schema.to_arrow_schema().names if metadata.num_rows > 0 else None
     try:
         first = first_json_row(path)

@@ -389,7 +389,8 @@ def _read_parquet(path: str, shape: RowShape, rows_per_chunk: int) -> Iterator[T
     try:
         reader = pq.ParquetFile(path)
         total = max(1, reader.metadata.num_rows)
-        for batch in reader.iter_batches(batch_size=rows_per_chunk, columns=[shape.sequence_column, shape.label_column]):
+        for batch in reader.iter_batches(batch_size=rows_per_chunk,
+                                         columns=[shape.sequence_column, shape.label_column]):
             yield pa.Table.from_batches([batch]), size * batch.num_rows // total
     except OSError as error:
         raise UnreadableFile(f"{path}: cannot read: {error.strerror or error}") from None

@@ -108,7 +108,8 @@ def as_fsdp_computes(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
 
     def cast_inputs(module, args, kwargs):
-        cast = lambda value: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+        def cast(value):
+            return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
         return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
     probe = copy.deepcopy(model)

@@ -60,7 +60,8 @@ def _eval_checkpoint(accelerator, run_dir: str, checkpoint: Optional[str], eval_
                            cfg.data.data_cache, say, progress=False).open()
         check_same_everywhere(index, accelerator)
         expected = index.rows  # every row once, in the files' order
-        batches = eval_batches(FileSource(index, None, spec.variable), rank, world, expected, eval_batch_size(task, spec))
+        batches = eval_batches(FileSource(index, None, spec.variable), rank, world, expected,
+                               eval_batch_size(task, spec))
     else:
         expected = eval_size or cfg.data.eval_size
         source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "eval")

@@ -65,7 +65,8 @@ class TransformerClassifier(nn.Module):
 
 @register_model("transformer", options=EncoderOptions)
 def transformer(cfg, task: Task, spec: TaskSpec) -> nn.Module:
-    return TransformerClassifier(input_layer(task, spec, cfg.hidden_size), cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+    return TransformerClassifier(input_layer(task, spec, cfg.hidden_size), cfg.hidden_size,
+                                 cfg.num_layers, cfg.num_heads,
                                  task.num_outputs(spec), spec.seq_len, cfg.positions, task.head == "per-step",
                                  cfg.dropout)
 

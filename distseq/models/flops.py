@@ -1,7 +1,8 @@
 """Model FLOPs: what a researcher compares across sizes and machines.
 
 Training FLOPs per token are 6 per weight used in a matrix multiply (2 forward, 4 backward;
-Kaplan et al. 2020; biases and norms are left out), plus attention's score and mixing products for attention models: 12 x layers x
+Kaplan et al. 2020; biases and norms are left out), plus attention's score and mixing products for attention
+models: 12 x layers x
 width x sequence length (the count PaLM uses; a causal model does about half of it usefully).
 Embedding lookups are not multiplies; an output layer tied to the embedding is. A model may say
 better for itself with a ``flops_per_token(seq_len)`` method. MFU divides achieved model FLOP/s by
@@ -20,7 +21,8 @@ from torch import nn
 # shorter one it contains (H100 PCIe before H100, GH200 before H200, L40S before L40 before L4)
 PEAK_BF16_FLOPS = (
     ("GB200", 2.5e15), ("B200", 2.25e15), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-    ("GH200", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("GH200", 989e12), ("H200", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+    ("L40", 181e12), ("L4", 121e12),
     ("A10G", 70e12), ("A10", 125e12), ("MI300X", 1307e12), ("MI250X", 383e12),
 )
 

@@ -89,7 +89,8 @@ def resolve_precision(requested: str, cfg: TrainConfig, device: torch.device,
                 return Precision(candidate, f"auto on {device.type}: {candidate} (probed forward+backward works)")
         return Precision("no", f"auto on {device.type}: fp32 (no autocast precision ran {cfg.model.kind})")
     if requested == "fp16" and cpu:
-        raise ConfigError("--precision", "fp16 does not run on CPU (accelerate would ignore it); choose --precision no or bf16")
+        raise ConfigError("--precision", "fp16 does not run on CPU (accelerate would ignore it); "
+                                         "choose --precision no or bf16")
     if requested == "bf16" and not cpu and not torch.cuda.is_bf16_supported():
         raise ConfigError("--precision", "bf16 is not supported by this GPU; choose --precision no or fp16")
     error = runs_under(requested, cfg, device, model, sharded)

@@ -66,7 +66,8 @@ def check_same_data(run, meta: dict, path: Path) -> None:
     then, now = meta.get("data") or {}, run.files.identity()  # check_compatible refused streamed checkpoints
     if (then.get("rows"), then.get("sha256")) != (now["rows"], now["sha256"]):
         raise CheckpointError(f"{path} was trained on other data: {then.get('rows')} rows in {then.get('files')} "
-                              f"file(s), sha256 {str(then.get('sha256'))[:12]}; --data-files now hold {now['rows']} rows "
+                              f"file(s), sha256 {str(then.get('sha256'))[:12]}; "
+                              f"--data-files now hold {now['rows']} rows "
                               f"in {now['files']}, sha256 {now['sha256'][:12]} (restore those files, or --resume never "
                               f"in a new --run-dir)")
 
