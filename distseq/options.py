@@ -51,6 +51,27 @@ MAX_TIMEOUT_S = 365 * 24 * 3600
 
 _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
+# The options every model and every task shared before they belonged to their owners (release 0.1). A plugin
+# written then may read them (``cfg.num_heads``, ``spec.copy_len``) without declaring them: it reads these
+# defaults, with a DeprecationWarning saying to declare them (a value given for them is refused, naming the
+# models or tasks that take it).
+LEGACY_OPTIONS = {
+    "model": {"num_heads": 4, "positions": "sinusoidal", "bidirectional": False, "tie_embeddings": False},
+    "data": {"copy_len": 5, "num_kv_pairs": 8},
+}
+
+
+def legacy_default(section: str, name: str, owner: str):
+    """The release-0.1 default of an option ``owner`` reads without declaring it; AttributeError otherwise."""
+    import warnings
+
+    if name not in LEGACY_OPTIONS[section]:
+        raise AttributeError(name)
+    warnings.warn(f"{owner} reads {name!r} without declaring it: declare it among its own options "
+                  f"(register_{'model' if section == 'model' else 'task'}(..., options=...)); until then it reads "
+                  f"the default {LEGACY_OPTIONS[section][name]!r}", DeprecationWarning, stacklevel=3)
+    return LEGACY_OPTIONS[section][name]
+
 
 def option(default: Any, help: str, *, flag: Optional[str] = None, resume: str = IDENTITY,
            low: Optional[float] = None, high: Optional[float] = None, above: Optional[float] = None,
@@ -105,27 +126,29 @@ class Fact:
             low = self.low if self.low is not None else -math.inf
             high = self.high if self.high is not None else math.inf
             if not low <= value <= high:
-                raise ConfigError(self.flag, f"must be an integer >= {self.low}" + (
-                    f" and <= {self.high}" if value > high else "") + f" (got {value!r})")
+                limits = ([f">= {self.low}"] if self.low is not None else []) + (
+                    [f"<= {self.high}"] if self.high is not None and (value > high or self.low is None) else [])
+                raise ConfigError(self.flag, f"must be an integer {' and '.join(limits)} (got {value!r})")
             return
         if self.kind is not float:
             return
         limits = [(bound, sign) for bound, sign in ((self.low, ">="), (self.above, ">"), (self.high, "<="),
                                                       (self.below, "<")) if bound is not None]
-        if not limits:
-            return
         ok = math.isfinite(value) and all({">=": value >= b, ">": value > b, "<=": value <= b, "<": value < b}[s]
                                           for b, s in limits)
-        if not ok:
-            raise ConfigError(self.flag, "must be a finite number " + " and ".join(f"{s} {b:g}" for b, s in limits)
-                              + f" (got {value!r})")
+        if not ok:  # every number an option takes is finite: NaN and infinity are typos or overflows
+            raise ConfigError(self.flag, "must be a finite number" + "".join(
+                f"{' and' if i else ''} {s} {b:g}" for i, (b, s) in enumerate(limits)) + f" (got {value!r})")
 
 
 def _coerce(kind: type, value: Any) -> Any:
     if kind is str and isinstance(value, os.PathLike):  # pathlib.Path from Python
         return os.fspath(value)
     if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)  # an integer is a valid number
+        try:
+            return float(value)  # an integer is a valid number
+        except OverflowError:
+            return value  # past any float: refused below, naming the option
     if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)  # numpy integers from Python
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string

@@ -59,6 +59,11 @@ class Registry(Mapping):
         self._items[name] = item  # a re-import (a plugin loaded twice) replaces the entry
         self._options[name] = options
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` and its options (a test's or a notebook's own registration); nothing if absent."""
+        self._items.pop(name, None)
+        self._options.pop(name, None)
+
     def declared_options(self) -> Dict[str, List[str]]:
         """``{option name: [names that declare it]}`` over every registered entry."""
         _load_builtins()

@@ -307,4 +307,4 @@ def register():
 
     yield add
     for name in names:
-        TASKS._items.pop(name, None)
+        TASKS.remove(name)

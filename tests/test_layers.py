@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from layers import LAYERS, layer_of, modules, problems
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,9 +18,12 @@ def test_every_import_goes_down_or_sideways_and_nothing_forms_a_cycle():
     assert problems(REPO) == []
 
 
-def test_every_module_has_a_layer():
+def test_every_module_has_a_layer_and_a_new_one_must_be_placed():
     for module in modules(REPO):
         layer_of(module)  # a KeyError names a module the table misses
+    assert layer_of("distseq") == (len(LAYERS) - 1, "entry")
+    with pytest.raises(KeyError, match="distseq.brand_new is in no layer"):
+        layer_of("distseq.brand_new")
 
 
 def test_the_layers_order_the_architecture():

@@ -147,8 +147,9 @@ def test_torchs_launcher_logs_nothing_after_distseq_launchs_last_line():
     torch_logs = logging.getLogger("torch.distributed")
     torch_logs.addHandler(handler)
     agent = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    logs = LauncherLogs()
     try:
-        logs = LauncherLogs().install()
+        logs.install()
         agent.warning("Sending process 1 closing signal SIGTERM")
         agent.error("failed (exitcode: 1) local_rank: 0")
         logging.getLogger("torch.distributed.elsewhere").warning("not the launcher's")
@@ -159,6 +160,7 @@ def test_torchs_launcher_logs_nothing_after_distseq_launchs_last_line():
         logging.getLogger("torch.distributed.elastic.rendezvous").warning("late too")
     finally:
         torch_logs.removeHandler(handler)
+        logs.uninstall()
     assert stream.getvalue().splitlines() == ["failed (exitcode: 1) local_rank: 0", "not the launcher's"]
 
 

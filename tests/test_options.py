@@ -3,11 +3,13 @@ or a registry, bounds, what a resume does with it; the options a task or model o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import pytest
+import torch
 from conftest import run_main
 
 from distseq.config import TrainConfig, preset
@@ -95,17 +97,25 @@ def test_options_are_read_and_set_like_fields_with_the_owners_defaults():
     assert "positions" not in cfg.to_dict()["model"]  # not the LSTM's
     with pytest.raises(AttributeError, match="no registered model declares such an option"):
         cfg.model.hiden_size = 3
-    cfg.model.kind = "decoder"  # another model: its own options start from its defaults
-    assert cfg.model.options == {} and cfg.model.positions == "sinusoidal"
-    cfg.model.bidirectional = True  # set for the decoder now: refused, never ignored
+    cfg.model.kind = "decoder"  # what was set stays set, whatever the order: refused, never ignored
     with pytest.raises(ConfigError, match=r"--bidirectional: is not an option of --model decoder \(its own options: "
                                           r"--num-heads, --positions, --tie-embeddings\); it belongs to --model gru, "
                                           r"lstm, rnn"):
         cfg.validate()
-    del cfg.model.options["bidirectional"]
-    assert cfg.validate().task_spec().seq_len == 10
+    cfg.model.bidirectional = False  # the default of every model that takes it: changes nothing, accepted
+    assert cfg.validate().model.options == {} and cfg.model.positions == "sinusoidal"
+    cfg.model.positions = "rope"  # before or after the kind: the same
+    cfg.model.kind, cfg.model.positions = "lstm", "rope"
+    cfg.model.kind = "decoder"
+    assert cfg.validate().to_dict()["model"]["positions"] == "rope"
+    copied = dataclasses.replace(cfg.model, hidden_size=32)
+    copied.positions = "learned"
+    assert cfg.model.positions == "rope"  # a copy's options are its own
     mqar = preset("mqar")
     assert mqar.task_spec().num_kv_pairs == 8 and mqar.data.num_kv_pairs == 8
+    mqar.model.kind = "lstm"  # the preset's decoder options were set on it: in Python, remove them too
+    with pytest.raises(ConfigError, match="--num-heads: is not an option of --model lstm"):
+        mqar.validate()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -124,6 +134,9 @@ def test_options_are_read_and_set_like_fields_with_the_owners_defaults():
      "--num-kv-pairs: is not an option of --task parity (its own options: none); it belongs to --task mqar"),
     (["--preset", "mqar", "--num-kv-pairs", "0"],
      "--num-kv-pairs: must be an integer >= 1 (got 0) [an option of --task mqar]"),
+    (["--preset", "default", "--model", "lstm", "--num-heads", "2"],
+     "--num-heads: is not an option of --model lstm (its own options: --bidirectional); it belongs to --model "
+     "decoder, transformer"),
     (["--preset", "mqar", "--model", "lstm", "--positions", "rope"],
      "--positions: is not an option of --model lstm (its own options: --bidirectional); it belongs to --model "
      "decoder, transformer"),
@@ -132,6 +145,44 @@ def test_an_option_the_chosen_component_does_not_take_is_one_line(args, message,
     result = run_main(["train", *args, "--run-dir", tmp_path / "run"], capsys)
     assert result.returncode == 2 and result.stderr.strip() == f"distseq train: error: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_an_option_at_the_default_of_its_owners_changes_nothing_and_is_accepted(tmp_path, capsys):
+    """What release 0.1 wrote in every config.json and its README showed (--model lstm --positions sinusoidal)
+    still runs: an option the model does not take, at the default every model that takes it has."""
+    shown = run_main(["train", "--preset", "mqar", "--model", "lstm", "--positions", "sinusoidal", "--num-heads", "4",
+                      "--print-config"], capsys)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["model"] == {"kind": "lstm", "hidden_size": 64, "num_layers": 2, "dropout": 0.0,
+                                                 "bidirectional": False}
+    old = tmp_path / "config-0.1.json"
+    old.write_text(json.dumps({"data": {"task": "sum-sign", "copy_len": 5, "num_kv_pairs": 8},
+                               "model": {"kind": "gru", "num_heads": 4, "positions": "sinusoidal",
+                                         "bidirectional": False, "tie_embeddings": False}}))
+    assert run_main(["train", "--config", old, "--print-config"], capsys).returncode == 0
+
+
+def test_a_plugin_written_for_release_0_1_reads_the_shared_options_it_does_not_declare():
+    from distseq.models import build_model, register_model
+
+    seen = {}
+
+    @register_model("old-style")
+    def old_style(cfg, task, spec):
+        seen.update(heads=cfg.num_heads, positions=cfg.positions, copy_len=spec.copy_len)
+        return torch.nn.Linear(1, 1)
+
+    try:
+        cfg = TrainConfig()
+        cfg.model.kind = "old-style"
+        with pytest.warns(DeprecationWarning, match="model 'old-style' reads 'num_heads' without declaring it"):
+            build_model(cfg.model, TASKS["sum-sign"], cfg.task_spec())
+        assert seen == {"heads": 4, "positions": "sinusoidal", "copy_len": 5}
+        assert not hasattr(TrainConfig().model, "no_such_option")
+        cfg.model.kind = "not-registered"
+        assert not hasattr(cfg.model, "positions")  # an unknown model: no option to read, no exception
+    finally:
+        MODELS.remove("old-style")
 
 
 def test_a_presets_options_stay_with_its_model_and_task(tmp_path, capsys):
@@ -193,5 +244,4 @@ def test_a_plugin_option_that_takes_a_builtin_name_is_refused(capsys):
             "distseq train: error: --import: model 'clash' declares an option 'seq_len', which is already distseq's "
             "--seq-len; rename it")
     finally:
-        MODELS._items.pop("clash")
-        MODELS._options.pop("clash")
+        MODELS.remove("clash")

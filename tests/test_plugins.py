@@ -39,8 +39,7 @@ def plugin(tmp_path_factory):
     path.write_text(readme_plugin())
     yield path
     for registry, name in ((TASKS, "max-feature"), (MODELS, "mean-mlp")):  # this process may have imported it
-        registry._items.pop(name, None)
-        registry._options.pop(name, None)
+        registry.remove(name)
     if str(path) in PLUGINS:
         PLUGINS.remove(str(path))
 
@@ -162,7 +161,7 @@ def test_a_registered_task_carries_its_own_validation(tmp_path, capsys):
         assert result.returncode == 2
         assert result.stderr.strip() == "distseq train: error: --seq-len: needs-even-length needs an even --seq-len"
     finally:
-        TASKS._items.pop("needs-even-length")
+        TASKS.remove("needs-even-length")
 
 
 def test_a_plugin_models_own_option_is_an_option_like_any_other(plugin, tmp_path, capsys):

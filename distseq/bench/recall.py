@@ -40,12 +40,11 @@ MQAR_QUICK_PAIRS = (4, 8)
 
 
 def _config(name: str, overrides: Dict[str, dict]):
-    from distseq.config import preset
+    """The preset ``name`` with ``overrides`` as a config file would give them (another model starts from its
+    own options' defaults, not the preset's decoder's)."""
+    from distseq.config import from_sources
 
-    cfg = preset(name)
-    for section, fields in overrides.items():
-        for key, value in fields.items():
-            setattr(getattr(cfg, section), key, value)
+    cfg = from_sources(name, overrides, "the recall suite")
     cfg.log.progress = False
     cfg.checkpoint.checkpoint_every, cfg.checkpoint.resume = 0, "never"
     return cfg

@@ -56,12 +56,11 @@ def check_compatible(meta: dict, config: dict, path: Path) -> None:
 
 def changed_options(meta: dict, config: dict) -> Dict[str, list]:
     """``{"section.name": [then, now]}`` for every option of this run that differs from the checkpoint's
-    (how a start begins, PER_START, is never a change)."""
+    (how a start begins, PER_START, is never a change; an option newer than the checkpoint was its default)."""
     changes = {}
     for section in SECTIONS:
         for fact in _facts_of(section, config[section]):
-            now = config[section].get(fact.name)
-            then = meta["config"].get(section, {}).get(fact.name, now)
+            now, then = config[section].get(fact.name), _then(meta, section, fact)
             if fact.resume != PER_START and then != now:
                 changes[f"{section}.{fact.name}"] = [then, now]
     return changes

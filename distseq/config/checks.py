@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from distseq.config.sections import SECTIONS, _OwnsOptions
+from distseq.config.sections import SECTIONS, _OwnsOptions, component_option_facts
 from distseq.config.world import resolve_sharding
 from distseq.errors import ConfigError
 from distseq.options import MAX_POSITION, facts, flag_of
@@ -67,21 +67,34 @@ def validate(cfg, world_size: int = 1):
 
 
 def check_component_options(section: _OwnsOptions) -> None:
-    """The options set for the chosen task or model: each one it declares, each value as its facts
-    allow; then the options dataclass itself (its ``__post_init__`` may check combinations)."""
+    """The options set for the chosen task or model: each one it declares, each value (its defaults too) as
+    its facts allow; then the options dataclass itself (its ``__post_init__`` may check combinations).
+
+    An option the chosen component does not declare is refused, naming those that do, unless it holds the
+    default every one of them gives it: then it changes nothing, and a config or command written for
+    release 0.1 (whose config.json lists every model's and task's options) still runs."""
     registry, component = section._registry, section.component()
+    owned = component_option_facts(registry)  # a plugin's option that takes a field's name is refused here too
     flag = "--task" if registry is TASKS else "--model"
     declared = {f.name: f for f in section.option_facts()}
     for name, value in list(section.options.items()):
-        if name not in declared:
-            owners = registry.declared_options().get(name, [])
-            own = ", ".join(f.flag for f in declared.values()) or "none"
-            raise ConfigError(flag_of(name), f"is not an option of {flag} {component} (its own options: {own}); "
-                                             f"it belongs to {flag} {', '.join(owners) or 'no registered one'}")
+        if name in declared:
+            continue
+        owners = owned[name][1] if name in owned else []
+        defaults = {repr(next(f.default for f in facts(registry.options(owner)) if f.name == name)) for owner in owners}
+        if owners and defaults == {repr(value)}:
+            del section.options[name]  # the default of a model or task that is not this one: nothing to apply
+            continue
+        own = ", ".join(f.flag for f in declared.values()) or "none"
+        raise ConfigError(flag_of(name), f"is not an option of {flag} {component} (its own options: {own}); "
+                                         f"it belongs to {flag} {', '.join(owners) or 'no registered one'}")
+    for name, value in section.own_options().items():
         try:
-            section.options[name] = declared[name].check(value)
+            checked = declared[name].check(value)
         except ConfigError as error:
             raise ConfigError(error.option, f"{error.message} [an option of {flag} {component}]") from None
+        if name in section.options:
+            section.options[name] = checked
     options_class = registry.options(component)
     if options_class is not None:
         options_class(**section.own_options())

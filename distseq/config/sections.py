@@ -31,6 +31,7 @@ from distseq.options import (
     Fact,
     facts,
     flag_of,
+    legacy_default,
     option,
 )
 from distseq.registry import MODELS, TASKS, Registry
@@ -46,14 +47,18 @@ def component_options() -> Any:
 class _OwnsOptions:
     """A section whose chosen component (the task, the model) may declare options of its own (a dataclass
     given at registration). They are set and read like fields; ``options`` holds those set explicitly, by
-    name, and the chosen component's defaults fill in the rest. Choosing another component starts from its
-    defaults (the options set so far were the previous one's); an option set afterwards that it does not
-    declare is refused at validation. A name no registered component declares is an AttributeError, as a
-    misspelt field is."""
+    name, and the chosen component's defaults fill in the rest. Nothing set is ever dropped: an option the
+    chosen component does not declare is refused at validation (``config/checks.py``), whatever the order
+    in which the component and the option were set. A name no registered component declares is an
+    AttributeError, as a misspelt field is."""
 
     __slots__ = ()
     _component: str = ""  # the field naming the chosen component
     _registry: Registry = TASKS
+    _section: str = "data"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", dict(self.options))  # a copy (replace() of a section shares none)
 
     def component(self) -> str:
         return object.__getattribute__(self, self._component)
@@ -74,15 +79,20 @@ class _OwnsOptions:
         options = object.__getattribute__(self, "options")
         if name in options:
             return options[name]
-        for f in self.option_facts():
+        try:
+            declared = self.option_facts()
+        except ConfigError as unknown:  # an unregistered component: no option to read (hasattr is False)
+            raise AttributeError(str(unknown)) from None
+        for f in declared:
             if f.name == name:
                 return f.default
-        raise AttributeError(f"{type(self).__name__} has no field {name!r}, and {self._registry.kind} "
-                             f"{self.component()!r} declares no such option")
+        try:
+            return legacy_default(self._section, name, f"{self._registry.kind} {self.component()!r}")
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}, and {self._registry.kind} "
+                                 f"{self.component()!r} declares no such option") from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == self._component and hasattr(self, "options") and value != getattr(self, name):
-            self.options.clear()  # another task or model: its own options start from its defaults
         if name in section_fields(type(self)) or name == "options":
             object.__setattr__(self, name, value)
         elif name in self._registry.declared_options():
@@ -134,6 +144,7 @@ class DataConfig(_OwnsOptions):
 
     _component = "task"
     _registry = TASKS
+    _section = "data"
 
 
 @dataclass(slots=True)
@@ -148,6 +159,7 @@ class ModelConfig(_OwnsOptions):
 
     _component = "kind"
     _registry = MODELS
+    _section = "model"
 
 
 @dataclass(slots=True)

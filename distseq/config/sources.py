@@ -34,7 +34,10 @@ def from_sources(preset_name: str, mapping: Optional[dict] = None, source: str =
         from_file = mapping.get(section, {}).get(chooser) if isinstance(mapping.get(section), dict) else None
         chosen = overrides.pop(f"{section}.{chooser}", from_file)
         if chosen is not None:
-            setattr(getattr(cfg, section), chooser, chosen)
+            target = getattr(cfg, section)
+            if chosen != getattr(target, chooser):
+                target.options.clear()  # the preset's own options were its own task's or model's
+            setattr(target, chooser, chosen)
             if from_file is not None:
                 mapping[section] = {k: v for k, v in mapping[section].items() if k != chooser}
     apply_mapping(cfg, mapping, source)

@@ -32,6 +32,7 @@ import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
+from distseq.ops.signals import ignore_in_worker
 from distseq.registry import TASKS
 from distseq.tasks import Batch, TaskSpec
 
@@ -266,17 +267,7 @@ def train_loader(
     )
     dataset = split_dataset_by_node(dataset, rank=rank, world_size=layout.world_size)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       worker_init_fn=ignore_stop_signals if num_workers else None)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: a stop signal sent to the whole process group (SLURM's preemption, kill -TERM
-    -PGID, Ctrl-C) is the main process's to act on; a worker that died of it would end the run with a
-    traceback before the checkpoint is saved. The main process ends its workers when it stops."""
-    import signal
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+                                       worker_init_fn=ignore_in_worker if num_workers else None)
 
 
 def micro_batches(loader, micro_batch: int) -> Iterator[Batch]:

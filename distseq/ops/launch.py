@@ -99,7 +99,7 @@ def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> in
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", signals.names())  # torchrun's --signals_to_handle
     if elastic and args.max_restarts:
         use_fresh_rendezvous_per_attempt(args)
-    LOGS.install()
+    LOGS.open()
     try:
         return run_elastic(args) if elastic else run_single(args)
     finally:
@@ -157,7 +157,7 @@ def ended(how: BaseException) -> int:
     if isinstance(how, KeyboardInterrupt):
         return stopped(signal.SIGINT)
     if isinstance(how, SystemExit):  # an exit of accelerate's own, with its code
-        code = how.code if isinstance(how.code, int) else EXIT_FAILURE
+        code = 0 if how.code is None else how.code if isinstance(how.code, int) else EXIT_FAILURE
         if code == 0:
             return 0
         return last_line(f"the launcher exited {code}; exiting {EXIT_FAILURE}", EXIT_FAILURE)
@@ -242,6 +242,7 @@ def relay(rank: int, exitcode: int, failed: int) -> int:
 
 
 def stopped(sig: signal.Signals) -> int:
-    code = signals.exit_code(sig)
+    # a signal outside the table reaches here only when PET_SIGNALS_TO_HANDLE named it: a request to stop too
+    code = signals.STOP_SIGNALS.get(sig, EXIT_PREEMPTED)
     return last_line(f"{sig.name}: passed to every rank, asking each to save at its next step boundary; "
                      f"exiting {code}", code)

@@ -49,7 +49,17 @@ class LauncherLogs(logging.Filter):
                     handler.addFilter(self)
         return self
 
+    def open(self) -> "LauncherLogs":
+        """A launch begins (again, in this process): errors pass until ``close()``."""
+        self.closed = False
+        return self.install()
+
     def close(self) -> None:
         """From here nothing of torch's launcher is written, from any thread."""
         self.install()  # handlers added since (a module imported late) get the filter too
         self.closed = True
+
+    def uninstall(self) -> None:
+        for name in ("torch", "torch.distributed", ""):
+            for handler in logging.getLogger(name).handlers:
+                handler.removeFilter(self)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from distseq.options import facts
+from distseq.options import facts, legacy_default
 from distseq.registry import TASKS
 from distseq.tasks.heads import HEADS, per_step_scores
 
@@ -34,18 +34,25 @@ class TaskSpec:
     vocab_size: int = 8  # symbols of the copy task; tokens of the token tasks
     options: Tuple[Tuple[str, Any], ...] = ()  # the task's own options, (name, value) sorted by name
 
-    def __init__(self, seq_len: int, min_seq_len: int, vocab_size: int = 8, **options: Any):
+    def __init__(self, seq_len: int, min_seq_len: int, vocab_size: int = 8, *legacy: int, **options: Any):
+        # release 0.1 took copy_len and num_kv_pairs positionally, for every task
+        options.update(zip(("copy_len", "num_kv_pairs"), legacy))
+        given = options.pop("options", ())  # as dataclasses.replace() passes the field back
         object.__setattr__(self, "seq_len", seq_len)
         object.__setattr__(self, "min_seq_len", min_seq_len)
         object.__setattr__(self, "vocab_size", vocab_size)
-        object.__setattr__(self, "options", tuple(sorted(options.items())))
+        object.__setattr__(self, "options", tuple(sorted({**dict(given), **options}.items())))
 
     def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the task's options
-        if not name.startswith("__"):
-            for key, value in self.__dict__.get("options", ()):
-                if key == name:
-                    return value
-        raise AttributeError(f"TaskSpec has no {name!r} (the task declares no such option)")
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for key, value in self.__dict__.get("options", ()):
+            if key == name:
+                return value
+        try:
+            return legacy_default("data", name, "a task")
+        except AttributeError:
+            raise AttributeError(f"TaskSpec has no {name!r} (the task declares no such option)") from None
 
     @property
     def variable(self) -> bool:
