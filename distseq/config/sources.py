@@ -2,10 +2,9 @@
 
 ``from_sources`` applies them in that order of precedence, each source's choice of task and model
 before its options. A preset's task and model options belong to the preset's task and model: choosing
-another task or model starts from that one's defaults (``_OwnsOptions``), so ``--preset mqar --model
-lstm`` trains an LSTM on the preset's data without the decoder's ``--positions``. An option given
-explicitly is never dropped: one the chosen component does not declare is a one-line error at
-validation.
+another task or model clears them, so ``--preset mqar --model lstm`` trains an LSTM on the preset's data
+without the decoder's ``--positions``. An option given explicitly is never dropped: one the chosen
+component does not declare is a one-line error at validation (``config/checks.py``).
 """
 
 from __future__ import annotations
