@@ -184,8 +184,9 @@ def facts(cls: type) -> Tuple[Fact, ...]:
             continue
         kind, optional, choices = _parse(hints[f.name], f"{cls.__name__}.{f.name}")
         meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: an option needs a default (what applies when nobody sets it)")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         out.append(Fact(name=f.name, flag=flag_of(meta.get("flag") or f.name), kind=kind, optional=optional,
                         choices=choices, registry=meta.get("registry"), help=meta.get("help", ""),
                         resume=meta.get("resume", IDENTITY), default=default, low=meta.get("low"),

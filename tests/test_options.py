@@ -57,11 +57,17 @@ def test_a_type_no_option_takes_is_refused_at_registration():
     class Bad:
         sizes: list = option((), "a list is not an option")
 
+    @dataclass
+    class NoDefault:
+        width: int
+
     registry = Registry("model", "--model")
     with pytest.raises(TypeError, match=r"Bad.sizes: an option is int, float, str, bool, a Literal of these, or "
                                         r"Optional of one"):
         registry.add("bad", object(), options=Bad)
-    assert "bad" not in registry._items
+    with pytest.raises(TypeError, match=r"NoDefault.width: an option needs a default"):
+        registry.add("bad", object(), options=NoDefault)
+    assert "bad" not in registry
 
 
 def test_every_config_field_declares_what_a_resume_does_with_it():
