@@ -5,13 +5,16 @@ tests/fixtures/release-0.1 was written by distseq at the commit in made-by.txt (
 their owners, when every saved config held every model's and task's options): the step-2 checkpoint of
 three runs (a tied decoder on mqar, a bidirectional LSTM on sum-sign, a GRU on streamed files, whose
 per-rank position was data-rank0.json), the whole weights that run reached at step 4
-(weights-step-4.safetensors), and an export of the decoder at step 4.
+(weights-step-4.safetensors), and an export of the decoder at step 4. Each run's step-00000002 is stored
+beside its run dir's files rather than under checkpoints/ (which version control ignores everywhere); the
+fixture puts it back where the release wrote it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,9 @@ def release(tmp_path, monkeypatch):
     thread as the fixtures were written (more threads sum a matmul in another order: not bit-exact)."""
     copy = tmp_path / "release"
     shutil.copytree(RELEASE, copy)
+    for name in RUNS:
+        (copy / name / "checkpoints").mkdir()
+        (copy / name / "step-00000002").rename(copy / name / "checkpoints" / "step-00000002")
     monkeypatch.chdir(copy)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
@@ -95,3 +101,13 @@ def test_an_old_export_loads_and_computes_what_its_checkpoint_does(release):
     at_4 = build_from(cfg, load_file(release / "decoder-mqar" / "weights-step-4.safetensors"))
     x = torch.randint(0, 16, (3, 16))
     torch.testing.assert_close(model(x), at_4(x), rtol=0, atol=0)
+
+
+def test_no_fixture_file_is_ignored_by_version_control():
+    """A fixture that .gitignore matches exists only in the tree that wrote it: a fresh clone lacks it."""
+    root = RELEASE.parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(root)) for p in RELEASE.rglob("*") if p.is_file()]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True)
+    assert ignored.stdout == "", f"ignored by .gitignore: {ignored.stdout}"
