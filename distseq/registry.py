@@ -19,6 +19,10 @@ like any built-in option:
     class MyModel(torch.nn.Module):
         def __init__(self, cfg, task, spec): ...   # cfg.hidden_size, cfg.kernel; forward(x, lengths) -> logits
 
+A name is registered once: a second registration of a name from elsewhere (a plugin's ``sum-sign``) is
+refused in one line naming both, unless it says ``replaces=True``; config.json and summary.json of a run
+that uses a replaced name record it. Importing the same plugin again is harmless.
+
 ``--import MODULE_OR_FILE`` (repeatable, every subcommand) imports a plugin before anything else,
 and modules named by the ``distseq.plugins`` entry-point group are imported as well. Checkpoints and
 exports record the plugins a run used, so ``eval``, ``predict``, ``export`` and ``load_model`` import
@@ -48,21 +52,43 @@ class Registry(Mapping):
         self.kind, self.option = kind, option
         self._items: Dict[str, object] = {}
         self._options: Dict[str, Optional[type]] = {}
+        self._sources: Dict[str, str] = {}
+        self._replaced: Dict[str, tuple] = {}  # name -> (item, options, source) that a replacement took over
 
-    def add(self, name: str, item: object, options: Optional[type] = None) -> None:
+    def add(self, name: str, item: object, options: Optional[type] = None, source: Optional[str] = None,
+            replaces: bool = False) -> None:
         """Register ``item`` as ``name``; ``options``: the dataclass of its own options (checked here: every
-        field's type must be one an option takes)."""
+        field's type must be one an option takes); ``source``: where it was defined (default: ``item``'s
+        module and name); ``replaces``: take over a name registered from elsewhere (else a ConfigError)."""
         if not isinstance(name, str) or not name or name != name.strip():
             raise ValueError(f"a {self.kind} name must be a non-empty string without spaces around it (got {name!r})")
         if options is not None:
             facts(options)  # a TypeError names the field whose type no option takes
-        self._items[name] = item  # a re-import (a plugin loaded twice) replaces the entry
-        self._options[name] = options
+        _load_builtins()  # a plugin imported first must still meet the built-in it would shadow
+        source = source or source_of(item)
+        earlier = self._sources.get(name)
+        if earlier is not None and earlier != source:  # the same definition again (a re-import) is harmless
+            if not replaces:
+                raise ConfigError("--import", f"{self.kind} {name!r} is registered twice: by {earlier} and by "
+                                              f"{source}; give it another name, or register_{self.kind}({name!r}, "
+                                              f"replaces=True) to replace the first")
+            self._replaced.setdefault(name, (self._items[name], self._options[name], earlier))
+        self._items[name], self._options[name], self._sources[name] = item, options, source
 
     def remove(self, name: str) -> None:
-        """Forget ``name`` and its options (a test's or a notebook's own registration); nothing if absent."""
+        """Forget ``name`` and its options (a test's or a notebook's own registration), bringing back what
+        it replaced; nothing if absent."""
         self._items.pop(name, None)
         self._options.pop(name, None)
+        self._sources.pop(name, None)
+        if name in self._replaced:
+            self._items[name], self._options[name], self._sources[name] = self._replaced.pop(name)
+
+    def replacement(self, name: str) -> Optional[dict]:
+        """``{"name", "by", "instead_of"}`` when ``name`` replaced an earlier registration, else None."""
+        if name not in self._replaced:
+            return None
+        return {"name": name, "by": self._sources[name], "instead_of": self._replaced[name][2]}
 
     def declared_options(self) -> Dict[str, List[str]]:
         """``{option name: [names that declare it]}`` over every registered entry."""
@@ -107,8 +133,27 @@ class Registry(Mapping):
         return name in self._items
 
 
+def source_of(obj) -> str:
+    """Where ``obj`` (a class, a function, or an instance of a class) was defined: a distseq module by
+    name, any other by its file (or its name when it has none, as in a notebook), then its qualified name."""
+    target = obj if isinstance(obj, type) or hasattr(obj, "__qualname__") else type(obj)
+    module_name = getattr(target, "__module__", None) or "?"
+    module = sys.modules.get(module_name)
+    where = getattr(module, "__file__", None) if not module_name.startswith("distseq.") else None
+    return f"{where or module_name}:{getattr(target, '__qualname__', type(target).__name__)}"
+
+
 TASKS = Registry("task", "--task")
 MODELS = Registry("model", "--model")
+REPLACED = "replaced"  # config.json's and summary.json's record of the replaced names a run used
+
+
+def replacements_in(task: str, model: str) -> Dict[str, dict]:
+    """The replaced names a run of ``task`` and ``model`` uses: ``{"task": {...}, "model": {...}}``."""
+    found = {"task": TASKS.replacement(task), "model": MODELS.replacement(model)}
+    return {kind: record for kind, record in found.items() if record}
+
+
 PLUGINS: List[str] = []  # what --import / entry points loaded in this process, in order
 
 

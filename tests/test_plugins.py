@@ -199,3 +199,82 @@ def test_an_option_of_another_model_is_refused_naming_its_owners(plugin, tmp_pat
     assert result.returncode == 2 and result.stderr.strip() == (
         "distseq train: error: --pool: is not an option of --model lstm (its own options: --bidirectional); it "
         "belongs to --model mean-mlp")
+
+
+SHADOW = '''import torch
+import distseq
+
+@distseq.register_task("sum-sign"{replaces})
+class ZeroLabels:
+    head = "binary"
+    def num_features(self, spec): return 1
+    def num_outputs(self, spec): return 1
+    def make(self, generator, n, spec):
+        return {{"x": torch.randn(n, spec.seq_len, 1, generator=generator), "y": torch.zeros(n)}}
+'''
+
+
+@pytest.fixture
+def shadow(tmp_path):
+    """A plugin file registering ``sum-sign`` (labels all 0); whatever it registered is undone afterwards."""
+    def write(replaces: bool):
+        path = tmp_path / ("replacing.py" if replaces else "shadow.py")
+        path.write_text(SHADOW.format(replaces=", replaces=True" if replaces else ""))
+        return path
+
+    yield write
+    if TASKS.replacement("sum-sign"):
+        TASKS.remove("sum-sign")  # brings the built-in back
+    PLUGINS[:] = [p for p in PLUGINS if not p.startswith(str(tmp_path))]
+
+
+SMALL = ["--seq-len", "6", "--hidden-size", "8", "--global-batch-size", "8", "--max-steps", "2", "--eval-size", "16",
+         "--log-every", "1", "--no-progress", "--precision", "no", "--log-with", "none"]
+
+
+def test_a_plugin_that_shadows_a_built_in_task_or_model_is_refused_in_one_line(shadow, tmp_path, capsys):
+    path = shadow(replaces=False)
+    result = run_main(["train", "--import", path, *SMALL, "--run-dir", tmp_path / "r"], capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"distseq train: error: --import: task 'sum-sign' is registered twice: by "
+        f"distseq.tasks.synthetic:sum_sign and by {path}:ZeroLabels; give it another name, or "
+        f"register_task('sum-sign', replaces=True) to replace the first")
+    assert TASKS.replacement("sum-sign") is None and not (tmp_path / "r").exists()
+    model = tmp_path / "lstm.py"
+    model.write_text("import torch, distseq\n\n@distseq.register_model('lstm')\n"
+                     "def one_linear(cfg, task, spec):\n    return torch.nn.Linear(1, 1)\n")
+    result = run_main(["train", "--import", model, *SMALL, "--run-dir", tmp_path / "r"], capsys)
+    assert result.returncode == 2
+    assert f"model 'lstm' is registered twice: by distseq.models.recurrent:" in result.stderr
+    assert f"and by {model}:one_linear" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert MODELS.replacement("lstm") is None
+
+
+def test_an_explicit_replacement_runs_and_is_recorded(shadow, tmp_path, capsys):
+    path = shadow(replaces=True)
+    run = tmp_path / "r"
+    result = run_main(["train", "--import", path, *SMALL, "--run-dir", run], capsys)
+    assert result.returncode == 0, result.stderr
+    record = {"name": "sum-sign", "by": f"{path}:ZeroLabels", "instead_of": "distseq.tasks.synthetic:sum_sign"}
+    assert f"distseq: task 'sum-sign' is {path}:ZeroLabels, replacing distseq.tasks.synthetic:sum_sign" in result.stdout
+    assert json.loads((run / "config.json").read_text())["replaced"] == {"task": record}
+    assert summary(run)["replaced"] == {"task": record}
+    # the same plugin again (by path, and under another module name) is harmless
+    assert run_main(["train", "--import", path, *SMALL, "--max-steps", "3", "--run-dir", run], capsys).returncode == 0
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import replacing  # noqa: F401 - the same file as another module: the same definition
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("replacing", None)
+    # its config.json runs again only with the replacement in force
+    TASKS.remove("sum-sign")
+    PLUGINS.remove(str(path))
+    again = run_main(["train", "--config", run / "config.json", "--run-dir", tmp_path / "again"], capsys)
+    assert again.returncode == 2
+    assert again.stderr.strip().endswith(f"it ran task 'sum-sign' as replaced by {path}:ZeroLabels; --import that "
+                                         f"plugin to run it again")
+    again = run_main(["train", "--import", path, "--config", run / "config.json", "--run-dir", tmp_path / "again"],
+                     capsys)
+    assert again.returncode == 0, again.stderr

@@ -18,6 +18,7 @@ from distseq.config.presets import preset
 from distseq.config.run_config import TrainConfig
 from distseq.config.sections import SECTIONS, owner_section, section_fields
 from distseq.errors import ConfigError
+from distseq.registry import MODELS, REPLACED, TASKS
 
 MAX_CONFIG_BYTES = 2**20
 COMPONENT_FIELDS = {"data": "task", "model": "kind"}  # the field that chooses each section's component
@@ -85,6 +86,9 @@ def apply_mapping(cfg: TrainConfig, mapping: dict, source: str, saved: bool = Fa
     checkpoint or export recorded, where an option the chosen component does not declare is dropped
     (before options belonged to their owners, every saved config held every model's and task's)."""
     for section, values in mapping.items():
+        if section == REPLACED:
+            _check_replaced(values, source)
+            continue
         if section not in SECTIONS:
             raise ConfigError("--config", f"{source}: unknown section {section!r}{_did_you_mean(section, SECTIONS)}")
         if not isinstance(values, dict):
@@ -105,6 +109,17 @@ def apply_mapping(cfg: TrainConfig, mapping: dict, source: str, saved: bool = Fa
                 raise ConfigError("--config", f"{source}: unknown key {section}.{name}"
                                               f"{_did_you_mean(name, [*fields, *declared])}")
     return cfg
+
+
+def _check_replaced(recorded, source: str) -> None:
+    """A config.json written by a run that used a replaced task or model runs again only with that
+    replacement in force: the same name would otherwise mean the built-in."""
+    for kind, record in (recorded or {}).items():
+        registry = TASKS if kind == "task" else MODELS
+        now = registry.replacement(record.get("name", "")) if isinstance(record, dict) else None
+        if now is None or now["by"] != record.get("by"):
+            raise ConfigError("--config", f"{source}: it ran {kind} {record.get('name')!r} as replaced by "
+                                          f"{record.get('by')}; --import that plugin to run it again")
 
 
 def _own(section) -> set:

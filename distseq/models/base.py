@@ -39,7 +39,7 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     return table  # (T, dim)
 
 
-def register_model(name: str, options: Optional[type] = None):
+def register_model(name: str, options: Optional[type] = None, replaces: bool = False):
     """Decorator for an ``nn.Module`` class (or a function) built as ``build(cfg, task, spec)``: make it
     available as ``--model NAME``. ``cfg`` is the ModelConfig (hidden_size, num_layers, dropout, ...);
     ``task.num_features(spec)`` and ``task.num_outputs(spec)`` size it; ``forward(x, lengths=None)``
@@ -47,10 +47,11 @@ def register_model(name: str, options: Optional[type] = None):
     An optional ``validate(cfg)`` attribute checks the whole TrainConfig before anything runs.
 
     ``options``: a dataclass of the model's own options (``distseq.options.option`` fields); they become
-    command-line flags and config keys of the model section, readable in ``build`` as ``cfg.NAME``."""
+    command-line flags and config keys of the model section, readable in ``build`` as ``cfg.NAME``.
+    ``replaces``: take over a name registered elsewhere (a built-in's); without it that is an error."""
 
     def register(builder):
-        MODELS.add(name, builder, options)
+        MODELS.add(name, builder, options, replaces=replaces)
         return builder
 
     return register

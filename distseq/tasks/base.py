@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 from distseq.options import facts, legacy_default
-from distseq.registry import TASKS
+from distseq.registry import TASKS, source_of
 from distseq.tasks.heads import HEADS, per_step_scores
 
 Batch = Dict[str, torch.Tensor]
@@ -115,7 +115,7 @@ class Task:
         return correct, correct
 
 
-def register_task(name: str, options: Optional[type] = None):
+def register_task(name: str, options: Optional[type] = None, replaces: bool = False):
     """Class (or instance) decorator: make a synthetic task available as ``--task NAME``.
 
     The object declares ``head`` ("binary", "classes", "regression" or "per-step"),
@@ -127,10 +127,12 @@ def register_task(name: str, options: Optional[type] = None):
     ``validate(cfg)`` (raise ConfigError) and ``label_rule`` (else the docstring).
 
     ``options``: a dataclass of the task's own options (``distseq.options.option`` fields); they become
-    command-line flags and config keys of the data section, and reach ``make`` as ``spec.NAME``."""
+    command-line flags and config keys of the data section, and reach ``make`` as ``spec.NAME``.
+    ``replaces``: take over a name registered elsewhere (a built-in's); without it that is an error."""
 
     def register(obj):
-        TASKS.add(name, as_task(name, obj() if isinstance(obj, type) else obj), options)
+        TASKS.add(name, as_task(name, obj() if isinstance(obj, type) else obj), options, source=source_of(obj),
+                  replaces=replaces)
         return obj
 
     return register

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from distseq.errors import ConfigError
 from distseq.options import MAX_SEQ_LEN, option
-from distseq.registry import TASKS
+from distseq.registry import TASKS, source_of
 from distseq.tasks import Batch, Task, TaskSpec
 from distseq.tasks.heads import IGNORE, REGRESSION_TOLERANCE
 
@@ -163,4 +163,4 @@ BUILTIN_TASKS = {
     ),
 }
 for _name, _task in BUILTIN_TASKS.items():
-    TASKS.add(_name, _task, CopyOptions if _name == "copy" else None)
+    TASKS.add(_name, _task, CopyOptions if _name == "copy" else None, source=source_of(_task.make))

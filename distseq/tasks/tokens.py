@@ -21,7 +21,7 @@ import torch
 
 from distseq.errors import ConfigError
 from distseq.options import MAX_SEQ_LEN, option
-from distseq.registry import TASKS
+from distseq.registry import TASKS, source_of
 from distseq.tasks import Batch, Task, TaskSpec
 from distseq.tasks.heads import IGNORE
 from distseq.tasks.sampling import RACE_FACTOR, choose_distinct, draws_needed, small_int
@@ -335,4 +335,4 @@ TOKEN_TASKS = {
     ),
 }
 for _name, _task in TOKEN_TASKS.items():
-    TASKS.add(_name, _task, OPTIONS.get(_name))
+    TASKS.add(_name, _task, OPTIONS.get(_name), source=source_of(_task.make))

@@ -49,7 +49,7 @@ from distseq.ops.failpoints import pause_point
 from distseq.ops.hangs import HangReport
 from distseq.ops.signals import StopSignals
 from distseq.ops.startup import StartupTimeline
-from distseq.registry import TASKS
+from distseq.registry import REPLACED, TASKS, replacements_in
 from distseq.tasks import Task, TaskSpec
 from distseq.training.evaluation import Evaluator, eval_batch_size
 from distseq.training.feed import TrainingFeed
@@ -95,6 +95,7 @@ class Run:
     sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
     sharded: str = ""  # under fsdp, the line saying what was sharded
     startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
+    replaced: dict = field(default_factory=dict)  # the task and model names a plugin replaced, as recorded
 
     @property
     def path(self) -> Path:
@@ -223,7 +224,11 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
     if not run.progress.config_history:
         run.progress.config_history.append({"step": run.start, "config": run.config})
     run.feed.start(run.start)
-    run.write_agreed({"config.json": run.config, "config_history.json": run.progress.config_history})
+    run.replaced = replacements_in(cfg.data.task, run.model_name)
+    for kind, record in run.replaced.items():
+        run.say(f"distseq: {kind} {record['name']!r} is {record['by']}, replacing {record['instead_of']}")
+    recorded = {**run.config, REPLACED: run.replaced} if run.replaced else run.config
+    run.write_agreed({"config.json": recorded, "config_history.json": run.progress.config_history})
     # a fresh start over what a run killed before its first checkpoint logged: hide those curves
     purge = run.start + 1 if run.resumed_from else (1 if (run.path / "tensorboard").is_dir() else None)
     start_tracking(accelerator, cfg.flat(), purge_step=purge)

@@ -31,6 +31,7 @@ from distseq.ops.failpoints import pause_point, slow_rank_seconds
 from distseq.ops.hangs import HangReport
 from distseq.ops.signals import StopSignals, exit_code, signal_name, status
 from distseq.ops.slurm import request_requeue
+from distseq.registry import REPLACED
 from distseq.training.build import Run, build_run
 from distseq.training.evaluation import forward
 from distseq.training.metrics import summary, throughput
@@ -284,6 +285,8 @@ def write_summary(run: Run, done: int, status: str) -> dict:
              "resumed_from": str(run.resumed_from) if run.resumed_from else None,
              "train_seconds": seconds, "steps_per_sec": (done - progress.first_step) / max(seconds, 1e-9),
              "eval_history": progress.eval_history, "config_changes": progress.config_history[1:]}
+    if run.replaced:
+        extra[REPLACED] = run.replaced
     if progress.tokens_estimated_before is not None:
         extra["tokens_note"] = (f"tokens before step {progress.tokens_estimated_before} are estimated from the mean "
                                 f"length: that checkpoint predates token counting")
