@@ -103,11 +103,17 @@ def test_distseq_launch_ends_with_the_ranks_meaning_not_a_traceback(tmp_path):
     assert re.search(r"distseq launch: rank [01] exited 2 \(bad input: its own line above says why\)(; 1 other "
                      r"rank\(s\) failed too)?; exiting 2\n$", proc.stderr), proc.stderr[-2000:]
 
-    # SIGUSR1 (SLURM's warning before the time limit) to the launcher: the same as SIGTERM
-    proc = as_a_terminal_job([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(tmp_path / "usr1")], "step=10/",
-                     lambda p: p.send_signal(signal.SIGUSR1), tmp_path)
-    assert proc.returncode == 143 and "distseq: SIGUSR1: saved" in proc.stdout, proc.stderr[-3000:]
-    assert summary(tmp_path / "usr1")["status"] == "preempted" and "Traceback" not in proc.stderr
+    # SIGUSR1 (SLURM's warning before the time limit) and SIGHUP (a closed terminal) to the launcher: as
+    # SIGTERM; SIGINT to the launcher alone: 130
+    for sig, code, status in ((signal.SIGUSR1, 143, "preempted"), (signal.SIGHUP, 143, "preempted"),
+                              (signal.SIGINT, 130, "interrupted")):
+        run = tmp_path / sig.name
+        proc = as_a_terminal_job([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(run)], "step=10/",
+                                 lambda p: p.send_signal(sig), tmp_path)
+        assert proc.returncode == code and f"distseq: {sig.name}: saved" in proc.stdout, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (f"distseq launch: {sig.name}: passed to every rank, asking "
+                                                        f"each to save at its next step boundary; exiting {code}")
+        assert summary(run)["status"] == status and "Traceback" not in proc.stderr
 
     # a crash without restarts: 1, naming the rank and the signal
     proc = as_a_terminal_job([*LAUNCH, *TWO, "train", *endless, "--run-dir", str(tmp_path / "crash")], "step=10/",
@@ -166,7 +172,14 @@ def test_torchs_launcher_logs_nothing_after_distseq_launchs_last_line():
 
 @pytest.mark.parametrize("argv, message", [
     (["launch", *TWO, "bogus"], "distseq launch: error: COMMAND: expected a command to run on every rank, one of "
-                                "train, eval, after the launcher's options (got 'bogus')"),
+                                "train, eval, after the launcher's options (got 'bogus'; see distseq launch --help)"),
+    (["launch", *TWO], "distseq launch: error: COMMAND: expected a command to run on every rank, one of train, eval, "
+                       "after the launcher's options (got nothing; see distseq launch --help)"),
+    (["launch", "--bogus-option", "3", "train"],
+     "distseq launch: error: launcher options: unrecognized arguments: --bogus-option (see distseq launch --help)"),
+    (["launch", "--num_processes", "x", "train"],
+     "distseq launch: error: launcher options: argument --num_processes/--num-processes: invalid int value: 'x' "
+     "(see distseq launch --help)"),
     (["launch", *TWO, "train", "--global-batch-size", "3"],
      "distseq launch: error: --global-batch-size: 3 is not divisible by processes x --grad-accum-steps = 2 x 1 = 2"),
     (["launch", *TWO, "train", "--straggler-factor", "0.5"],

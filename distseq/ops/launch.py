@@ -62,21 +62,17 @@ def usage() -> str:
 def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> int:
     """Parse accelerate's options, launch ``distseq.cli COMMAND ...`` on every rank, relay how they ended.
     ``check_train(options, world_size)``: the command line's check of ``train``'s options (raises ConfigError)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import _validate_launch_command
 
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    try:
-        args = launch_command_parser().parse_args(["--module", *argv])
-    except SystemExit as exit_info:  # accelerate's parser printed its own usage error
-        return EXIT_USAGE if exit_info.code else 0
+    args = launcher_parser().parse_args(["--module", *argv])
     command, rest = args.training_script, list(args.training_script_args)
     if command == "distseq.cli" and rest:  # `accelerate launch`'s habit: `-m distseq.cli train ...`
         command, rest = rest[0], rest[1:]
     if command not in COMMANDS:
-        raise ConfigError("COMMAND", f"expected a command to run on every rank, one of {', '.join(COMMANDS)}, "
-                                     f"after the launcher's options (got {command!r})")
+        raise no_command(repr(command))
     args.training_script, args.training_script_args = "distseq.cli", [command, *rest]
     try:
         with quiet_defaults():
@@ -104,6 +100,27 @@ def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> in
         return run_elastic(args) if elastic else run_single(args)
     finally:
         deaf_to_stop_signals()  # the ranks are gone: a late signal must not cut the last line short
+
+
+def launcher_parser() -> argparse.ArgumentParser:
+    """accelerate's launch parser, whose errors are one line pointing at ``distseq launch --help`` (its
+    own print a usage of more than a hundred lines first)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+
+    def refuse(message: str):
+        if "training_script" in message:  # nothing after the launcher's options
+            raise no_command("nothing")
+        raise ConfigError("launcher options", f"{message} (see distseq launch --help)")
+
+    parser.error = refuse
+    return parser
+
+
+def no_command(got: str) -> ConfigError:
+    return ConfigError("COMMAND", f"expected a command to run on every rank, one of {', '.join(COMMANDS)}, after the "
+                                  f"launcher's options (got {got}; see distseq launch --help)")
 
 
 def quiet_defaults():
