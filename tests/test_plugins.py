@@ -246,7 +246,7 @@ def test_a_plugin_that_shadows_a_built_in_task_or_model_is_refused_in_one_line(s
                      "def one_linear(cfg, task, spec):\n    return torch.nn.Linear(1, 1)\n")
     result = run_main(["train", "--import", model, *SMALL, "--run-dir", tmp_path / "r"], capsys)
     assert result.returncode == 2
-    assert f"model 'lstm' is registered twice: by distseq.models.recurrent:" in result.stderr
+    assert "model 'lstm' is registered twice: by distseq.models.recurrent:" in result.stderr
     assert f"and by {model}:one_linear" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert MODELS.replacement("lstm") is None
 
