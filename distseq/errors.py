@@ -93,3 +93,9 @@ class Stopped(DistseqError):
 
     def __reduce__(self):
         return type(self), (str(self), self.exit_code, self.step)
+
+
+def describe(error: BaseException) -> str:
+    """``TypeError: its first line``: someone else's exception (a plugin's, a library's) in one line."""
+    message = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

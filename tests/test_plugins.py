@@ -278,3 +278,75 @@ def test_an_explicit_replacement_runs_and_is_recorded(shadow, tmp_path, capsys):
     again = run_main(["train", "--import", path, "--config", run / "config.json", "--run-dir", tmp_path / "again"],
                      capsys)
     assert again.returncode == 0, again.stderr
+
+
+class SumSignLike:
+    """sum-sign's contract, to be broken one way per test."""
+    head = "binary"
+
+    def num_features(self, spec): return 1
+    def num_outputs(self, spec): return 1
+
+    def make(self, generator, n, spec):
+        x = torch.randn(n, spec.seq_len, 1, generator=generator)
+        return {"x": x, "y": (x.sum((1, 2)) > 0).float()}
+
+
+class IntLabels(SumSignLike):
+    def make(self, generator, n, spec):
+        out = super().make(generator, n, spec)
+        return {**out, "y": out["y"].long()}
+
+
+class Raises(SumSignLike):
+    def make(self, generator, n, spec):
+        raise ValueError("my task's bug")
+
+
+@pytest.mark.parametrize("task, name, code, message", [
+    (IntLabels, "int-labels", 2, "--task: int-labels: y is (256,) int64; head 'binary' needs (256,) float32"),
+    # the task's own exception, wherever the stream meets it (a failed run, as check-task's verdict)
+    (Raises, "raises", 1, "task 'raises': make(generator, 256, spec) raised ValueError: my task's bug (block 0; "
+                          "distseq check-task --task raises checks its whole contract)"),
+])
+def test_a_task_that_breaks_its_contract_is_one_line_before_the_run_starts(task, name, code, message, register,
+                                                                          tmp_path, capsys):
+    register(name, task)
+    result = run_main(["train", "--task", name, *SMALL, "--block-size", "256", "--run-dir", tmp_path / "r"], capsys)
+    assert result.returncode == code and result.stderr.strip() == f"distseq train: error: {message}"
+    assert not (tmp_path / "r").exists()  # nothing of the run written
+
+
+def built(output):
+    """A model builder whose forward returns ``output(x)``."""
+    class Model(torch.nn.Module):
+        def __init__(self, cfg, task, spec):
+            super().__init__()
+            self.linear = torch.nn.Linear(1, 1)
+
+        def forward(self, x, lengths=None):
+            return output(self.linear(x))  # (B, T, 1)
+
+    return Model
+
+
+@pytest.mark.parametrize("output, message", [
+    (lambda h: h.sum(1), "--model: wrong-model returned (4, 1) float32 on 4 samples of --task sum-sign; its head "
+                         "'binary' takes floating logits of shape (4,)"),
+    (lambda h: h.sum((1, 2))[:1], "--model: wrong-model returned (1,) float32 on 4 samples of --task sum-sign; its "
+                                  "head 'binary' takes floating logits of shape (4,)"),
+    (lambda h: (h.sum((1, 2)) > 0).long(), "--model: wrong-model returned (4,) int64 on 4 samples of --task sum-sign; "
+                                           "its head 'binary' takes floating logits of shape (4,)"),
+    (lambda h: h @ torch.ones(3, 3), "--model: wrong-model raised RuntimeError: mat1 and mat2 shapes cannot be "
+                                     "multiplied"),
+])
+def test_a_model_with_the_wrong_output_is_one_line_before_the_run_starts(output, message, tmp_path, capsys):
+    from distseq.models import register_model
+
+    register_model("wrong-model")(built(output))
+    try:
+        result = run_main(["train", "--model", "wrong-model", *SMALL, "--run-dir", tmp_path / "r"], capsys)
+    finally:
+        MODELS.remove("wrong-model")
+    assert result.returncode == 2 and result.stderr.strip().startswith(f"distseq train: error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -40,6 +40,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from distseq.data.stream import SPLIT_KEYS, Layout, SampleSource, derive_seed, micro_batches, train_loader
+from distseq.errors import TaskContractError, describe
 from distseq.registry import PLUGINS, TASKS, import_plugins
 from distseq.tasks import IGNORE, TaskSpec
 
@@ -71,11 +72,6 @@ class _TaskFailure(Exception):
 def _one_line(text: str, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _describe(error: BaseException) -> str:
-    message = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 # --- what make() returns --------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def _first(mask: torch.Tensor) -> Optional[int]:
     return int(hits[0]) if len(hits) else None
 
 
-def _batch_problem(out, n: int, spec: TaskSpec, task, first_index: int) -> Optional[str]:
+def batch_problem(out, n: int, spec: TaskSpec, task, first_index: int) -> Optional[str]:
     """Everything the head declares about one make() result; ``first_index`` = the stream position of row 0."""
     problem = _structure_problem(out, n, spec)
     if problem:
@@ -205,8 +201,9 @@ class _Source(SampleSource):
         before = _global_rng_states()
         try:
             out = super()._make_block(k)
-        except Exception as error:
-            raise _TaskFailure(f"make(generator, {K}, spec) raised {_describe(error)} drawing {where}") from None
+        except TaskContractError as error:  # the stream's own line; here, what make raised and where
+            raise _TaskFailure(f"make(generator, {K}, spec) raised {describe(error.__cause__)} "
+                               f"drawing {where}") from None
         changed = _changed(before, _global_rng_states())
         if changed and self.global_rng is None:
             self.global_rng = (k, changed)
@@ -309,9 +306,9 @@ def _shapes(ctx: _Context) -> Finding:
         try:
             out = task.make(generator, n, spec)
         except Exception as error:
-            return Finding("shapes", False, f"make(generator, {n}, spec) raised {_describe(error)}"
+            return Finding("shapes", False, f"make(generator, {n}, spec) raised {describe(error)}"
                            + (f" (block {block})" if block else ""))
-        problem = _batch_problem(out, n, spec, task, first_index)
+        problem = batch_problem(out, n, spec, task, first_index)
         if problem:
             where = "" if problem.startswith("sample ") else f"block {block}, make(generator, {n}, spec): "
             return Finding("shapes", False, where + problem)
@@ -459,7 +456,7 @@ def _labels(ctx: _Context, runs) -> Finding:
             again = label(x.clone(), None if lengths is None else lengths.clone(), ctx.spec)
         except Exception as error:
             return Finding("labels", False,
-                           f"label(x, lengths, spec) raised {_describe(error)} on samples {a}..{b - 1}")
+                           f"label(x, lengths, spec) raised {describe(error)} on samples {a}..{b - 1}")
         if not isinstance(again, torch.Tensor) or tuple(again.shape) != tuple(y.shape):
             shape = tuple(again.shape) if isinstance(again, torch.Tensor) else type(again).__name__
             return Finding("labels", False, f"label() returned {shape} for samples {a}..{b - 1}; y is {tuple(y.shape)}")
@@ -558,7 +555,7 @@ def _child_main(args: dict) -> dict:
         batch = _Source(args["task"], spec, args["seed"], args["block_size"]).runs([tuple(r) for r in args["runs"]])
         return {"digests": sample_digests(batch)}
     except Exception as error:
-        return {"error": _one_line(str(error) if isinstance(error, _TaskFailure) else _describe(error))}
+        return {"error": _one_line(str(error) if isinstance(error, _TaskFailure) else describe(error))}
 
 
 def _cross_process(ctx: _Context, runs, child: subprocess.Popen, plugins: List[str]) -> Finding:
@@ -601,7 +598,7 @@ def _guarded(name: str, check: Callable[[], Finding]) -> Finding:
     except _TaskFailure as failure:
         return Finding(name, False, _one_line(str(failure)))
     except Exception as error:  # the task's code failed somewhere the checks did not foresee
-        return Finding(name, False, _one_line(f"raised {_describe(error)}"))
+        return Finding(name, False, _one_line(f"raised {describe(error)}"))
 
 
 def check_task(cfg, imports: Iterable[str] = ()) -> List[Finding]:

@@ -32,6 +32,7 @@ import torch
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 
+from distseq.errors import TaskContractError, describe
 from distseq.ops.signals import ignore_in_worker
 from distseq.registry import TASKS
 from distseq.tasks import Batch, TaskSpec
@@ -107,7 +108,17 @@ class SampleSource:
     # --- generation -------------------------------------------------------------------------
     def _make_block(self, k: int) -> Batch:
         generator = self._block_generator.manual_seed(derive_seed(self.seed, self.split_key, k))
-        return self.task.make(generator, self.block_size, self.spec)
+        try:
+            return self.task.make(generator, self.block_size, self.spec)
+        except Exception as error:  # the task's own code: one line naming it, not a traceback from the loop
+            name = self.task.name
+            raise TaskContractError(f"task {name!r}: make(generator, {self.block_size}, spec) raised "
+                                    f"{describe(error)} (block {k}; distseq check-task --task {name} checks its "
+                                    f"whole contract)") from error
+
+    def block(self, k: int) -> Batch:
+        """Block ``k`` as the task made it (cached; read-only)."""
+        return self._block(k)
 
     def span(self, start: int, stop: int) -> Batch:
         """The samples at contiguous positions ``[start, stop)`` of an infinite stream, sliced from whole

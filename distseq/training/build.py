@@ -56,6 +56,7 @@ from distseq.training.feed import TrainingFeed
 from distseq.training.metrics import StepLogger, TrainingClock
 from distseq.training.optim import apply_options, build_optimizer
 from distseq.training.precision import Precision, resolve_precision
+from distseq.training.preflight import preflight
 from distseq.training.profiling import StepProfiler
 from distseq.training.progress import Progress
 from distseq.training.resume import resume
@@ -159,6 +160,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
     torch.manual_seed(t.seed)
     model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else build_model(cfg.model, task, spec)
+    preflight(cfg, model, model_name)  # a plugin's wrong shapes: one line now, not a traceback from the loss
     startup.mark("model")
     sharding = resolve_sharding(t.sharding, world)
     # probes this very model, as it will run: under FSDP2's policy when sharded
