@@ -1,11 +1,13 @@
 """--log-with: accelerate's experiment trackers. MLflow (mlflow-skinny, a local file store, offline) is
 proven end to end against TensorBoard; a bad name is one line; the default writes TensorBoard only."""
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, assert_ok, run_main, scalars
+from conftest import TINY, assert_ok, cpu_env, run_distseq, run_main, scalars
 
 from distseq.config import TrainConfig
 
@@ -73,6 +75,24 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, cli, monkeypatch):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distseq train: error: --log-with: mlflow could not start: "), lines
+
+
+def test_a_tracker_whose_server_does_not_answer_stops_the_run_in_bounded_time(tmp_path):
+    """A tracking server that takes the connection and never answers: without a bound, MLflow waits 120 s per
+    request and retries; with --tracker-timeout-s 2 the run ends in one line naming MLflow and the address."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed: pip install 'distseq[trackers]'")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # connections queue in the backlog; none is ever answered
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        proc = run_distseq([*FAST, "--run-dir", str(tmp_path / "run"), "--log-with", "tensorboard,mlflow",
+                            "--tracker-timeout-s", "2"], timeout=120, env=cpu_env(MLFLOW_TRACKING_URI=uri))
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"distseq train: error: --log-with: mlflow did not start within 2 s "
+                                                f"(--tracker-timeout-s): is {uri} reachable?"]
+    assert elapsed < 60  # start-up and the 2 s bound, not MLflow's own retries
 
 
 def test_bad_log_with_is_one_line_naming_the_allowed_names(tmp_path, cli):

@@ -262,6 +262,10 @@ class LogConfig:
         "(tensorboard,mlflow adds MLflow to TensorBoard; mlflow alone drops TensorBoard); none = no tracker. "
         "TensorBoard writes RUN/tensorboard/; the others write where their own settings say (MLFLOW_TRACKING_URI, "
         "WANDB_MODE, ...)", resume=CHANGEABLE)
+    tracker_timeout_s: float = option(
+        60.0, "seconds the trackers of --log-with other than TensorBoard may take to start (an MLflow or W&B server "
+        "that does not answer): past it the run stops with one line naming the tracker and its address",
+        above=0, resume=CHANGEABLE)
 
 
 SECTIONS = {

@@ -233,7 +233,7 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
     run.write_agreed({"config.json": recorded, "config_history.json": run.progress.config_history})
     # a fresh start over what a run killed before its first checkpoint logged: hide those curves
     purge = run.start + 1 if run.resumed_from else (1 if (run.path / "tensorboard").is_dir() else None)
-    start_tracking(accelerator, cfg.flat(), purge_step=purge)
+    start_tracking(accelerator, cfg.flat(), purge_step=purge, timeout_s=cfg.log.tracker_timeout_s)
     run.say(f"distseq: world_size={accelerator.num_processes} backend={accelerator.state.backend or 'none'} "
             f"device={accelerator.device} sharding={run.sharding} precision={run.precision.name} "
             f"({run.precision.reason}) micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} "

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from accelerate import Accelerator
 
@@ -46,25 +48,79 @@ def hparams(flat_config: dict) -> dict:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config.items()}
 
 
-def start_tracking(accelerator: Accelerator, flat_config: dict, purge_step: Optional[int] = None) -> None:
+def address(name: str) -> str:
+    """Where tracker ``name`` sends its records, as its own settings say."""
+    if name == "mlflow":
+        import mlflow
+
+        return mlflow.get_tracking_uri()
+    if name == "wandb":
+        return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    return "its configured server"
+
+
+class _Late(BaseException):
+    """The bound expired: a BaseException, so that no ``except Exception`` of a tracker's retry loop takes it."""
+
+
+def within(seconds: float, work: Callable[[], None], late: Callable[[], Exception]) -> None:
+    """``work()``, or ``late()`` raised once ``seconds`` have passed. In the main thread itself (a tracker
+    keeps its active run per thread): a timer signal interrupts even a blocking socket call. Elsewhere no
+    signal handler can be set, and ``work`` runs unbounded."""
+    if threading.current_thread() is not threading.main_thread():
+        work()
+        return
+
+    def expire(signum, frame):
+        raise _Late()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        work()
+    except _Late:
+        raise late() from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def drop_trackers(accelerator: Accelerator, close: Callable[[object], bool]) -> None:
+    """Forget the trackers after a failed start, closing those ``close`` says can be: end_training must not
+    fail (or wait) on them."""
+    for tracker in accelerator.trackers:
+        if close(tracker):
+            with contextlib.suppress(Exception):
+                tracker.finish()
+    accelerator.trackers.clear()
+
+
+def start_tracking(accelerator: Accelerator, flat_config: dict, purge_step: Optional[int] = None,
+                   timeout_s: float = 60.0) -> None:
     """Start --log-with's trackers (accelerate's ``init_trackers``), the flattened config as their
     hparams/params. TensorBoard under RUN/tensorboard: on resume, ``purge_step`` hides what a killed run
     logged after its last checkpoint, so the curves continue from the checkpoint without a fold. One that
-    cannot start (a tracking URI it cannot use, say) is a ConfigError naming --log-with on every rank,
-    not a traceback on the main process while the others train on."""
+    cannot start (a tracking URI it cannot use, say) or does not start within ``timeout_s`` (a server that
+    does not answer) is a ConfigError naming --log-with on every rank, not a traceback or a silent wait on
+    the main process while the others wait too."""
     kwargs = {"tensorboard": {"purge_step": purge_step}} if purge_step else {}
 
     def start() -> None:
-        accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config), init_kwargs=kwargs)
+        within(timeout_s, lambda: accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config),
+                                                            init_kwargs=kwargs), did_not_answer)
+
+    def did_not_answer() -> ConfigError:
+        slow = [t.name for t in accelerator.trackers if t.name != "tensorboard"] or ["a tracker"]
+        # closing the one that hangs would hang as well (its end_run calls the same server)
+        drop_trackers(accelerator, lambda tracker: tracker.name == "tensorboard")
+        return ConfigError("--log-with", f"{', '.join(slow)} did not start within {timeout_s:g} s (--tracker-timeout-s)"
+                                         f": is {', '.join(address(name) for name in slow)} reachable?")
 
     def could_not_start(error: Exception) -> ConfigError:
         names = {tracker.name for tracker in accelerator.trackers}
         module = type(error).__module__.split(".")[0]
         lines = str(error).strip().splitlines() or [""]
-        for tracker in accelerator.trackers:  # close what started; end_training must not fail on the rest
-            with contextlib.suppress(Exception):
-                tracker.finish()
-        accelerator.trackers.clear()
+        drop_trackers(accelerator, lambda tracker: True)
         return ConfigError("--log-with", f"{module if module in names else 'a tracker'} could not start: "
                                          f"{type(error).__name__}: {lines[0]}")
 
