@@ -193,6 +193,24 @@ def import_plugins(specs: Iterable[str] = ()) -> None:
         import_plugin(spec)
 
 
+def import_recorded(specs: Iterable[str], task: str, model: str, replaced: Optional[dict] = None) -> None:
+    """The plugins a checkpoint or export recorded, imported again for its ``task`` and ``model`` (and the
+    ``replaced`` names it ran, as recorded). Nothing is imported when those are registered already: an
+    ``--import`` of the plugin in its new place satisfies them (importing the old file too would register
+    the names twice). A recorded plugin that cannot be imported is one line naming it."""
+    import_plugins()  # the entry-point group's
+    replacements = {kind: record["name"] for kind, record in (replaced or {}).items()}
+    if (task in TASKS and model in MODELS and
+            all((TASKS if kind == "task" else MODELS).replacement(name) for kind, name in replacements.items())):
+        return
+    for spec in specs:
+        try:
+            import_plugin(spec)
+        except ConfigError as error:
+            raise ConfigError("--import", f"this run's plugin {spec} cannot be imported ({error.message}); if it "
+                                          f"moved, pass --import with its new place") from None
+
+
 _builtins_loaded = [False]
 # imported by name: they import this module
 BUILTIN_MODULES = ("distseq.tasks.synthetic", "distseq.tasks.tokens", "distseq.models.recurrent",

@@ -350,3 +350,43 @@ def test_a_model_with_the_wrong_output_is_one_line_before_the_run_starts(output,
         MODELS.remove("wrong-model")
     assert result.returncode == 2 and result.stderr.strip().startswith(f"distseq train: error: {message}")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_moved_plugin_is_found_again_by_import_from_its_new_place(tmp_path):
+    """The checkpoint recorded the plugin's old path; --import NEWPATH registers the same names and is enough
+    for eval and export, and the message without it says so."""
+    old, new = tmp_path / "old" / "my_plugin.py", tmp_path / "new" / "my_plugin.py"
+    old.parent.mkdir()
+    old.write_text(readme_plugin())
+    run = tmp_path / "run"
+    assert_ok(run_distseq(["train", "--import", str(old), *TRAIN[:4], "--max-steps", "2", "--eval-size", "32",
+                           "--global-batch-size", "8", "--no-progress", "--log-with", "none", "--run-dir", str(run)]))
+    new.parent.mkdir()
+    old.rename(new)
+    lost = run_distseq(["eval", "--run-dir", str(run)])
+    assert lost.returncode == 2
+    assert lost.stderr.strip() == (f"distseq eval: error: --import: this run's plugin {old} cannot be imported (no "
+                                   f"such file: {old}); if it moved, pass --import with its new place")
+    assert_ok(run_distseq(["eval", "--import", str(new), "--run-dir", str(run)]))
+    exported = tmp_path / "exported"
+    assert_ok(run_distseq(["export", "--import", str(new), "--checkpoint", str(run / "checkpoints" / "step-00000002"),
+                           "--out", str(exported)]))
+    script = ("import distseq\nfrom distseq.registry import import_plugin\n"
+              f"import_plugin(r'{new}')\nprint(type(distseq.load_model(r'{exported}')).__name__)\n")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env=cpu_env())
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "MeanMLP", loaded.stderr[-2000:]
+
+
+def test_load_model_on_a_missing_or_partial_directory_is_one_line(tmp_path):
+    import distseq
+    from distseq.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as missing:
+        distseq.load_model(tmp_path / "nowhere")
+    assert str(missing.value) == (f"{tmp_path / 'nowhere'}: not an export of distseq (no such directory); distseq "
+                                  f"export --checkpoint RUN/checkpoints/step-N --out {tmp_path / 'nowhere'} writes one")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"not an export of distseq \(no model.safetensors\)"):
+        distseq.load_model(tmp_path / "partial")

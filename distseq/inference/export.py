@@ -22,7 +22,7 @@ from distseq.config import TrainConfig, apply_mapping
 from distseq.errors import CheckpointError
 from distseq.fsio import write_bytes_atomically, write_json
 from distseq.models import build_model
-from distseq.registry import TASKS, import_plugins
+from distseq.registry import REPLACED, TASKS, import_recorded
 
 EXPORT_VERSION = 1
 TASK_FIELDS = ("task", "seq_len", "min_seq_len", "vocab_size")  # and the task's own options
@@ -49,7 +49,8 @@ def model_from_checkpoint(path: Path, verified: Optional[Tuple[dict, Dict[str, b
     """The model of a checkpoint directory, its config and its meta.json. The weights are read once,
     as verified, so a checkpoint deleted right after (a running job's --keep-last) still loads."""
     meta, files = verified or read_meta(Path(path), keep=(WEIGHTS,))
-    import_plugins(meta.get("plugins", []))  # the run's own tasks and models
+    import_recorded(meta.get("plugins", []), meta["config"]["data"]["task"], meta["config"]["model"]["kind"],
+                    meta.get(REPLACED))  # the run's own tasks and models
     cfg = config_of(meta["config"])
     return build_from(cfg, load_safetensors(files[WEIGHTS])), cfg, meta
 
@@ -67,6 +68,7 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
         "data": {name: saved["data"][name] for name in (*TASK_FIELDS, *cfg.data.own_options())},
         "distseq_version": metadata.version("distseq"),
         "plugins": meta.get("plugins", []),
+        **({REPLACED: meta[REPLACED]} if meta.get(REPLACED) else {}),
         "step": meta["step"],
     })
     return out_dir
@@ -75,8 +77,13 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
 def load_model(directory) -> nn.Module:
     """The exported model in eval mode; ``model.distseq_config`` holds its config.json."""
     directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / WEIGHTS).is_file():
+        missing = "no such directory" if not directory.is_dir() else "no " + " or ".join(
+            name for name in ("config.json", WEIGHTS) if not (directory / name).is_file())
+        raise CheckpointError(f"{directory}: not an export of distseq ({missing}); distseq export --checkpoint "
+                              f"RUN/checkpoints/step-N --out {directory} writes one")
     saved = json.loads((directory / "config.json").read_text())
-    import_plugins(saved.get("plugins", []))
+    import_recorded(saved.get("plugins", []), saved["data"]["task"], saved["model"]["kind"], saved.get(REPLACED))
     model = build_from(config_of({"model": saved["model"], "data": saved["data"]}), load_file(directory / WEIGHTS))
     model.distseq_config = saved
     return model

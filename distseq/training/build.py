@@ -188,18 +188,20 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
     model, optimizer, scheduler, sharded = _place(model, cfg, accelerator, sharding, precision)
     layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
     config, progress = cfg.to_dict(), Progress(first_step=t.start_step)
+    replaced = replacements_in(cfg.data.task, model_name)
     feed = TrainingFeed(cfg, accelerator=accelerator, layout=layout, files=files)
     checkpoints = CheckpointManager(
         cfg.checkpoint, accelerator=accelerator, run_dir=run_dir.path, max_steps=t.max_steps,
         samples_per_step=layout.global_batch, model=model, optimizer=optimizer, sharding=sharding,
-        timeout_s=t.dist_timeout_s, meta={"config": config, **({"data": files.identity()} if files else {})},
+        timeout_s=t.dist_timeout_s, meta={"config": config, **({"data": files.identity()} if files else {}),
+                                          **({REPLACED: replaced} if replaced else {})},
         shared={"progress": progress}, per_rank={"rng": RngState(), "data": feed})
     cleanup.callback(checkpoints.close)  # a background save completes before the run dir's lock is released
     return Run(cfg=cfg, accelerator=accelerator, precision=precision, signals=signals, run_dir=run_dir, task=task,
                spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
                model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup,
-               sharded=sharded)
+               sharded=sharded, replaced=replaced)
 
 
 def _place(model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, sharding: str, precision: Precision):
@@ -226,7 +228,6 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
     if not run.progress.config_history:
         run.progress.config_history.append({"step": run.start, "config": run.config})
     run.feed.start(run.start)
-    run.replaced = replacements_in(cfg.data.task, run.model_name)
     for kind, record in run.replaced.items():
         run.say(f"distseq: {kind} {record['name']!r} is {record['by']}, replacing {record['instead_of']}")
     recorded = {**run.config, REPLACED: run.replaced} if run.replaced else run.config
