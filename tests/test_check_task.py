@@ -204,6 +204,74 @@ def test_a_task_with_its_own_seeded_generator_repeats_one_block(register):
     findings = by_name(check_task(config(name)))
     assert failed(findings.values()) == ["distinct blocks"]
     assert findings["distinct blocks"].detail.startswith("sample 1024: block 1 repeats block 0 exactly")
+    assert findings["distinct blocks"].detail.endswith("make() ignores the generator's seed")
+
+
+class OnePossibleSample(SumSign):
+    def draw(self, gen, n, spec):
+        return torch.ones(n, spec.seq_len, 1)
+
+
+def test_a_task_with_one_possible_sample_is_told_so_not_that_it_ignores_the_seed(register):
+    name = register("one-sample", OnePossibleSample())
+    findings = by_name(check_task(config(name)))
+    assert findings["distinct blocks"].detail.endswith("every sample is the same: at these options the task has one "
+                                                       "possible sample")
+
+
+def small_configs(task: str):
+    """Every combination of small shapes and options that validation accepts for ``task``, smallest first."""
+    declared = TASKS.options(task)
+    option = next(iter(declared.__dataclass_fields__)) if declared else None
+    for seq_len in range(1, 9):
+        for vocab_size in range(2, 6):
+            for value in (1, 2, 3) if option else (None,):
+                for min_seq_len in sorted({None, 1, seq_len // 2}, key=lambda m: m or 0):
+                    data = dict(seq_len=seq_len, vocab_size=vocab_size, min_seq_len=min_seq_len or None,
+                                block_size=64, **({option: value} if option else {}))
+                    try:
+                        yield config(task, **data)
+                    except ConfigError:
+                        continue
+
+
+def quick_findings(cfg) -> list:
+    """The properties check-task finds in this process (all but cross-process determinism, which starts one)."""
+    from distseq.data import contract
+
+    task = cfg.data.task
+    ctx = contract._Context(task, TASKS[task], cfg.task_spec(), cfg.train.seed, cfg.data.block_size, 256)
+    runs = contract.probe_runs(ctx.block_size)
+    checks = {"shapes": lambda: contract._shapes(ctx), "determinism": lambda: contract._determinism(ctx, runs),
+              "labels": lambda: contract._labels(ctx, runs), "distinct blocks": lambda: contract._distinct_blocks(ctx)}
+    return [f"{name}: {finding.detail}" for name, check in checks.items()
+            if not (finding := contract._guarded(name, check)).ok]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", BUILTINS)
+def test_validation_refuses_what_check_task_would_reject_for_a_built_in_task(task):
+    """Over every small shape and option validation accepts, the task keeps the contract: what it cannot
+    keep (selective-copy with one data token and no room to move them) is refused by validation, with the
+    true reason, before check-task (or a run) could meet it."""
+    accepted = list(small_configs(task))
+    assert accepted, f"no small shape of {task} validates"
+    for cfg in accepted:
+        assert quick_findings(cfg) == [], (task, cfg.to_dict()["data"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", BUILTINS)
+def test_check_task_passes_each_built_in_task_at_its_validated_minimum_shape(task):
+    smallest = next(small_configs(task))
+    assert failed(check_task(smallest)) == [], smallest.to_dict()["data"]
+
+
+def test_selective_copy_with_one_data_token_is_refused_with_the_reason():
+    with pytest.raises(ConfigError) as refused:
+        config("selective-copy", seq_len=6, copy_len=3, vocab_size=3)
+    assert str(refused.value) == ("--vocab-size: selective-copy needs --vocab-size >= 4 (noise, marker and at least "
+                                  "two data tokens: with one, every answer is the same token) (got 3)")
 
 
 class BlockNormalised(SumSign):

@@ -492,8 +492,11 @@ def _distinct_blocks(ctx: _Context) -> Finding:
     first = block(train, 0)
     keys = _data_keys(first)
     if all(_first_difference(first, block(train, k), keys) is None for k in blocks[1:]):
+        alike = all(bool((first[key] == first[key][:1]).all()) for key in keys)
+        why = ("every sample is the same: at these options the task has one possible sample" if alike else
+               "make() ignores the generator's seed")
         return Finding("distinct blocks", False, f"sample {blocks[1] * K}: block {blocks[1]} repeats block 0 exactly "
-                       f"(as do all {len(blocks)} blocks checked): make() ignores the generator's seed")
+                       f"(as do all {len(blocks)} blocks checked): {why}")
     if all(_first_difference(block(train, k), block(held_out, k), keys) is None for k in blocks):
         return Finding("distinct blocks", False, "sample 0: the held-out split repeats the training samples exactly "
                        f"({len(blocks)} blocks checked): make() ignores the generator's seed")

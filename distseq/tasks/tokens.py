@@ -285,9 +285,10 @@ def _selective_copy_validate(cfg) -> None:
     if d.seq_len < 2 * d.copy_len:
         raise ConfigError("--seq-len", f"selective-copy needs --seq-len >= 2 x --copy-len = {2 * d.copy_len} "
                                        f"(a context that holds them, then a marker each) (got {d.seq_len})")
-    if d.vocab_size < 3:
-        raise ConfigError("--vocab-size", f"selective-copy needs --vocab-size >= 3 (noise, marker and at least one "
-                                          f"data token) (got {d.vocab_size})")
+    if d.vocab_size < 4:  # with one data token every answer is that token: one possible label, nothing to learn
+        raise ConfigError("--vocab-size", f"selective-copy needs --vocab-size >= 4 (noise, marker and at least two "
+                                          f"data tokens: with one, every answer is the same token) "
+                                          f"(got {d.vocab_size})")
 
 
 def _fixed_length(cfg, name: str) -> None:
