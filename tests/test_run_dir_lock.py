@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DISTSEQ, Started, assert_ok, run_here, summary
 
-from distseq.checkpoint.format import newest_verified, read_meta
+from distseq.checkpoint.format import list_checkpoints, newest_verified, read_meta
 from distseq.errors import CheckpointError, ConfigError
 from distseq.fsio import RunDirLock
 from distseq.inference.export import model_from_checkpoint
@@ -95,6 +95,25 @@ def test_a_checkpoint_deleted_before_it_is_read_is_one_line(finished, tmp_path):
     proc = run_here(["export", "--checkpoint", str(gone), "--out", str(tmp_path / "out")])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"distseq export: error: {gone} is not a checkpoint directory"]
+
+
+def test_a_checkpoint_removed_by_retention_says_so_and_names_the_newest(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    *older, newest = list_checkpoints(run)
+    assert older, "the fixture's run kept one checkpoint only"
+    removed = older[0]
+    shutil.rmtree(removed)  # as --keep-last of a running job does
+    proc = run_here(["predict", "--checkpoint", str(removed), "--random", "1"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"distseq predict: error: {removed} does not exist (removed by --keep-last, or never written); the newest "
+        f"there is {newest}"]
+    for path in list_checkpoints(run):
+        shutil.rmtree(path)
+    with pytest.raises(CheckpointError, match="does not exist .*; none is left there$"):
+        read_meta(removed)
 
 
 def test_newest_verified_looks_again_when_the_newest_vanishes(finished, tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
     path = Path(path)
     meta_file = path / "meta.json"
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a checkpoint directory")
+        raise CheckpointError(_absent(path))
     try:
         meta = json.loads(meta_file.read_text())
     except FileNotFoundError:
@@ -121,6 +121,15 @@ def read_meta(path: Path, keep: Tuple[str, ...] = ()) -> Tuple[dict, Dict[str, b
             raise CheckpointError(_vanished(path) if not path.is_dir() else
                                   f"cannot read {path / STATE}: {_first_line(_cause(error))}") from None
     return meta, kept
+
+
+def _absent(path: Path) -> str:
+    """Why ``path`` is no checkpoint: a step that retention removed (its run has others) or not one at all."""
+    if STEP_DIR.match(path.name) and path.parent.name == "checkpoints" and path.parent.is_dir():
+        others = list_checkpoints(path.parent.parent)
+        newest = f"the newest there is {others[-1]}" if others else "none is left there"
+        return f"{path} does not exist (removed by --keep-last, or never written); {newest}"
+    return f"{path} is not a checkpoint directory"
 
 
 def _vanished(path: Path) -> str:
