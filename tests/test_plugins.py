@@ -137,21 +137,24 @@ def test_unknown_names_list_the_registered_ones_and_a_bad_plugin_is_one_line(tmp
     assert result.returncode == 2 and "cannot import no_such_module_xyz: ModuleNotFoundError" in result.stderr
 
 
+class SumSignLike:
+    """sum-sign's contract, changed one way per test."""
+    head = "binary"
+
+    def num_features(self, spec): return 1
+    def num_outputs(self, spec): return 1
+
+    def make(self, generator, n, spec):
+        x = torch.randn(n, spec.seq_len, 1, generator=generator)
+        return {"x": x, "y": (x.sum((1, 2)) > 0).float()}
+
+
 def test_a_registered_task_carries_its_own_validation(tmp_path, capsys):
     from distseq.errors import ConfigError
     from distseq.tasks import register_task
 
     @register_task("needs-even-length")
-    class NeedsEven:
-        head = "binary"
-
-        def num_features(self, spec): return 1
-        def num_outputs(self, spec): return 1
-
-        def make(self, generator, n, spec):
-            x = torch.randn(n, spec.seq_len, 1, generator=generator)
-            return {"x": x, "y": (x.sum((1, 2)) > 0).float()}
-
+    class NeedsEven(SumSignLike):
         def validate(self, cfg):
             if cfg.data.seq_len % 2:
                 raise ConfigError("--seq-len", "needs-even-length needs an even --seq-len")
@@ -278,18 +281,6 @@ def test_an_explicit_replacement_runs_and_is_recorded(shadow, tmp_path, capsys):
     again = run_main(["train", "--import", path, "--config", run / "config.json", "--run-dir", tmp_path / "again"],
                      capsys)
     assert again.returncode == 0, again.stderr
-
-
-class SumSignLike:
-    """sum-sign's contract, to be broken one way per test."""
-    head = "binary"
-
-    def num_features(self, spec): return 1
-    def num_outputs(self, spec): return 1
-
-    def make(self, generator, n, spec):
-        x = torch.randn(n, spec.seq_len, 1, generator=generator)
-        return {"x": x, "y": (x.sum((1, 2)) > 0).float()}
 
 
 class IntLabels(SumSignLike):
