@@ -343,6 +343,7 @@ def test_a_model_with_the_wrong_output_is_one_line_before_the_run_starts(output,
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_moved_plugin_is_found_again_by_import_from_its_new_place(tmp_path):
     """The checkpoint recorded the plugin's old path; --import NEWPATH registers the same names and is enough
     for eval and export, and the message without it says so."""
