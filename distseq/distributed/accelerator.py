@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 import warnings
 from datetime import timedelta
 from typing import Optional, Sequence
@@ -19,6 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from distseq.config import TrainConfig
 from distseq.config.world import launch_world_size
 from distseq.errors import ConfigError
+from distseq.ops.failpoints import late_restart_seconds
 
 
 def free_port() -> int:
@@ -50,6 +52,7 @@ def fresh_accelerator(**kwargs) -> Accelerator:
     notebook, a test, distseq.train called again) must not decide this one's."""
     from accelerate.state import AcceleratorState, GradientState
 
+    time.sleep(late_restart_seconds())  # a failpoint: 0 unless a test asks for a rank that comes back late
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     # cpu=True on a machine without CUDA: otherwise accelerate leaves every launched rank training alone.
