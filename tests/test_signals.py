@@ -8,10 +8,12 @@ restores the default disposition of the signal it will receive (``preexec_fn``),
 
 import os
 import signal
+import sys
 import time
 
+import psutil
 import pytest
-from conftest import DISTSEQ, Started, assert_ok, cpu_env, run_here, summary
+from conftest import DISTSEQ, Started, assert_ok, cpu_env, free_port, run_here, summary
 
 # the same run as test_recovery.py's, and its uninterrupted reference (a module-scoped fixture)
 from test_recovery import BASE, STEPS, assert_bit_identical, reference, weights  # noqa: F401
@@ -150,6 +152,79 @@ def test_signal_during_imports_is_one_line_not_a_traceback(signum, code, tmp_pat
     assert err.strip(), "no message on stderr"
     assert "nothing was saved" in err.strip().splitlines()[-1], err
     assert not list(run_dir.rglob("step-*"))
+
+
+def test_a_rank_waiting_inside_torch_for_a_peer_that_never_comes_obeys_sigterm(tmp_path):
+    """Rank 0 of a group of two whose rank 1 never starts waits in torch's C++ (its store waits for the peer to
+    connect), where Python's signal handlers never run: SIGTERM still ends it within seconds, 143, one line."""
+    port = free_port()
+    env = {**cpu_env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with Started([*DISTSEQ, *SHORT, "--run-dir", str(tmp_path / "run")], tmp_path / "logs", env=env,
+                 signals={"SIGTERM": signal.SIG_DFL}) as proc:
+        deadline = time.monotonic() + 120
+        while not listening(proc.pid, port):  # its store is up: from here it waits for rank 1, inside torch
+            assert proc.popen.poll() is None and time.monotonic() < deadline, proc.describe()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        ended = proc.finish(timeout=20)
+    assert time.monotonic() - sent < 15, "SIGTERM was not obeyed within 15 s"
+    assert ended.returncode == 143, f"stdout:\n{ended.stdout}\nstderr:\n{ended.stderr}"
+    lines = ended.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM during start-up" in lines[0] and "nothing was saved" in lines[0], ended.stderr
+
+
+IN_A_COLLECTIVE = """
+import time
+import torch
+import torch.distributed as dist
+from distseq.ops import signals
+
+signals.install()  # what the command line does before `train`
+signals.watch_unheard()
+dist.init_process_group("gloo")
+with signals.StopSignals() as stop:
+    stop.begin_loop()  # training: a signal heard now is acted on at the next step boundary
+    if dist.get_rank() == 1:
+        time.sleep(120)  # a peer that hangs
+    print("in the all-reduce", flush=True)
+    dist.all_reduce(torch.ones(1))
+"""
+
+
+def test_a_rank_waiting_inside_a_collective_for_a_peer_that_hangs_obeys_sigterm(tmp_path):
+    """Training: rank 0 waits in gloo's all-reduce for rank 1, which hangs; SIGTERM never reaches the loop's
+    handler, yet rank 0 exits after half the launcher's shutdown timeout (here 2 s), 143, one line."""
+    script = tmp_path / "collective.py"
+    script.write_text(IN_A_COLLECTIVE)
+    port = free_port()
+
+    def rank(r):
+        env = {**cpu_env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}
+        return Started([sys.executable, str(script)], tmp_path / "logs", env=env, signals={"SIGTERM": signal.SIG_DFL})
+
+    with rank(0) as waiting, rank(1):
+        waiting.wait_for_line("in the all-reduce", timeout=120)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        waiting.send_signal(signal.SIGTERM)
+        ended = waiting.finish(timeout=20)
+    assert time.monotonic() - sent < 10, "SIGTERM was not obeyed within 10 s"
+    assert ended.returncode == 143, f"stdout:\n{ended.stdout}\nstderr:\n{ended.stderr}"
+    assert ended.stderr.strip().splitlines() == [
+        "distseq: SIGTERM: exiting now without saving: blocked for 1 s inside torch, most likely waiting for another "
+        "process (the newest complete checkpoint is intact)"], ended.stderr
+
+
+def listening(pid: int, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
