@@ -154,28 +154,6 @@ def test_signal_during_imports_is_one_line_not_a_traceback(signum, code, tmp_pat
     assert not list(run_dir.rglob("step-*"))
 
 
-def test_a_rank_waiting_inside_torch_for_a_peer_that_never_comes_obeys_sigterm(tmp_path):
-    """Rank 0 of a group of two whose rank 1 never starts waits in torch's C++ (its store waits for the peer to
-    connect), where Python's signal handlers never run: SIGTERM still ends it within seconds, 143, one line."""
-    port = free_port()
-    env = {**cpu_env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with Started([*DISTSEQ, *SHORT, "--run-dir", str(tmp_path / "run")], tmp_path / "logs", env=env,
-                 signals={"SIGTERM": signal.SIG_DFL}) as proc:
-        deadline = time.monotonic() + 120
-        while not listening(proc.pid, port):  # its store is up: from here it waits for rank 1, inside torch
-            assert proc.popen.poll() is None and time.monotonic() < deadline, proc.describe()
-            time.sleep(0.1)
-        time.sleep(0.5)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        ended = proc.finish(timeout=20)
-    assert time.monotonic() - sent < 15, "SIGTERM was not obeyed within 15 s"
-    assert ended.returncode == 143, f"stdout:\n{ended.stdout}\nstderr:\n{ended.stderr}"
-    lines = ended.stderr.strip().splitlines()
-    assert len(lines) == 1 and "SIGTERM during start-up" in lines[0] and "nothing was saved" in lines[0], ended.stderr
-
-
 IN_A_COLLECTIVE = """
 import time
 import torch
@@ -194,29 +172,50 @@ with signals.StopSignals() as stop:
 """
 
 
-def test_a_rank_waiting_inside_a_collective_for_a_peer_that_hangs_obeys_sigterm(tmp_path):
-    """Training: rank 0 waits in gloo's all-reduce for rank 1, which hangs; SIGTERM never reaches the loop's
-    handler, yet rank 0 exits after half the launcher's shutdown timeout (here 2 s), 143, one line."""
-    script = tmp_path / "collective.py"
+def test_a_rank_blocked_inside_torch_obeys_sigterm(tmp_path):
+    """Python's handlers run only between bytecodes, never while the main thread waits inside torch's C++.
+    Two such ranks, side by side: rank 0 of a group of two started alone (`distseq train`; its store waits
+    for rank 1, which never comes), and rank 0 of a script's group in training, inside gloo's all-reduce
+    while rank 1 hangs. SIGTERM ends each within seconds (the second after half the launcher's shutdown
+    timeout, here 2 s), with 143 and one line saying it was blocked."""
+    alone, port = tmp_path / "alone", free_port()
+    alone_env = {**cpu_env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    script, collective_port = tmp_path / "collective.py", free_port()
     script.write_text(IN_A_COLLECTIVE)
-    port = free_port()
 
-    def rank(r):
-        env = {**cpu_env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}
-        return Started([sys.executable, str(script)], tmp_path / "logs", env=env, signals={"SIGTERM": signal.SIG_DFL})
+    def collective_rank(r):
+        env = {**cpu_env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(collective_port), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}
+        return Started([sys.executable, str(script)], tmp_path / "collective", env=env,
+                       signals={"SIGTERM": signal.SIG_DFL})
 
-    with rank(0) as waiting, rank(1):
-        waiting.wait_for_line("in the all-reduce", timeout=120)
-        time.sleep(0.5)
-        sent = time.monotonic()
-        waiting.send_signal(signal.SIGTERM)
-        ended = waiting.finish(timeout=20)
-    assert time.monotonic() - sent < 10, "SIGTERM was not obeyed within 10 s"
-    assert ended.returncode == 143, f"stdout:\n{ended.stdout}\nstderr:\n{ended.stderr}"
-    assert ended.stderr.strip().splitlines() == [
+    with Started([*DISTSEQ, *SHORT, "--run-dir", str(alone / "run")], alone, env=alone_env,
+                 signals={"SIGTERM": signal.SIG_DFL}) as starting, collective_rank(0) as training, collective_rank(1):
+        deadline = time.monotonic() + 120
+        while not listening(starting.pid, port):  # its store is up: from here it waits for rank 1, inside torch
+            assert starting.popen.poll() is None and time.monotonic() < deadline, starting.describe()
+            time.sleep(0.1)
+        alone_ended, alone_took = stopped(starting)
+        training.wait_for_line("in the all-reduce", timeout=120)
+        time.sleep(0.5)  # inside the all-reduce: a signal heard before it would wait for the step boundary
+        training_ended, training_took = stopped(training)
+    assert alone_ended.returncode == 143 and alone_took < 15, (alone_took, alone_ended)
+    assert alone_ended.stderr.strip().splitlines() == [
+        "distseq: SIGTERM during start-up: stopped before training; nothing was saved (blocked for 2 s inside torch, "
+        "most likely waiting for another process)"], alone_ended.stderr
+    assert training_ended.returncode == 143 and training_took < 10, (training_took, training_ended)
+    assert training_ended.stderr.strip().splitlines() == [
         "distseq: SIGTERM: exiting now without saving: blocked for 1 s inside torch, most likely waiting for another "
-        "process (the newest complete checkpoint is intact)"], ended.stderr
+        "process (the newest complete checkpoint is intact)"], training_ended.stderr
+
+
+def stopped(process: Started):
+    """SIGTERM to ``process``; how it ended and how many seconds that took."""
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    ended = process.finish(timeout=20)
+    return ended, time.monotonic() - sent
 
 
 def listening(pid: int, port: int) -> bool:
