@@ -8,10 +8,12 @@ restores the default disposition of the signal it will receive (``preexec_fn``),
 
 import os
 import signal
+import sys
 import time
 
+import psutil
 import pytest
-from conftest import DISTSEQ, Started, assert_ok, cpu_env, run_here, summary
+from conftest import DISTSEQ, Started, assert_ok, cpu_env, free_port, run_here, summary
 
 # the same run as test_recovery.py's, and its uninterrupted reference (a module-scoped fixture)
 from test_recovery import BASE, STEPS, assert_bit_identical, reference, weights  # noqa: F401
@@ -150,6 +152,78 @@ def test_signal_during_imports_is_one_line_not_a_traceback(signum, code, tmp_pat
     assert err.strip(), "no message on stderr"
     assert "nothing was saved" in err.strip().splitlines()[-1], err
     assert not list(run_dir.rglob("step-*"))
+
+
+IN_A_COLLECTIVE = """
+import time
+import torch
+import torch.distributed as dist
+from distseq.ops import signals
+
+signals.install()  # what the command line does before `train`
+signals.watch_unheard()
+dist.init_process_group("gloo")
+with signals.StopSignals() as stop:
+    stop.begin_loop()  # training: a signal heard now is acted on at the next step boundary
+    if dist.get_rank() == 1:
+        time.sleep(120)  # a peer that hangs
+    print("in the all-reduce", flush=True)
+    dist.all_reduce(torch.ones(1))
+"""
+
+
+def test_a_rank_blocked_inside_torch_obeys_sigterm(tmp_path):
+    """Python's handlers run only between bytecodes, never while the main thread waits inside torch's C++.
+    Two such ranks, side by side: rank 0 of a group of two started alone (`distseq train`; its store waits
+    for rank 1, which never comes), and rank 0 of a script's group in training, inside gloo's all-reduce
+    while rank 1 hangs. SIGTERM ends each within seconds (the second after half the launcher's shutdown
+    timeout, here 2 s), with 143 and one line saying it was blocked."""
+    alone, port = tmp_path / "alone", free_port()
+    alone_env = {**cpu_env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    script, collective_port = tmp_path / "collective.py", free_port()
+    script.write_text(IN_A_COLLECTIVE)
+
+    def collective_rank(r):
+        env = {**cpu_env(), "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(collective_port), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}
+        return Started([sys.executable, str(script)], tmp_path / "collective", env=env,
+                       signals={"SIGTERM": signal.SIG_DFL})
+
+    with Started([*DISTSEQ, *SHORT, "--run-dir", str(alone / "run")], alone, env=alone_env,
+                 signals={"SIGTERM": signal.SIG_DFL}) as starting, collective_rank(0) as training, collective_rank(1):
+        deadline = time.monotonic() + 120
+        while not listening(starting.pid, port):  # its store is up: from here it waits for rank 1, inside torch
+            assert starting.popen.poll() is None and time.monotonic() < deadline, starting.describe()
+            time.sleep(0.1)
+        alone_ended, alone_took = stopped(starting)
+        training.wait_for_line("in the all-reduce", timeout=120)
+        time.sleep(0.5)  # inside the all-reduce: a signal heard before it would wait for the step boundary
+        training_ended, training_took = stopped(training)
+    assert alone_ended.returncode == 143 and alone_took < 15, (alone_took, alone_ended)
+    assert alone_ended.stderr.strip().splitlines() == [
+        "distseq: SIGTERM during start-up: stopped before training; nothing was saved (blocked for 2 s inside torch, "
+        "most likely waiting for another process)"], alone_ended.stderr
+    assert training_ended.returncode == 143 and training_took < 10, (training_took, training_ended)
+    assert training_ended.stderr.strip().splitlines() == [
+        "distseq: SIGTERM: exiting now without saving: blocked for 1 s inside torch, most likely waiting for another "
+        "process (the newest complete checkpoint is intact)"], training_ended.stderr
+
+
+def stopped(process: Started):
+    """SIGTERM to ``process``; how it ended and how many seconds that took."""
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    ended = process.finish(timeout=20)
+    return ended, time.monotonic() - sent
+
+
+def listening(pid: int, port: int) -> bool:
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections(kind="tcp"))
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -99,7 +99,6 @@ class CheckpointManager:
         self.per_rank: Dict[str, Stateful] = dict(per_rank or {})
         self.newest: Optional[Path] = None  # the newest complete checkpoint of this run's history
         # a background save's collectives need a group of their own; a synchronous one runs on training's
-        # (torch's new_group reads stale addresses after an in-job restart: only async runs pay that)
         self.group = checkpoint_group(timeout_s) if self.asynchronous else None
         self.pending: Optional[PendingSave] = None
 

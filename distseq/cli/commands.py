@@ -15,6 +15,7 @@ from distseq.config import PRESETS, TrainConfig, from_sources, read_config_file
 from distseq.config.world import launch_world_size
 from distseq.errors import ConfigError, TaskContractError
 from distseq.fsio import check_output_dir, check_output_file, write_json
+from distseq.ops.signals import watch_unheard
 
 MAX_PREDICT = 10**7  # --random N: held-out samples generated at once
 
@@ -28,6 +29,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def train(args: argparse.Namespace) -> None:
     from distseq.training.build import open_files
     from distseq.training.loop import train
+
+    watch_unheard()  # a rank blocked inside torch (a peer that never comes) still obeys a stop signal
 
     cfg = config_from_args(args)
     if args.print_config or args.index_only:
@@ -47,6 +50,8 @@ def train(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     from distseq.inference.evaluate import eval_command
+
+    watch_unheard()
 
     if args.eval_size is not None:
         positive("--eval-size", args.eval_size)

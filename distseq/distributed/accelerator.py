@@ -1,6 +1,7 @@
-"""The process and its group: CPU threads, the device, the Accelerator (never given an FSDP plugin: distseq
-shards itself, ``sharding.py``), the check that the launch joined the world it promised, rank-aware
-printing, and what a failed collective looks like."""
+"""The process and its group: CPU threads, the device, the group joined with each restarted attempt's keys
+apart (``join_group``), the Accelerator (never given an FSDP plugin: distseq shards itself,
+``sharding.py``), the check that the launch joined the world it promised, rank-aware printing, and what a
+failed collective looks like."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 import warnings
 from datetime import timedelta
 from typing import Optional, Sequence
@@ -19,6 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from distseq.config import TrainConfig
 from distseq.config.world import launch_world_size
 from distseq.errors import ConfigError
+from distseq.ops.failpoints import late_restart_seconds
 
 
 def free_port() -> int:
@@ -44,16 +47,41 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def fresh_accelerator(**kwargs) -> Accelerator:
+def fresh_accelerator(timeout_s: Optional[int] = None, **kwargs) -> Accelerator:
     """An Accelerator built from these settings alone. accelerate keeps one state per process and
     refuses other settings later (another precision); an earlier run or eval in this interpreter (a
-    notebook, a test, distseq.train called again) must not decide this one's."""
+    notebook, a test, distseq.train called again) must not decide this one's. ``timeout_s``: how long the
+    process group's collectives may wait (torch's default when None)."""
     from accelerate.state import AcceleratorState, GradientState
 
+    time.sleep(late_restart_seconds())  # a failpoint: 0 unless a test asks for a rank that comes back late
+    join_group(timedelta(seconds=timeout_s) if timeout_s else None)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     # cpu=True on a machine without CUDA: otherwise accelerate leaves every launched rank training alone.
     return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def join_group(timeout: Optional[timedelta]) -> None:
+    """Join the launch's process group before accelerate would (accelerate adopts a group that exists) where
+    torch elastic's agent hosts the store (``TORCHELASTIC_USE_AGENT_STORE``: torchrun's and accelerate's
+    default static rendezvous, and c10d's shared store). That store outlives an attempt: after an in-job
+    restart the dead attempt's keys (gloo's addresses, NCCL's unique id) would send a rank to processes that
+    are gone ("connectFullMesh failed ... Connection refused"). So each attempt writes under a prefix of its
+    own, ``distseq/attempt-N/`` with N the agent's ``TORCHELASTIC_RESTART_COUNT``, which every rank of one
+    machine shares. The backend is accelerate's own choice (it is never given an FSDP plugin): NCCL on GPUs,
+    gloo on CPUs. Elsewhere (a fresh store per attempt, a launch without torch elastic, one process)
+    accelerate joins as before."""
+    import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout
+
+    if (dist.is_initialized() or launch_world_size() < 2
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True)):
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout or default_pg_timeout))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size,
+                            store=dist.PrefixStore(f"distseq/attempt-{attempt}/", store), timeout=timeout)
 
 
 def build_accelerator(cfg: TrainConfig, *, precision: str, sharding: str, log_with: Sequence = (),
@@ -67,6 +95,7 @@ def build_accelerator(cfg: TrainConfig, *, precision: str, sharding: str, log_wi
 
     with accelerate_without_fsdp():
         return fresh_accelerator(
+            cfg.train.dist_timeout_s,
             mixed_precision="no" if sharding == "fsdp" else precision,
             gradient_accumulation_steps=cfg.train.grad_accum_steps,
             log_with=list(log_with) or None,

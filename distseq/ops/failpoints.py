@@ -29,8 +29,22 @@ def pause_point(name: str) -> None:
 def slow_rank_seconds(rank: int) -> float:
     """``DISTSEQ_SLOW_RANK=R:MS`` makes rank R a straggler: it sleeps MS milliseconds in every step's own
     work (read once at start-up); 0 for every other rank and when unset."""
-    target = os.environ.get("DISTSEQ_SLOW_RANK")
+    return _for_rank("DISTSEQ_SLOW_RANK", rank) / 1000.0
+
+
+def late_restart_seconds() -> float:
+    """``DISTSEQ_LATE_RESTART=R:SECONDS``: after an in-job restart (torch elastic's TORCHELASTIC_RESTART_COUNT
+    above 0), rank R joins the process group SECONDS after the others, as a machine slower to come back
+    would; 0 in the first attempt, for every other rank and when unset."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return 0.0
+    return _for_rank("DISTSEQ_LATE_RESTART", int(os.environ.get("RANK", "0")))
+
+
+def _for_rank(variable: str, rank: int) -> float:
+    """``R:AMOUNT`` in ``variable``: AMOUNT for rank R, 0 for the others and when unset."""
+    target = os.environ.get(variable)
     if not target:
         return 0.0
-    slow, _, ms = target.partition(":")
-    return float(ms) / 1000.0 if int(slow) == rank else 0.0
+    chosen, _, amount = target.partition(":")
+    return float(amount) if int(chosen) == rank else 0.0

@@ -11,10 +11,12 @@ same launchers in-process, and then:
 - **stops on a signal like the ranks do**: SIGTERM, SIGINT, SIGHUP and SIGUSR1 to the launcher reach every
   rank (they save at the next step boundary), the launcher waits up to ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``
   seconds (default here 300: long enough to save) and exits 143, or 130 for SIGINT;
-- **makes in-job restarts reliable** (``--max_restarts N``): torch's static rendezvous hands a restarted
-  group the dead group's addresses (its store outlives the attempt), so with restarts the launch uses
-  the c10d rendezvous with a fresh store per attempt (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``). A
-  crashed rank then restarts the whole group, which resumes from the newest complete checkpoint. torch
+- **makes in-job restarts reliable on any number of machines** (``--max_restarts N``): torch's static
+  rendezvous keeps one store for every attempt; distseq's ranks write each attempt's keys under a prefix
+  of their own, named by torch's restart count, which agrees within a machine but not always across
+  machines. So with restarts the launch uses the c10d rendezvous with a fresh store per attempt
+  (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), which needs no count. A crashed rank then restarts the
+  whole group, which resumes from the newest complete checkpoint. torch
   restarts after any failed rank: one that was signalled directly (not through the launcher) resumes
   training, and a bad input fails N+1 times before its exit 2 is relayed;
 - **checks the options first**: ``train``'s options are validated for the launch's world size before
@@ -131,8 +133,10 @@ def quiet_defaults():
 
 def use_fresh_rendezvous_per_attempt(args: argparse.Namespace) -> None:
     """c10d rendezvous, each attempt's workers on a store of their own (rank 0 hosts it on a free port):
-    the static rendezvous keeps one store for every attempt, and a restarted rank reads the addresses of
-    the ranks that died (gloo: "connectFullMesh failed ... Connection refused"; NCCL: a stale unique id)."""
+    the static rendezvous keeps one store for every attempt, where a restarted rank could read the addresses
+    of the ranks that died (gloo: "connectFullMesh failed ... Connection refused"; NCCL: a stale unique id).
+    On one machine the ranks' own per-attempt prefix (``distributed.accelerator.join_group``) would do; its
+    name, torch's restart count, can differ between machines, and a fresh store needs none."""
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # also for a config file's own c10d
     if args.rdzv_backend != "static":
         return

@@ -8,14 +8,20 @@ handler (``install``), the training loop's (``StopSignals``), DataLoader workers
 and ``distseq launch`` (which signals it passes on to the ranks, and what it exits with).
 
 A signal that the process inherited as ignored (``nohup``, a background job of a non-interactive
-shell) stays ignored everywhere. Standard library only, so this runs before anything heavy is imported.
+shell) stays ignored everywhere. Python runs these handlers on the main thread between two bytecodes, so
+a main thread blocked inside one call of torch's C++ (a store waiting for a peer that never comes, gloo's
+connectFullMesh, a collective whose peer hangs) would never run them: ``Unheard`` exits for it. Standard
+library only, so this runs before anything heavy is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 
 from distseq.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, StartupStopped
 
@@ -54,9 +60,12 @@ def catchable() -> list:
 def ignore_in_worker(worker_id: int = 0) -> None:
     """In a DataLoader worker: a stop signal sent to the whole process group (SLURM's preemption, kill -TERM
     -PGID, Ctrl-C) is the main process's to act on; a worker that died of it would end the run with a
-    traceback before the checkpoint is saved. The main process ends its workers when it stops."""
+    traceback before the checkpoint is saved. The main process ends its workers when it stops. A forked
+    worker also stops writing signals to its parent's ``Unheard`` descriptor."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(ValueError):  # ValueError: not the worker's main thread
+        signal.set_wakeup_fd(-1)
 
 
 # --- the command line: one line and an exit, never a traceback ----------------------------------------
@@ -71,22 +80,93 @@ class ExitNow:
 
     def __init__(self):
         self.started = False
+        self.exiting = threading.Lock()
 
     def training_started(self) -> None:
         self.started = True
 
-    def __call__(self, signum, frame) -> None:
+    def __call__(self, signum, frame, blocked_s: float = 0.0) -> None:
+        """One line, then exit; ``blocked_s``: called by ``Unheard`` for a main thread that could not hear
+        the signal for that long (inside torch's C++, most likely waiting for another process)."""
         name = signal_name(signum)
+        blocked = f"blocked for {blocked_s:g} s inside torch, most likely waiting for another process"
         if self.started:
-            line = f"distseq: {name}: exiting now (the newest complete checkpoint is intact)"
+            line = (f"distseq: {name}: exiting now without saving: {blocked} (the newest complete checkpoint is "
+                    f"intact)" if blocked_s else f"distseq: {name}: exiting now (the newest complete checkpoint is "
+                                                 f"intact)")
         else:
-            line = f"distseq: {name} during start-up: stopped before training; nothing was saved"
+            line = f"distseq: {name} during start-up: stopped before training; nothing was saved" + (
+                f" ({blocked})" if blocked_s else "")
+        # one line, whichever thread comes first (the other waits for the exit); a second signal on the thread
+        # that is exiting gives up waiting for itself and returns to the line it interrupted
+        if not self.exiting.acquire(timeout=1.0):
+            return
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
         os._exit(exit_code(signum))
 
 
+class Unheard:
+    """A stop signal that the main thread cannot hear, acted on by a thread of its own.
+
+    Python's C-level handler writes each signal's number to a wakeup descriptor (``signal.set_wakeup_fd``)
+    whatever the main thread is doing; this thread reads it. When none of the table's handlers ran on the
+    main thread within ``patience_s()`` of the signal, the main thread is blocked inside one call (a
+    store's connect, gloo's connectFullMesh, a collective waiting for a peer that hangs, until
+    --dist-timeout-s ends it): the process exits as ``ExitNow`` does, one line and the table's code. Only
+    the processes that train or evaluate watch (the launcher's own handlers are torch's); a handler of the
+    table that ran at any time after the signal could have arrived counts as heard."""
+
+    def __init__(self, exit_now: "ExitNow"):
+        self.exit_now = exit_now
+        self.changed = threading.Condition()
+        self.heard_at = float("-inf")  # when a handler of the table last ran on the main thread
+        self.watching = False
+
+    def hear(self) -> None:
+        """A handler of the table ran (on the main thread, which is therefore not blocked)."""
+        with self.changed:
+            self.heard_at = time.monotonic()
+            self.changed.notify_all()
+
+    def patience_s(self) -> float:
+        """2 s during start-up, where the handlers stop at once and nothing is saved; in training, half the
+        launcher's shutdown timeout (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, torch's default 30 s, ``distseq
+        launch``'s 300 s): the rank ends with its own line before the launcher's SIGKILL, and a call that
+        is only slow (a long write, a GPU step that the host waits for) gets time to return and save."""
+        if not self.exit_now.started:
+            return 2.0
+        try:
+            return max(1.0, float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")) / 2)
+        except ValueError:  # torch's launcher would have refused it: not launched by torch
+            return 15.0
+
+    def watch(self) -> None:
+        """Start watching (from the main thread, once); a no-op anywhere else."""
+        if self.watching or threading.current_thread() is not threading.main_thread():
+            return
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(read,), name="distseq-unheard-signals", daemon=True).start()
+        self.watching = True
+
+    def _watch(self, read: int) -> None:
+        stops = {int(sig) for sig in STOP_SIGNALS}
+        while True:
+            since = time.monotonic()  # every signal read next arrived after this
+            arrived = [signum for signum in os.read(read, 64) if signum in stops]
+            if not arrived:
+                continue
+            patience = self.patience_s()
+            with self.changed:
+                if self.changed.wait_for(lambda: self.heard_at > since, timeout=patience):
+                    continue
+            self.exit_now(arrived[0], None, blocked_s=patience)
+
+
 _exit_now = ExitNow()
+_unheard = Unheard(_exit_now)
 _installed: list = []
 
 
@@ -96,6 +176,13 @@ def install() -> None:
         if sig not in _installed:
             signal.signal(sig, _exit_now)
             _installed.append(sig)
+
+
+def watch_unheard() -> None:
+    """In a process that trains or evaluates: exit on a stop signal its main thread cannot hear (``Unheard``).
+    Only where the command line installed its handlers: a test's or a notebook's interpreter is never exited."""
+    if _installed:
+        _unheard.watch()
 
 
 def run(cli_main) -> int:
@@ -142,6 +229,7 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        _unheard.hear()
         name = signal_name(signum)
         if not self.in_loop:
             raise StartupStopped(f"{name} during start-up: stopped before training; nothing was saved",
