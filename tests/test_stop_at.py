@@ -7,6 +7,7 @@ import pytest
 from conftest import accelerate_launch, assert_ok, run_here, summary, two_process_args
 
 from distseq.config.threshold import Threshold
+from distseq.inference.export import model_from_checkpoint
 
 RUN = ["train", "--seq-len", "6", "--hidden-size", "16", "--global-batch-size", "32", "--max-steps", "40",
        "--eval-every", "4", "--eval-size", "256", "--log-every", "4", "--no-progress", "--precision", "no",
@@ -40,6 +41,8 @@ def test_a_run_stops_at_the_first_evaluation_where_the_condition_holds(unstopped
     assert result["stopped_at"] == {"step": step, "condition": said, "eval/accuracy": accuracy}
     assert [e["step"] for e in result["eval_history"]] == [e["step"] for e in history if e["step"] <= step]
     assert (run / "checkpoints" / f"step-{step:08d}").is_dir()  # saved where it stopped
+    model, _, _ = model_from_checkpoint(run / "checkpoints" / f"step-{step:08d}")
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())  # what a sweep's report shows
     assert f"distseq: --stop-at {said} holds at step {step} (eval/accuracy={accuracy:.6g})" in proc.stdout
 
     # the same command again: nothing to train, the same summary, exit 0

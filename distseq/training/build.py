@@ -99,6 +99,7 @@ class Run:
     startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
     replaced: dict = field(default_factory=dict)  # the task and model names a plugin replaced, as recorded
     stop_at: Optional[Threshold] = None  # --stop-at, parsed
+    parameters: int = 0  # of the model as built (whole, before sharding)
 
     @property
     def path(self) -> Path:
@@ -187,6 +188,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
                             f"{run_dir.moved_aside}")
     pause_point("startup")
     model_flops = flops_per_token(model, spec.seq_len)  # of the model as built, before any wrapper
+    parameters = sum(p.numel() for p in model.parameters())
     model, optimizer, scheduler, sharded = _place(model, cfg, accelerator, sharding, precision)
     layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
     config, progress = cfg.to_dict(), Progress(first_step=t.start_step)
@@ -203,7 +205,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
                spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
                model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup,
-               sharded=sharded, replaced=replaced,
+               sharded=sharded, replaced=replaced, parameters=parameters,
                stop_at=Threshold.parse(t.stop_at, task.head) if t.stop_at else None)
 
 
