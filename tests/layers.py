@@ -30,6 +30,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [  # lowest first
     ("checkpoint", ("distseq.checkpoint",)),
     ("training", ("distseq.training",)),
     ("use", ("distseq.inference",)),
+    ("sweep", ("distseq.sweep",)),
     ("entry", ("distseq.ops.launch", "distseq.bench", "distseq.cli", "distseq.__main__", "distseq")),
 ]
 EXACT = ("distseq",)  # the public API's __init__ alone, not every module below it
