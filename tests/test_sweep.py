@@ -1,6 +1,7 @@
 """``distseq sweep``: a grid of runs that is checked whole, resumes after any stop, leaves finished points
 alone, records failures without stopping the others, and refuses what would mix two experiments."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -103,24 +104,40 @@ def test_a_second_sweep_on_one_dir_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_point_never_stops_the_others_and_retry_failed_reruns_only_it(tmp_path):
-    path = write_spec(tmp_path / "s.yaml", {"base": {"options": TINY}, "points": [
-        {"model": "rnn"}, {"task": "copy", "copy-len": 3}, {"model": "gru"}]})  # copy-len 3 needs --seq-len >= 7
+    """A point whose options train refuses (exit 2, found before it starts) and one that crashes mid-run (its
+    task raises at the second block: exit 1) are recorded with their one line; the others complete."""
+    plugin = tmp_path / "crashes.py"
+    plugin.write_text("import torch, distseq\n\n@distseq.register_task('crashes')\nclass Crashes:\n"
+                      "    head = 'binary'\n    made = 0\n    def num_features(self, spec): return 1\n"
+                      "    def num_outputs(self, spec): return 1\n    def make(self, generator, n, spec):\n"
+                      "        self.made += 1\n        if self.made > 2:  # past the pre-flight check\n"
+                      "            raise RuntimeError('my bug')\n"
+                      "        x = torch.randn(n, spec.seq_len, 1, generator=generator)\n"
+                      "        return {'x': x, 'y': (x.sum((1, 2)) > 0).float()}\n")
+    path = write_spec(tmp_path / "s.yaml", {"base": {"options": {**TINY, "block-size": 16}, "import": [str(plugin)]},
+                                            "points": [{"model": "rnn"}, {"task": "copy", "copy-len": 3},
+                                                       {"task": "crashes"}, {"model": "gru"}]})
     root = tmp_path / "sweep"
     proc = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=300)
     assert proc.returncode == 1, proc.stderr
-    bad = "task=copy,copy-len=3"
+    bad, crash = "task=copy,copy-len=3", "task=crashes"
     reason = "distseq train: error: --seq-len: the copy task needs --seq-len >= 2 x --copy-len + 1 = 7"
     assert f"sweep: failed   {bad}: {reason}" in proc.stdout
-    assert proc.stderr.splitlines()[:2] == ["sweep: failed points (--retry-failed reruns them):",
-                                            f"  {bad}  {reason}"]
-    assert [point_status(root / n)[0] for n in ("model=rnn", bad, "model=gru")] == ["complete", "failed", "complete"]
+    crashed = json.loads((root / crash / FAILURE).read_text())
+    assert crashed["exit_code"] == 1 and crashed["reason"].startswith("distseq train: error: task 'crashes': make(")
+    assert "raised RuntimeError: my bug" in crashed["reason"]
+    assert proc.stderr.splitlines()[:3] == ["sweep: failed points (--retry-failed reruns them):",
+                                            f"  {bad}  {reason}", f"  {crash:<{len(bad)}}  {crashed['reason']}"]
+    assert [point_status(root / n)[0] for n in ("model=rnn", bad, crash, "model=gru")] == [
+        "complete", "failed", "failed", "complete"]
     assert json.loads((root / bad / FAILURE).read_text()) == {"exit_code": 2, "reason": reason}
     done = tree_digest(root / "model=rnn")
     again = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=300)  # failed ones stay failed
     assert again.returncode == 1 and "sweep: started" not in again.stdout
     retried = run_distseq(["sweep", str(path), "--dir", str(root), "--retry-failed"], timeout=300)
-    assert retried.returncode == 1 and "0 of 3 point(s) to run" not in retried.stdout
-    assert "started  model=rnn" not in retried.stdout and tree_digest(root / "model=rnn") == done
+    assert retried.returncode == 1 and "sweep: 2 of 4 point(s) to run" in retried.stdout
+    assert f"sweep: started  {crash}" in retried.stdout and f"sweep: failed   {bad}" in retried.stdout
+    assert "started  model=" not in retried.stdout and tree_digest(root / "model=rnn") == done
 
 
 @pytest.mark.slow
@@ -131,29 +148,28 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
     path, root = write_spec(tmp_path / "s.yaml", TOKENS), tmp_path / "sweep"
     cmd = [*DISTSEQ, "sweep", str(path), "--dir", str(root)]
 
-    with Started(cmd, tmp_path / "logs") as sweep:  # SIGTERM once two points are complete
+    with Started(cmd, tmp_path / "logs") as sweep:  # SIGTERM once two points are complete and more have saved
         sweep.wait_for_line("sweep: 2/16 complete", 240)
+        wait_for(lambda: saved_and_running(root), 120)
         sweep.popen.send_signal(signal.SIGTERM)
         assert sweep.finish(120).returncode == 143
     states = {p.name: point_status(p)[0] for p in root.iterdir() if p.is_dir() and p.name != "logs"}
     complete = [name for name, state in states.items() if state == "complete"]
     stopped = [name for name, state in states.items() if state == "interrupted"]
-    assert len(complete) >= 2 and stopped, states
-    assert all(summary(root / name)["status"] == "preempted" for name in stopped)  # saved on the way out
+    saved = [name for name in stopped if list((root / name / "checkpoints").glob("step-*"))]
+    assert len(complete) >= 2 and saved, states
+    assert all(summary(root / name)["status"] == "preempted" for name in saved)  # saved on the way out
     untouched = {name: tree_digest(root / name) for name in complete}
 
     with Started(cmd, tmp_path / "logs") as sweep:  # kill -9 of one point, then of the sweep itself
-        line = sweep.wait_for_line("sweep: started", 120)
-        point = root / line.split("started", 1)[1].strip()
-        wait_for(lambda: (point / "checkpoints").is_dir(), 120)
-        os.kill(int((point / ".lock").read_text().split("pid ")[1].split(",")[0]), signal.SIGKILL)
+        wait_for(lambda: saved_and_running(root), 120)
+        point = saved_and_running(root)[0]
+        os.kill(holder_pid(point), signal.SIGKILL)
         sweep.wait_for_line(f"sweep: stopped  {point.name}", 60)
-        sweep.wait_for_line("sweep: started", 120)
-        time.sleep(1)
+        wait_for(lambda: saved_and_running(root), 120)
         sweep.popen.kill()
         sweep.finish(60)
-    wait_for(lambda: not any(point_status(root / n)[0] == "interrupted" and (root / n / ".lock").read_text()
-                             for n in states), 60)  # the orphaned points saved and let go of their run dirs
+    wait_for(lambda: not running(root), 120)  # the orphaned points got SIGTERM, saved and let go of their dirs
 
     proc = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -162,7 +178,7 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
     again = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=120)
     assert again.returncode == 0 and "sweep: 0 of 16 point(s) to run" in again.stdout
 
-    resumed = stopped[0]  # the same options alone, never stopped
+    resumed = saved[0]  # the same options alone, never stopped
     argv = next(p["argv"] for p in read_manifest(root)["points"] if p["name"] == resumed)
     alone = tmp_path / "alone"
     assert run_distseq(["train", *argv, "--run-dir", str(alone), "--no-progress"]).returncode == 0
@@ -170,6 +186,30 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
     assert (summary(root / resumed)["eval/accuracy"], summary(root / resumed)["step"]) == \
         (summary(alone)["eval/accuracy"], 24)
     assert list((root / resumed / "tensorboard").glob("events.out.tfevents*"))  # SWEEP is a TensorBoard logdir
+
+
+def running(root: Path) -> list:
+    """The points whose run dir a process holds now (the OS lock is taken; a process that exited at once on
+    a signal during start-up leaves its name in the file but not the lock)."""
+    return [p for p in sorted(root.iterdir()) if (p / ".lock").is_file() and held(p / ".lock")]
+
+
+def held(lock: Path) -> bool:
+    with open(lock) as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(probe, fcntl.LOCK_UN)
+        return False
+
+
+def saved_and_running(root: Path) -> list:
+    return [p for p in running(root) if list((p / "checkpoints").glob("step-*"))]
+
+
+def holder_pid(run_dir: Path) -> int:
+    return int((run_dir / ".lock").read_text().split("pid ")[1].split(",")[0])
 
 
 def wait_for(condition, timeout: float) -> None:

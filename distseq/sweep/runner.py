@@ -119,6 +119,8 @@ def print_plan(spec: Spec, root: Path) -> None:
 def run_local(spec: Spec, root: Path, retry_failed: bool, size: int) -> int:
     tally = Tally(total=len(spec.points))
     todo = to_run(spec, root, retry_failed, tally)
+    print(f"sweep: {len(todo)} of {tally.total} point(s) to run in {root}, {size} at a time ({tally.line(size)})",
+          flush=True)
     refused = check_points(spec)
     for point in [p for p in todo if p.name in refused]:
         record_failure(root / point.name, 2, refused[point.name])
@@ -126,8 +128,6 @@ def run_local(spec: Spec, root: Path, retry_failed: bool, size: int) -> int:
         print(f"sweep: failed   {point.name}: {refused[point.name]}", flush=True)
     todo = [p for p in todo if p.name not in refused]
     local = LocalPool(size, spec.processes, spec.threads, root, root / LOGS)
-    print(f"sweep: {len(todo)} of {tally.total} point(s) to run in {root}, {size} at a time ({tally.line(size)})",
-          flush=True)
 
     def started(point: Point) -> None:
         tally.running += 1
