@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from distseq.plotting import plots_hint, pyplot
+
 # headline key -> (comparison, goal): each one a ratio measured in one run
 GOALS = {
     "overhead_ratio": (">=", 0.95),
@@ -23,8 +25,7 @@ GOALS = {
     "async_block_ratio": ("<=", 0.2),
 }
 
-PLOTS_HINT = ("plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), "
-              "then run distseq bench again")
+PLOTS_HINT = plots_hint("distseq bench")
 
 
 def ordered_shares(shares: Dict[str, float]) -> Dict[str, float]:
@@ -250,12 +251,8 @@ def _finish_accuracy_plot(fig, ax, xlabel: str, ylabel: str, title: str, legend:
 
 def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
     """The PNGs for the suites that ran, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     suites, written = bench["suites"], []
     plots = [
