@@ -108,12 +108,17 @@ def check_task(args: argparse.Namespace) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    if args.spec == "report":
-        from distseq.sweep.report import report_command
+    from distseq.sweep.report import REPORT_OPTIONS, report_command
 
+    if args.spec == "report":
         if not args.report_dir:
             raise ConfigError("SWEEP_DIR", "distseq sweep report needs the sweep dir to report on")
+        args.sweep_dir = args.report_dir
         return report_command(args)
+    given = [name for name in REPORT_OPTIONS if getattr(args, name) not in (None, "eval/accuracy", "best")]
+    if given:
+        raise ConfigError(f"--{given[0]}", "applies to distseq sweep report SWEEP_DIR (a sweep ends with the default "
+                                           "report)")
     if args.report_dir:
         raise ConfigError("SPEC", f"one sweep file is run at a time (got {args.spec} and {args.report_dir})")
     if args.pool is not None:

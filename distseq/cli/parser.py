@@ -157,6 +157,9 @@ def add_sweep(commands) -> None:
     sweep.add_argument("--retry-failed", action="store_true", help="run the failed points again (else left failed)")
     sweep.add_argument("--pool", type=int, metavar="N", help="points at once on this machine (default: the sweep "
                        "file's pool, else the cores / (processes x threads))")
+    from distseq.sweep.report import add_arguments
+
+    add_arguments(sweep.add_argument_group("report options (distseq sweep report SWEEP_DIR)"), with_dir=False)
 
 
 def add_bench(commands) -> None:

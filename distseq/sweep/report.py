@@ -174,9 +174,14 @@ def report_markdown(report: Report) -> str:
     return "\n".join(parts)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``distseq sweep report``, as ``report_command`` reads them."""
-    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (holds sweep.json)")
+REPORT_OPTIONS = ("metric", "use", "by", "lines", "panels", "smallest", "threshold", "out")
+
+
+def add_arguments(parser: argparse.ArgumentParser, with_dir: bool = True) -> None:
+    """The arguments of ``distseq sweep report``, as ``report_command`` reads them (``with_dir``: the
+    positional SWEEP_DIR too; ``distseq sweep`` has its own)."""
+    if with_dir:
+        parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (holds sweep.json)")
     parser.add_argument("--metric", default="eval/accuracy",
                         help="evaluation metric to compare (eval/accuracy, eval/loss, eval/sequence_accuracy)")
     parser.add_argument("--use", choices=("best", "final"), default="best",

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from distseq.errors import EXIT_FAILURE, ConfigError
 from distseq.fsio import RunDirLock, write_json
@@ -74,11 +74,18 @@ def run_sweep(spec_path: str, sweep_dir: Optional[str] = None, dry_run: bool = F
     lock = RunDirLock(root, name=LOCK, what="sweep", option="SWEEP_DIR").acquire()
     try:
         write_manifest(root, spec)
+        tally = Tally(total=len(spec.points))
+        todo = to_run(spec, root, retry_failed, tally)
+        size = pool or spec.pool or pool_size(spec.processes, spec.threads)
+        print(f"sweep: {len(todo)} of {tally.total} point(s) to run in {root}"
+              + (f", {size} at a time" if spec.backend == "local" else " as a SLURM job array")
+              + f" ({tally.line(size)})", flush=True)
+        refused = fail_refused(spec, root, todo, tally)
         if spec.backend == "slurm":
             from distseq.sweep.slurm import submit
 
-            return submit(spec, root, retry_failed)
-        return run_local(spec, root, retry_failed, pool or spec.pool or pool_size(spec.processes, spec.threads))
+            return submit(spec, root, todo, refused)
+        return run_local(spec, root, [p for p in todo if p.name not in refused], tally, size)
     finally:
         lock.release()
 
@@ -116,17 +123,17 @@ def print_plan(spec: Spec, root: Path) -> None:
               f"{root / point.name}")
 
 
-def run_local(spec: Spec, root: Path, retry_failed: bool, size: int) -> int:
-    tally = Tally(total=len(spec.points))
-    todo = to_run(spec, root, retry_failed, tally)
-    print(f"sweep: {len(todo)} of {tally.total} point(s) to run in {root}, {size} at a time ({tally.line(size)})",
-          flush=True)
-    refused = check_points(spec)
-    for point in [p for p in todo if p.name in refused]:
-        record_failure(root / point.name, 2, refused[point.name])
-        tally.failed[point.name] = refused[point.name]
-        print(f"sweep: failed   {point.name}: {refused[point.name]}", flush=True)
-    todo = [p for p in todo if p.name not in refused]
+def fail_refused(spec: Spec, root: Path, todo: List[Point], tally: Tally) -> Dict[str, str]:
+    """The points to run whose options ``distseq train`` refuses fail now, with its line."""
+    refused = {name: reason for name, reason in check_points(spec).items() if name in {p.name for p in todo}}
+    for name, reason in refused.items():
+        record_failure(root / name, 2, reason)
+        tally.failed[name] = reason
+        print(f"sweep: failed   {name}: {reason}", flush=True)
+    return refused
+
+
+def run_local(spec: Spec, root: Path, todo: List[Point], tally: Tally, size: int) -> int:
     local = LocalPool(size, spec.processes, spec.threads, root, root / LOGS)
 
     def started(point: Point) -> None:
@@ -161,18 +168,29 @@ def to_run(spec: Spec, root: Path, retry_failed: bool, tally: Tally) -> List[Poi
 
 
 def settle(run_dir: Path, code: int, log: Path, tally: Tally, name: str) -> str:
-    """How a point ended, recorded where its status is read from; the line that says so."""
-    status, _ = point_status(run_dir)
-    if code == 0 and status == "complete":
+    """How a point ended, counted; the line that says so."""
+    status, reason = classify(run_dir, code, last_line(log))
+    if status == "complete":
         tally.done += 1
         return f"complete {name}: {result_text(run_dir)}"
-    if code < 0 or code in (130, 137, 143) or (code == 0 and status != "complete"):
-        tally.interrupted.append(name)  # a signal or a kill: its checkpoints are intact; a rerun resumes it
+    if status == "interrupted":
+        tally.interrupted.append(name)
         return f"stopped  {name} (exit {code}); a rerun resumes it"
-    reason = last_line(log) or f"exit {code}"
-    record_failure(run_dir, code, reason)
     tally.failed[name] = reason
     return f"failed   {name} (exit {code}): {reason}"
+
+
+def classify(run_dir: Path, code: int, last: str) -> Tuple[str, Optional[str]]:
+    """How a point's process ended, recorded where its status is read from: complete, interrupted (a signal or
+    a kill: its checkpoints are intact and a rerun resumes it) or failed (its one line, kept in the run dir)."""
+    status, _ = point_status(run_dir)
+    if code == 0 and status == "complete":
+        return "complete", None
+    if code < 0 or code in (130, 137, 143) or code == 0:
+        return "interrupted", None
+    reason = last or f"exit {code}"
+    record_failure(run_dir, code, reason)
+    return "failed", reason
 
 
 def record_failure(run_dir: Path, code: int, reason: str) -> None:
