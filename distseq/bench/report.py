@@ -23,6 +23,8 @@ GOALS = {
     "files_seek_ratio": ("<=", 1.1),
     "files_index_seconds": ("<=", 60),
     "async_block_ratio": ("<=", 0.2),
+    "sweep_overhead_s_per_point": ("<=", 1.0),
+    "sweep_pool_ratio": (">=", 1.7),
 }
 
 PLOTS_HINT = plots_hint("distseq bench")
@@ -61,6 +63,9 @@ def headline_rows(bench: Dict) -> List[tuple]:
         "files_index_mb": "that index's size on disk (MB)",
         "async_block_ratio": "seconds the loop is blocked by an --async-checkpoint save / by a synchronous one "
                              "(151 MB of weights + AdamW state, one process)",
+        "sweep_overhead_s_per_point": "seconds a sweep of pool 1 adds per point to the same distseq train runs "
+                                      "one after another (tiny points, 1 thread)",
+        "sweep_pool_ratio": "points per hour, sweep of pool 2 / pool 1 (one-thread points)",
         "save_mb_per_s": "synchronous checkpoint: MB of state / seconds blocked (DCP write, fsync, sha256, rename)",
         "load_mb_per_s": "MB of state / seconds to load a checkpoint into a fresh model and optimizer",
         "reshard_load_seconds": "seconds for one process to load the checkpoint of 2 FSDP ranks",
