@@ -168,8 +168,9 @@ class RunDirLock:
     emptied on release so that a finished run directory does not name a stale holder.
     """
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+    def __init__(self, run_dir: Path, name: str = LOCK_NAME, what: str = "run", option: str = "--run-dir"):
+        self.path = Path(run_dir) / name
+        self.what, self.option = what, option  # the holder's kind and the option to change, for the message
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunDirLock":
@@ -181,8 +182,8 @@ class RunDirLock:
         except (BlockingIOError, FileNotFoundError):
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "holder unknown"
             os.close(fd)
-            raise ConfigError("--run-dir", f"{self.path.parent} is in use by another distseq run ({holder}); wait "
-                                           f"for it to end or choose another --run-dir") from None
+            raise ConfigError(self.option, f"{self.path.parent} is in use by another distseq {self.what} ({holder}); "
+                                           f"wait for it to end or choose another {self.option}") from None
         since = datetime.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {since}\n".encode(), 0)

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [  # lowest first
     # the operations' modules are low unless listed higher up (the launcher)
     ("base", ("distseq.errors", "distseq.options", "distseq.registry", "distseq.fsio", "distseq.ops",
-              "distseq.distributed.agree")),
+              "distseq.distributed.agree", "distseq.plotting")),
     ("tasks", ("distseq.tasks",)),
     ("models", ("distseq.models",)),
     ("data", ("distseq.data",)),
@@ -30,6 +30,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [  # lowest first
     ("checkpoint", ("distseq.checkpoint",)),
     ("training", ("distseq.training",)),
     ("use", ("distseq.inference",)),
+    ("sweep", ("distseq.sweep",)),
     ("entry", ("distseq.ops.launch", "distseq.bench", "distseq.cli", "distseq.__main__", "distseq")),
 ]
 EXACT = ("distseq",)  # the public API's __init__ alone, not every module below it

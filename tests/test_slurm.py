@@ -5,6 +5,7 @@ started is stopped by PID. .ci/run installs Debian's SLURM packages when it runs
 them the test is skipped with that reason.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -173,3 +174,43 @@ def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, ref
     stopped = int(result["resumed_from"].rsplit("-", 1)[1])
     assert 100 <= stopped < 600
     assert_same_weights(reference, run_dir)
+
+
+def test_a_sweep_on_slurm_runs_a_task_per_point_and_a_preempted_one_is_requeued(slurm, tmp_path):
+    """backend: slurm submits one array; USR1 to one task (SLURM's warning) saves it, requeues it and it resumes;
+    `distseq sweep` again submits nothing while the array runs and nothing once every point is complete."""
+    import yaml
+
+    options = {"max-steps": 600, "checkpoint-every": 50, "log-every": 20, "eval-every": 0, "eval-size": 64,
+               "global-batch-size": 64, "hidden-size": 16, "precision": "no", "log-with": "none"}
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"base": {"options": options}, "grid": {"seed": [0, 1, 2]}, "backend": "slurm"}))
+    root = tmp_path / "sweep"
+    env = {**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    sweep = [sys.executable, "-m", "distseq.cli", "sweep", str(spec), "--dir", str(root)]
+    submitted = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.split("submitted job array ")[1].split(":")[0]
+    log = root / "logs" / f"{job}_1.out"
+    wait_for_line(log, "step=100/")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{job}_1"], env=slurm, check=True)
+    again = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0 and f"job array {job} is still queued or running: nothing submitted" in again.stdout
+    wait_gone(slurm, job, timeout=300)
+
+    text = log.read_text()
+    assert "distseq-sweep: USR1 received" in text and "restart 1: seed=1" in text and "resuming from" in text
+    for seed in (0, 1, 2):
+        result = summary(root / f"seed={seed}")
+        assert result["status"] == "complete" and result["step"] == 600
+    alone = tmp_path / "alone"  # seed=1's options, never stopped
+    argv = [a for p in json.loads((root / "sweep.json").read_text())["points"] if p["name"] == "seed=1"
+            for a in p["argv"]]
+    proc = subprocess.run([sys.executable, "-m", "distseq.cli", "train", *argv, "--run-dir", str(alone)],
+                          env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (checkpoint_weights(d / "checkpoints" / "step-00000600") for d in (alone, root / "seed=1"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    done = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and "sweep: 0 of 3 point(s) to run" in done.stdout
+    assert "nothing to submit (3 complete)" in done.stdout

@@ -25,7 +25,7 @@ from distseq.fsio import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",
-               "startup")
+               "startup", "sweep")
 
 # what each suite contributes to the top level of bench.json
 HEADLINES = {
@@ -39,6 +39,7 @@ HEADLINES = {
     "recall": ("induction_accuracy_2_layers", "induction_accuracy_1_layer", "mqar_table"),
     "checkpoint": ("async_block_ratio", "save_mb_per_s", "load_mb_per_s", "reshard_load_seconds"),
     "startup": ("startup_seconds",),
+    "sweep": ("sweep_overhead_s_per_point", "sweep_pool_ratio"),
 }
 
 

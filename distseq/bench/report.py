@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from distseq.plotting import plots_hint, pyplot
+
 # headline key -> (comparison, goal): each one a ratio measured in one run
 GOALS = {
     "overhead_ratio": (">=", 0.95),
@@ -21,10 +23,11 @@ GOALS = {
     "files_seek_ratio": ("<=", 1.1),
     "files_index_seconds": ("<=", 60),
     "async_block_ratio": ("<=", 0.2),
+    "sweep_overhead_s_per_point": ("<=", 1.0),
+    "sweep_pool_ratio": (">=", 1.7),
 }
 
-PLOTS_HINT = ("plots need matplotlib: pip install -e '.[bench]' (or pip install matplotlib), "
-              "then run distseq bench again")
+PLOTS_HINT = plots_hint("distseq bench")
 
 
 def ordered_shares(shares: Dict[str, float]) -> Dict[str, float]:
@@ -60,6 +63,9 @@ def headline_rows(bench: Dict) -> List[tuple]:
         "files_index_mb": "that index's size on disk (MB)",
         "async_block_ratio": "seconds the loop is blocked by an --async-checkpoint save / by a synchronous one "
                              "(151 MB of weights + AdamW state, one process)",
+        "sweep_overhead_s_per_point": "seconds a sweep of pool 1 adds per point to the same distseq train runs "
+                                      "one after another (tiny points, 1 thread)",
+        "sweep_pool_ratio": "points per hour, sweep of pool 2 / pool 1 (one-thread points)",
         "save_mb_per_s": "synchronous checkpoint: MB of state / seconds blocked (DCP write, fsync, sha256, rename)",
         "load_mb_per_s": "MB of state / seconds to load a checkpoint into a fresh model and optimizer",
         "reshard_load_seconds": "seconds for one process to load the checkpoint of 2 FSDP ranks",
@@ -250,12 +256,8 @@ def _finish_accuracy_plot(fig, ax, xlabel: str, ylabel: str, title: str, legend:
 
 def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
     """The PNGs for the suites that ran, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     suites, written = bench["suites"], []
     plots = [

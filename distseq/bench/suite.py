@@ -22,6 +22,7 @@ from .recall import recall_suite
 from .scaling import scaling_suite
 from .startup import startup_suite
 from .stream import stream_suite
+from .sweep import sweep_suite
 
 SUITES = {
     "overhead": overhead_suite,
@@ -34,6 +35,7 @@ SUITES = {
     "recall": recall_suite,
     "checkpoint": checkpoint_suite,
     "startup": startup_suite,
+    "sweep": sweep_suite,
 }
 
 

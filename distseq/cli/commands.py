@@ -112,6 +112,27 @@ def check_task(args: argparse.Namespace) -> None:
         raise TaskContractError(f"task {args.task!r} breaks the stream contract: {failed[0].name}: {failed[0].detail}")
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from distseq.sweep.report import REPORT_OPTIONS, report_command
+
+    if args.spec == "report":
+        if not args.report_dir:
+            raise ConfigError("SWEEP_DIR", "distseq sweep report needs the sweep dir to report on")
+        args.sweep_dir = args.report_dir
+        return report_command(args)
+    given = [name for name in REPORT_OPTIONS if getattr(args, name) not in (None, "eval/accuracy", "best")]
+    if given:
+        raise ConfigError(f"--{given[0]}", "applies to distseq sweep report SWEEP_DIR (a sweep ends with the default "
+                                           "report)")
+    if args.report_dir:
+        raise ConfigError("SPEC", f"one sweep file is run at a time (got {args.spec} and {args.report_dir})")
+    if args.pool is not None:
+        positive("--pool", args.pool)
+    from distseq.sweep.runner import run_sweep
+
+    return run_sweep(args.spec, args.sweep_dir, args.dry_run, args.retry_failed, args.pool)
+
+
 def bench(args: argparse.Namespace) -> None:
     from distseq.bench import run_bench
 
@@ -144,4 +165,4 @@ def positive(option: str, value: int, high: int = 2**62) -> None:
 
 
 COMMANDS = {"train": train, "launch": launch, "eval": evaluate, "predict": predict, "export": export, "probe": probe,
-            "check-task": check_task, "bench": bench}
+            "check-task": check_task, "bench": bench, "sweep": sweep}

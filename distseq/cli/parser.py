@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one.",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
-    for add in (add_train, add_bench, add_eval, add_predict, add_export, add_probe, add_launch, add_check_task):
+    for add in (add_train, add_sweep, add_bench, add_eval, add_predict, add_export, add_probe, add_launch,
+                add_check_task):
         add(commands)
     for sub in commands.choices.values():
         sub.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -138,6 +139,27 @@ def add_train(commands) -> None:
                        help="build (or check) the index of --data-files and exit, writing nothing of the run: e.g. "
                        "once per node before a large job, so its processes do not wait for it at start-up")
     add_train_options(train)
+
+
+def add_sweep(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of runs (a sweep file): resumable, in a pool or a SLURM array, ending in a report",
+        description="Run every point of a sweep file (YAML: a base, a grid and/or a list of points; see the README's "
+        "Sweeps section), each an ordinary run dir under the sweep dir. Rerunning leaves complete points untouched, "
+        "resumes interrupted ones and starts the rest; a spec may only add points. `distseq sweep report SWEEP_DIR` "
+        "builds SWEEP_DIR/report/ (results.csv/json, tables, plots, report.md) from the files alone, at any time.",
+    )
+    sweep.add_argument("spec", metavar="SPEC", help="the sweep file; or the word report, then SWEEP_DIR")
+    sweep.add_argument("report_dir", nargs="?", metavar="SWEEP_DIR", help="after report: the sweep dir to report on")
+    sweep.add_argument("--dir", dest="sweep_dir", metavar="DIR",
+                       help="the sweep dir (default runs/sweeps/<the spec file's name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the points, their state and command; run nothing")
+    sweep.add_argument("--retry-failed", action="store_true", help="run the failed points again (else left failed)")
+    sweep.add_argument("--pool", type=int, metavar="N", help="points at once on this machine (default: the sweep "
+                       "file's pool, else the cores / (processes x threads))")
+    from distseq.sweep.report import add_arguments
+
+    add_arguments(sweep.add_argument_group("report options (distseq sweep report SWEEP_DIR)"), with_dir=False)
 
 
 def add_bench(commands) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from distseq.config.sections import SECTIONS, _OwnsOptions, component_option_facts
+from distseq.config.threshold import Threshold
 from distseq.config.world import resolve_sharding
 from distseq.errors import ConfigError
 from distseq.options import MAX_POSITION, facts, flag_of
@@ -133,6 +134,11 @@ def _check_combinations(cfg, world_size: int) -> None:
         raise ConfigError("--straggler-factor", f"must be a finite number > 1, or 0 to never report a slow rank "
                                                 f"(got {factor!r})")
     profile_range(cfg.log.profile_steps, t.max_steps)
+    if t.stop_at is not None:
+        Threshold.parse(t.stop_at, TASKS[cfg.data.task].head)
+        if not t.eval_every:
+            raise ConfigError("--stop-at", "is checked at evaluations; --eval-every 0 evaluates only at the end "
+                                           "(set --eval-every N)")
     trackers(cfg.log.log_with)
     if not t.run_dir.strip():
         raise ConfigError("--run-dir", "must not be empty")

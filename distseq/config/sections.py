@@ -196,6 +196,10 @@ class LoopConfig:
     eval_every: int = option(
         250, "evaluate on held-out data every N optimizer steps (and at the end); 0 = only at the end",
         resume=CHANGEABLE, low=0, high=MAX_POSITION)
+    stop_at: Optional[str] = option(
+        None, "end the run at the first evaluation where a held-out metric reaches a value: METRIC>=VALUE or "
+        "METRIC<=VALUE (eval/accuracy>=0.99, eval/loss<=0.05); saved, stopped_at in summary.json, exit 0. "
+        "Needs --eval-every > 0", resume=CHANGEABLE)
     verify_data: bool = option(
         False, "all-gather a digest of the sample indices each rank consumed and check none was lost or repeated",
         resume=CHANGEABLE)

@@ -24,6 +24,7 @@ from torch import nn
 from distseq.checkpoint.manager import CheckpointManager, RngState
 from distseq.checkpoint.rundir import RunDir, open_run_dir
 from distseq.config import TrainConfig
+from distseq.config.threshold import Threshold
 from distseq.config.world import launch_world_size, resolve_sharding
 from distseq.data.files import resolve_files
 from distseq.data.index import FileIndex, check_same_everywhere, open_index
@@ -97,6 +98,8 @@ class Run:
     sharded: str = ""  # under fsdp, the line saying what was sharded
     startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
     replaced: dict = field(default_factory=dict)  # the task and model names a plugin replaced, as recorded
+    stop_at: Optional[Threshold] = None  # --stop-at, parsed
+    parameters: int = 0  # of the model as built (whole, before sharding)
 
     @property
     def path(self) -> Path:
@@ -185,6 +188,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
                             f"{run_dir.moved_aside}")
     pause_point("startup")
     model_flops = flops_per_token(model, spec.seq_len)  # of the model as built, before any wrapper
+    parameters = sum(p.numel() for p in model.parameters())
     model, optimizer, scheduler, sharded = _place(model, cfg, accelerator, sharding, precision)
     layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
     config, progress = cfg.to_dict(), Progress(first_step=t.start_step)
@@ -201,7 +205,8 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
                spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
                model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup,
-               sharded=sharded, replaced=replaced)
+               sharded=sharded, replaced=replaced, parameters=parameters,
+               stop_at=Threshold.parse(t.stop_at, task.head) if t.stop_at else None)
 
 
 def _place(model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, sharding: str, precision: Precision):
@@ -254,7 +259,8 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
                             eval_batch_size(run.task, run.spec))
     run.evaluator = Evaluator(t, accelerator=accelerator, model=run.model, task=run.task, batches=held_out,
                               expected=d.eval_size, variable_length=run.spec.variable, clock=run.clock,
-                              history=run.progress.eval_history, emit=run.logger.emit)
+                              history=run.progress.eval_history, emit=run.logger.emit,
+                              stop_at=run.stop_at)
     run.profiler = StepProfiler(cfg.profile_range(), run.path, rank, accelerator.device)
     run.accounting = Accounting(run.start * layout.global_batch, world) if t.verify_data else None
 

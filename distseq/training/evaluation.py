@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator
 
 from distseq.config import LoopConfig
+from distseq.config.threshold import Threshold, eval_metrics
+from distseq.distributed.agree import any_rank
 from distseq.errors import DataAccountingError
 from distseq.tasks import Batch, Task
 from distseq.training.metrics import log_line
@@ -53,9 +55,8 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
     loss, correct, solved = torch.cat(results).double().unbind(1)
     if expected is not None and loss.numel() != expected:
         raise DataAccountingError(f"evaluation saw {loss.numel()} samples, expected {expected}")
-    out = {"eval/loss": loss.mean().item(), "eval/accuracy": correct.mean().item()}
-    if task.head == "per-step":
-        out["eval/sequence_accuracy"] = solved.mean().item()
+    values = (loss, correct, solved)  # in the order eval_metrics names them (--stop-at checks those names)
+    out = {name: value.mean().item() for name, value in zip(eval_metrics(task.head), values)}
     out["eval/samples"] = loss.numel()
     return out
 
@@ -66,12 +67,14 @@ class Evaluator:
     Evaluation time is not training time: it pauses the clock."""
 
     def __init__(self, cfg: LoopConfig, *, accelerator: Accelerator, model, task: Task, batches: List[Batch],
-                 expected: int, variable_length: bool, clock, history: List[dict], emit):
+                 expected: int, variable_length: bool, clock, history: List[dict], emit,
+                 stop_at: Optional[Threshold] = None):
         self.accelerator, self.model, self.task, self.batches = accelerator, model, task, batches
         self.expected, self.variable_length = expected, variable_length
         self.every, self.max_steps = cfg.eval_every, cfg.max_steps
         self.clock, self.history, self.emit = clock, history, emit
         self.latest: Dict[str, float] = {}
+        self.stop_at = stop_at  # --stop-at: the condition that ends the run at an evaluation
 
     def due(self, done: int) -> bool:
         return done == self.max_steps or bool(self.every and done % self.every == 0)
@@ -85,3 +88,10 @@ class Evaluator:
             self.emit(log_line(done, self.max_steps, self.latest))
         self.history.append({"step": done, "train_seconds": at, **self.latest})
         return self.latest
+
+    def reached(self) -> bool:
+        """Whether --stop-at holds at the latest evaluation. The metrics are gathered, the same on every rank;
+        the all-reduce makes the decision one for all whatever a rank's arithmetic."""
+        if self.stop_at is None or not self.latest:
+            return False
+        return any_rank(self.accelerator, self.stop_at.holds(self.latest))

@@ -131,15 +131,27 @@ def run_loop(run: Run) -> int:
         if run.profiler.end(done) and run.accelerator.is_main_process:
             run.logger.emit(format_profile(run.profiler.result))
             run.write("profile.json", run.profiler.result)
+        solved = False
         if run.evaluator.due(done):
             run.evaluator.run(done)
-        if outcome.stop:
+            solved = run.evaluator.reached()
+        if solved:  # the run is complete here: a stop signal at this step changes nothing
+            record_stop_at(run, done)
+        elif outcome.stop:
             pause_point("stopping")
-        if run.checkpoints.due(done, bool(outcome.stop)):
+        if run.checkpoints.due(done, bool(outcome.stop) or solved):
             save(run, done)
+        if solved:
+            break
         if outcome.stop:
             stop(run, done, outcome.stop)
     return done
+
+
+def record_stop_at(run: Run, done: int) -> None:
+    """--stop-at holds at ``done``: recorded in the progress (so in the checkpoint saved next and the summary)."""
+    run.progress.stopped_at = run.stop_at.record(done, run.evaluator.latest)
+    run.say(f"distseq: {run.stop_at.said(done, run.evaluator.latest)}: saving and ending the run")
 
 
 def train_step(run: Run, micro: list, done: int) -> Outcome:
@@ -254,7 +266,7 @@ def stop(run: Run, done: int, signum: int) -> None:
 def finish(run: Run, done: int) -> dict:
     """The run reached --max-steps, or the data files ran out first (closed at the last full step)."""
     run.logger.close()
-    if done < run.cfg.train.max_steps:
+    if done < run.cfg.train.max_steps and not run.progress.stopped_at:
         if done == run.start and not run.resumed_from:
             raise DataFileError(f"--data-files hold fewer rows than one global batch ({run.layout.global_batch}) "
                                 f"per step")
@@ -280,13 +292,15 @@ def write_summary(run: Run, done: int, status: str) -> dict:
     extra = {**throughput((done - progress.first_step) * layout.global_batch, progress.tokens, seconds,
                           run.flops_per_token, run.accelerator.device, run.accelerator.num_processes),
              "checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch, "sharding": run.sharding,
-             "global_batch": layout.global_batch, "start_step": progress.first_step,
+             "global_batch": layout.global_batch, "start_step": progress.first_step, "parameters": run.parameters,
              "skipped_steps": progress.skipped_steps, "status": status,
              "resumed_from": str(run.resumed_from) if run.resumed_from else None,
              "train_seconds": seconds, "steps_per_sec": (done - progress.first_step) / max(seconds, 1e-9),
              "eval_history": progress.eval_history, "config_changes": progress.config_history[1:]}
     if run.replaced:
         extra[REPLACED] = run.replaced
+    if progress.stopped_at:
+        extra["stopped_at"] = progress.stopped_at
     if progress.tokens_estimated_before is not None:
         extra["tokens_note"] = (f"tokens before step {progress.tokens_estimated_before} are estimated from the mean "
                                 f"length: that checkpoint predates token counting")

@@ -19,6 +19,7 @@ class Progress:
     data_exhausted: bool = False
     tokens: int = 0  # time steps (padding excluded) trained on since first_step, over all ranks
     tokens_estimated_before: Optional[int] = None  # a checkpoint from before tokens were counted: its step
+    stopped_at: Optional[dict] = None  # --stop-at held: {"step", "condition", METRIC: value}
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -52,10 +52,25 @@ def resume(run) -> None:
             f"{option_for(key)} {then} -> {now} from step {run.start}" for key, (then, now) in changes.items()))
     max_steps = cfg.train.max_steps
     finished = (f"already at step {run.start} >= --max-steps {max_steps}" if run.start >= max_steps else
-                f"the data files were used up at step {run.start}" if run.progress.data_exhausted else "")
+                f"the data files were used up at step {run.start}" if run.progress.data_exhausted else
+                stop_at_holds(run))
+    if not finished:
+        run.progress.stopped_at = None  # training goes on (another --stop-at, or none): it did not stop there
     if finished:
         run.say(f"distseq: {finished}; nothing to train")
         run.nothing_left = finished_summary(run, restored)
+
+
+def stop_at_holds(run) -> str:
+    """Why a resumed run has nothing to train under --stop-at: the condition holds at the checkpoint's own
+    evaluation (the one it stopped at, or any condition that evaluation already meets); else ''."""
+    history = run.progress.eval_history
+    last = history[-1] if history else None
+    if run.stop_at is None or last is None or last["step"] != run.start or not run.stop_at.holds(last):
+        return ""
+    if not run.progress.stopped_at:
+        run.progress.stopped_at = run.stop_at.record(run.start, last)
+    return run.stop_at.said(run.start, last)
 
 
 def check_same_data(run, meta: dict, path: Path) -> None:
@@ -90,7 +105,7 @@ def finished_summary(run, restored) -> dict:
                "checkpoint": str(run.resumed_from), "train_seconds": progress.train_seconds,
                "wall_seconds": progress.wall_seconds, "skipped_steps": progress.skipped_steps,
                "eval_history": history, "config_changes": progress.config_history[1:], "task": run.cfg.data.task,
-               "model": run.model_name, "start_step": progress.first_step,
+               "model": run.model_name, "start_step": progress.first_step, "parameters": run.parameters,
                **throughput(restored.samples - progress.first_step * run.layout.global_batch, progress.tokens,
                             progress.train_seconds, run.flops_per_token, run.accelerator.device,
                             run.accelerator.num_processes),
