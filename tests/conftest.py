@@ -308,3 +308,18 @@ def register():
     yield add
     for name in names:
         TASKS.remove(name)
+
+
+@pytest.fixture
+def without_matplotlib(monkeypatch):
+    """This test's imports of matplotlib fail, as where it is not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)

@@ -4,7 +4,6 @@ Speed is never asserted here (benchmarks are not timed tests); the figures thems
 closing notes and in a full ``distseq bench`` run's report.
 """
 
-import builtins
 import json
 import math
 
@@ -118,17 +117,9 @@ def test_bench_quick_report_embeds_its_plots(quick_bench):
     assert "| `overhead_ratio` |" in report and "| `time_to_99_s` |" in report
 
 
-def test_report_without_matplotlib_says_how_to_get_plots(quick_bench, tmp_path, monkeypatch):
+def test_report_without_matplotlib_says_how_to_get_plots(quick_bench, tmp_path, without_matplotlib):
     out, _ = quick_bench
     bench = json.loads((out / "bench.json").read_text())
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     messages = []
     write_report(tmp_path, bench, messages.append)
     assert not list(tmp_path.glob("*.png"))

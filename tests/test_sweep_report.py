@@ -4,7 +4,6 @@ three tables cell by cell, the points not complete shown with their reasons, the
 from __future__ import annotations
 
 import argparse
-import builtins
 import csv
 import json
 from pathlib import Path
@@ -227,15 +226,7 @@ def test_an_axis_left_over_gets_a_figure_per_value_and_old_figures_go(tmp_path):
     assert "Not built: it needs a threshold" in report.markdown
 
 
-def test_without_matplotlib_tables_and_one_line_on_plots(sweep, monkeypatch):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kwargs):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+def test_without_matplotlib_tables_and_one_line_on_plots(sweep, without_matplotlib):
     report = build_report(sweep)
     assert report.plots is None and not list((sweep / "report").glob("*.png"))
     assert PLOTS_HINT in report.markdown and PLOTS_HINT in report.text()
