@@ -154,6 +154,23 @@ def replacements_in(task: str, model: str) -> Dict[str, dict]:
     return {kind: record for kind, record in found.items() if record}
 
 
+def check_replacements(recorded, task: str, model: str, where: str) -> None:
+    """The names ``where`` (a checkpoint, an export) ran as replaced are replaced now, and only those (by kind
+    and name: the plugin may have moved); else one name would mean another task or model than it trained."""
+    now = replacements_in(task, model)
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for kind, name in (("task", task), ("model", model)):
+        then = recorded.get(kind)
+        if bool(then) == bool(now.get(kind)):
+            continue
+        if then:
+            by = then.get("by") if isinstance(then, dict) else then
+            raise ConfigError("--import", f"{where} ran {kind} {name!r} as replaced by {by}; --import that plugin "
+                                          f"(from its new place if it moved)")
+        raise ConfigError("--import", f"{where} ran the built-in {kind} {name!r}; this process has it replaced by "
+                                      f"{now[kind]['by']}")
+
+
 PLUGINS: List[str] = []  # what --import / entry points loaded in this process, in order
 
 
@@ -195,20 +212,24 @@ def import_plugins(specs: Iterable[str] = ()) -> None:
 
 def import_recorded(specs: Iterable[str], task: str, model: str, replaced: Optional[dict] = None) -> None:
     """The plugins a checkpoint or export recorded, imported again for its ``task`` and ``model`` (and the
-    ``replaced`` names it ran, as recorded). Nothing is imported when those are registered already: an
-    ``--import`` of the plugin in its new place satisfies them (importing the old file too would register
-    the names twice). A recorded plugin that cannot be imported is one line naming it."""
+    ``replaced`` names it ran). Each is imported; one that cannot be (a file that moved, or that registers
+    names an ``--import`` of its new place registered already) is passed over when, in the end, every name
+    the run needs is registered: the import of its new place satisfied it. Otherwise the first such
+    plugin is one line naming it."""
     import_plugins()  # the entry-point group's
-    replacements = {kind: record["name"] for kind, record in (replaced or {}).items()}
-    if (task in TASKS and model in MODELS and
-            all((TASKS if kind == "task" else MODELS).replacement(name) for kind, name in replacements.items())):
-        return
+    failed = []
     for spec in specs:
         try:
             import_plugin(spec)
         except ConfigError as error:
-            raise ConfigError("--import", f"this run's plugin {spec} cannot be imported ({error.message}); if it "
-                                          f"moved, pass --import with its new place") from None
+            failed.append((spec, error.message))
+    wanted = {kind: record.get("name") for kind, record in (replaced or {}).items() if isinstance(record, dict)}
+    satisfied = task in TASKS and model in MODELS and all(
+        (TASKS if kind == "task" else MODELS).replacement(str(name)) for kind, name in wanted.items())
+    if failed and not satisfied:
+        spec, why = failed[0]
+        raise ConfigError("--import", f"this run's plugin {spec} cannot be imported ({why}); if it moved, pass "
+                                      f"--import with its new place")
 
 
 _builtins_loaded = [False]

@@ -271,9 +271,22 @@ def test_an_explicit_replacement_runs_and_is_recorded(shadow, tmp_path, capsys):
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("replacing", None)
-    # its config.json runs again only with the replacement in force
+    # a built-in run's checkpoint is not resumed under the replacement
+    builtin = tmp_path / "builtin"
+    TASKS.remove("sum-sign")
+    assert run_main(["train", *SMALL, "--run-dir", builtin], capsys).returncode == 0
+    PLUGINS.remove(str(path))
+    refused = run_main(["train", "--import", path, *SMALL, "--max-steps", "3", "--run-dir", builtin], capsys)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        f"{builtin / 'checkpoints' / 'step-00000002'} ran the built-in task 'sum-sign'; this process has it replaced "
+        f"by {path}:ZeroLabels")
+    # nor the replacement's under the built-in
     TASKS.remove("sum-sign")
     PLUGINS.remove(str(path))
+    resumed = run_main(["train", *SMALL, "--max-steps", "4", "--run-dir", run], capsys)
+    assert resumed.returncode == 2 and resumed.stderr.strip().endswith(
+        f"ran task 'sum-sign' as replaced by {path}:ZeroLabels; --import that plugin (from its new place if it moved)")
+    # its config.json runs again only with the replacement in force
     again = run_main(["train", "--config", run / "config.json", "--run-dir", tmp_path / "again"], capsys)
     assert again.returncode == 2
     assert again.stderr.strip().endswith(f"it ran task 'sum-sign' as replaced by {path}:ZeroLabels; --import that "

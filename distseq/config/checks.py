@@ -134,6 +134,10 @@ def _check_combinations(cfg, world_size: int) -> None:
         raise ConfigError("--straggler-factor", f"must be a finite number > 1, or 0 to never report a slow rank "
                                                 f"(got {factor!r})")
     profile_range(cfg.log.profile_steps, t.max_steps)
+    if cfg.log.tracker_timeout_s >= t.dist_timeout_s and cfg.trackers() not in ([], ["tensorboard"]):
+        raise ConfigError("--tracker-timeout-s", f"must be below --dist-timeout-s {t.dist_timeout_s} (the other "
+                                                 f"processes wait for the trackers' start) (got "
+                                                 f"{cfg.log.tracker_timeout_s:g})")
     if t.stop_at is not None:
         Threshold.parse(t.stop_at, TASKS[cfg.data.task].head)
         if not t.eval_every:

@@ -268,8 +268,9 @@ class LogConfig:
         "WANDB_MODE, ...)", resume=CHANGEABLE)
     tracker_timeout_s: float = option(
         60.0, "seconds the trackers of --log-with other than TensorBoard may take to start (an MLflow or W&B server "
-        "that does not answer): past it the run stops with one line naming the tracker and its address",
-        above=0, resume=CHANGEABLE)
+        "that does not answer): past it the run stops with one line naming the tracker and its address. Below "
+        "--dist-timeout-s: the other processes wait that long for the main one", low=0.1, high=MAX_TIMEOUT_S,
+        resume=CHANGEABLE)
 
 
 SECTIONS = {

@@ -112,12 +112,15 @@ def apply_mapping(cfg: TrainConfig, mapping: dict, source: str, saved: bool = Fa
 
 
 def _check_replaced(recorded, source: str) -> None:
-    """A config.json written by a run that used a replaced task or model runs again only with that
-    replacement in force: the same name would otherwise mean the built-in."""
-    for kind, record in (recorded or {}).items():
+    """A config.json written by a run that used a replaced task or model runs again only with a replacement
+    of that name in force (from wherever the plugin lies now): the same name would otherwise mean the
+    built-in."""
+    if not isinstance(recorded, dict) or not all(isinstance(r, dict) for r in recorded.values()):
+        raise ConfigError("--config", f"{source}: 'replaced' must map task/model to what replaced it (as "
+                                      f"config.json records it)")
+    for kind, record in recorded.items():
         registry = TASKS if kind == "task" else MODELS
-        now = registry.replacement(record.get("name", "")) if isinstance(record, dict) else None
-        if now is None or now["by"] != record.get("by"):
+        if registry.replacement(str(record.get("name", ""))) is None:
             raise ConfigError("--config", f"{source}: it ran {kind} {record.get('name')!r} as replaced by "
                                           f"{record.get('by')}; --import that plugin to run it again")
 

@@ -22,7 +22,7 @@ from distseq.config import TrainConfig, apply_mapping
 from distseq.errors import CheckpointError
 from distseq.fsio import write_bytes_atomically, write_json
 from distseq.models import build_model
-from distseq.registry import REPLACED, TASKS, import_recorded
+from distseq.registry import REPLACED, TASKS, check_replacements, import_recorded
 
 EXPORT_VERSION = 1
 TASK_FIELDS = ("task", "seq_len", "min_seq_len", "vocab_size")  # and the task's own options
@@ -51,6 +51,7 @@ def model_from_checkpoint(path: Path, verified: Optional[Tuple[dict, Dict[str, b
     meta, files = verified or read_meta(Path(path), keep=(WEIGHTS,))
     import_recorded(meta.get("plugins", []), meta["config"]["data"]["task"], meta["config"]["model"]["kind"],
                     meta.get(REPLACED))  # the run's own tasks and models
+    check_replacements(meta.get(REPLACED), meta["config"]["data"]["task"], meta["config"]["model"]["kind"], str(path))
     cfg = config_of(meta["config"])
     return build_from(cfg, load_safetensors(files[WEIGHTS])), cfg, meta
 
@@ -84,6 +85,7 @@ def load_model(directory) -> nn.Module:
                               f"RUN/checkpoints/step-N --out {directory} writes one")
     saved = json.loads((directory / "config.json").read_text())
     import_recorded(saved.get("plugins", []), saved["data"]["task"], saved["model"]["kind"], saved.get(REPLACED))
+    check_replacements(saved.get(REPLACED), saved["data"]["task"], saved["model"]["kind"], str(directory))
     model = build_from(config_of({"model": saved["model"], "data": saved["data"]}), load_file(directory / WEIGHTS))
     model.distseq_config = saved
     return model

@@ -12,6 +12,7 @@ from distseq.checkpoint.compat import changed_options, check_compatible
 from distseq.config import option_for
 from distseq.data.stream import derive_seed
 from distseq.errors import CheckpointError
+from distseq.registry import REPLACED, check_replacements
 from distseq.training.metrics import throughput
 
 
@@ -24,6 +25,7 @@ def resume(run) -> None:
     if path is None:
         return
     check_compatible(meta, run.config, path)
+    check_replacements(meta.get(REPLACED), cfg.data.task, run.model_name, str(path))
     check_same_data(run, meta, path)
     if cfg.data.data_streaming and meta["world_size"] != accelerator.num_processes:
         raise CheckpointError(f"{path}: --data-streaming runs resume only on the same number of processes "

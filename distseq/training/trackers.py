@@ -66,21 +66,25 @@ class _Late(BaseException):
 def within(seconds: float, work: Callable[[], None], late: Callable[[], Exception]) -> None:
     """``work()``, or ``late()`` raised once ``seconds`` have passed. In the main thread itself (a tracker
     keeps its active run per thread): a timer signal interrupts even a blocking socket call. Elsewhere no
-    signal handler can be set, and ``work`` runs unbounded."""
-    if threading.current_thread() is not threading.main_thread():
+    signal handler can be set, and where a timer runs already (someone else's: a test runner's limit) it is
+    left alone: then ``work`` runs without this bound."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
         work()
         return
+    running = [True]
 
     def expire(signum, frame):
-        raise _Late()
+        if running[0]:  # not once work has ended: the timer is being disarmed
+            raise _Late()
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         work()
     except _Late:
         raise late() from None
     finally:
+        running[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
