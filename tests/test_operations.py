@@ -208,6 +208,11 @@ def test_torchs_launcher_logs_nothing_after_distseq_launchs_last_line():
                        "after the launcher's options (got nothing; see distseq launch --help)"),
     (["launch", "--bogus-option", "3", "train"],
      "distseq launch: error: launcher options: unrecognized arguments: --bogus-option (see distseq launch --help)"),
+    (["launch", "--num_processes", "2", "--num_machines", "2", "train"],
+     "distseq launch: error: launcher options: When using multiple machines, you need to specify the main process "
+     "IP. (one process: several need --multi_gpu --num_processes N; see distseq launch --help)"),
+    (["launch", "--config_file", "/no/such.yaml", "train"],
+     "distseq launch: error: launcher options: The passed configuration file `/no/such.yaml` does not exist."),
     (["launch", "--num_processes", "x", "train"],
      "distseq launch: error: launcher options: argument --num_processes/--num-processes: invalid int value: 'x' "
      "(see distseq launch --help)"),
@@ -227,6 +232,7 @@ def test_distseq_launch_checks_before_any_rank_starts(argv, message, capsys):
 
 
 def test_distseq_launch_help_explains_and_lists_accelerates_options(capsys):
+    assert run_main(["launch", "--num_processes", "2", "-h"], capsys).stdout == run_main(["launch", "--help"]).stdout
     proc = run_main(["launch", "--help"], capsys)
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: distseq launch [ACCELERATE LAUNCH OPTIONS] {train,eval} [OPTIONS]")

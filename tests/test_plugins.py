@@ -335,12 +335,12 @@ def built(output):
 
 
 @pytest.mark.parametrize("output, message", [
-    (lambda h: h.sum(1), "--model: wrong-model returned (4, 1) float32 on 4 samples of --task sum-sign; its head "
-                         "'binary' takes floating logits of shape (4,)"),
-    (lambda h: h.sum((1, 2))[:1], "--model: wrong-model returned (1,) float32 on 4 samples of --task sum-sign; its "
-                                  "head 'binary' takes floating logits of shape (4,)"),
-    (lambda h: (h.sum((1, 2)) > 0).long(), "--model: wrong-model returned (4,) int64 on 4 samples of --task sum-sign; "
-                                           "its head 'binary' takes floating logits of shape (4,)"),
+    (lambda h: h.sum(1), "--model: wrong-model returned (2, 1) float32 on 2 samples of --task sum-sign; its head "
+                         "'binary' takes floating logits of shape (2,)"),
+    (lambda h: h.sum((1, 2))[:1], "--model: wrong-model returned (1,) float32 on 2 samples of --task sum-sign; its "
+                                  "head 'binary' takes floating logits of shape (2,)"),
+    (lambda h: (h.sum((1, 2)) > 0).long(), "--model: wrong-model returned (2,) int64 on 2 samples of --task sum-sign; "
+                                           "its head 'binary' takes floating logits of shape (2,)"),
     (lambda h: h @ torch.ones(3, 3), "--model: wrong-model raised RuntimeError: mat1 and mat2 shapes cannot be "
                                      "multiplied"),
 ])

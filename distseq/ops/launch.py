@@ -66,7 +66,8 @@ def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> in
     ``check_train(options, world_size)``: the command line's check of ``train``'s options (raises ConfigError)."""
     from accelerate.commands.launch import _validate_launch_command
 
-    if not argv or argv[0] in ("-h", "--help"):
+    first = next((i for i, a in enumerate(argv) if a in COMMANDS or a == "distseq.cli"), len(argv))
+    if not argv or any(a in ("-h", "--help") for a in argv[:first]):  # the launcher's help, not accelerate's
         print(usage())
         return 0
     args = launcher_parser().parse_args(["--module", *argv])
@@ -80,7 +81,8 @@ def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> in
         with quiet_defaults():
             args, _, _ = _validate_launch_command(args)
     except (ValueError, OSError) as error:  # OSError: a --config_file that cannot be read
-        raise ConfigError("launcher options", str(error).strip().splitlines()[0]) from None
+        raise ConfigError("launcher options", f"{str(error).strip().splitlines()[0]} (see distseq launch --help)"
+                          ) from None
     elastic = (args.multi_gpu or args.use_fsdp) and not args.cpu
     if args.use_deepspeed or args.tpu or args.use_megatron_lm:
         raise ConfigError("launcher options", "distseq launch runs accelerate's multi-process (--multi_gpu, FSDP) "
@@ -224,7 +226,12 @@ def run_single(args: argparse.Namespace) -> int:
     on to it and its exit code relayed."""
     from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
-    cmd, env = prepare_simple_launcher_cmd_env(args)
+    try:
+        cmd, env = prepare_simple_launcher_cmd_env(args)
+    except (AssertionError, ValueError) as error:  # accelerate's own checks of a one-process launch
+        raise ConfigError("launcher options", f"{(str(error).strip().splitlines() or ['invalid'])[0]} (one "
+                                              f"process: several need --multi_gpu --num_processes N; see distseq "
+                                              f"launch --help)") from None
     started: list = []
     pending: list = []  # a signal that arrived before the process existed
 

@@ -11,7 +11,7 @@ training starts exactly as unchecked.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -21,21 +21,24 @@ from distseq.data.stream import SampleSource
 from distseq.errors import ConfigError, describe
 from distseq.registry import TASKS
 from distseq.tasks import Batch, Task, TaskSpec
+from distseq.training.evaluation import forward
 
-SAMPLES = 4  # the model's forward: enough rows that a fixed or lost batch dimension shows
+SAMPLES = 2  # the model's forward: enough rows that a fixed or lost batch dimension shows, and cheap
 
 
-def preflight(cfg, model: nn.Module, model_name: str) -> None:
+def preflight(cfg, model: nn.Module, model_name: str, device: torch.device) -> None:
     """The task's first block (synthetic data: --data-files rows were checked as they were indexed) and
-    one forward of ``model`` on its first samples; a ConfigError or TaskContractError says what is wrong."""
+    one forward of ``model`` on its first samples, on ``device`` as training will run it; a ConfigError or
+    TaskContractError says what is wrong. The random state is the same afterwards."""
     d, spec = cfg.data, cfg.task_spec()
     task = TASKS[d.task]
-    if d.data_files:
-        lengths = torch.full((SAMPLES,), spec.seq_len, dtype=torch.int64) if spec.variable else None
-        block = {"x": task.example_input(SAMPLES, spec), **({"lengths": lengths} if lengths is not None else {})}
-    else:
-        block = first_samples(d.task, spec, cfg.train.seed, d.block_size)
-    check_model(model, model_name, d.task, task, spec, block)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if d.data_files:
+            lengths = torch.full((SAMPLES,), spec.seq_len, dtype=torch.int64) if spec.variable else None
+            block = {"x": task.example_input(SAMPLES, spec), **({"lengths": lengths} if lengths is not None else {})}
+        else:
+            block = first_samples(d.task, spec, cfg.train.seed, d.block_size)
+        check_model(model.to(device), model_name, d.task, task, spec, block)
 
 
 def first_samples(name: str, spec: TaskSpec, seed: int, block_size: int) -> Batch:
@@ -58,9 +61,9 @@ def expected_logits(task: Task, spec: TaskSpec, n: int) -> Tuple[int, ...]:
 def check_model(model: nn.Module, model_name: str, task_name: str, task: Task, spec: TaskSpec, block: Batch) -> None:
     """One forward of ``model`` on the first samples of ``block``: logits of the head's shape, floating."""
     n = min(SAMPLES, block["x"].shape[0])
-    x, lengths = block["x"][:n], (block["lengths"][:n] if "lengths" in block else None)
+    batch = {key: value[:n] for key, value in block.items()}
     device = next(iter(model.parameters()), torch.empty(0)).device
-    output = _forward(model, x.to(device), lengths.to(device) if lengths is not None else None, model_name, task_name)
+    output = _forward(model, batch, device, spec.variable, model_name, task_name)
     want = expected_logits(task, spec, n)
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
     if shape != want or not output.is_floating_point():
@@ -69,14 +72,17 @@ def check_model(model: nn.Module, model_name: str, task_name: str, task: Task, s
                                      f"{task.head!r} takes floating logits of shape {want}")
 
 
-def _forward(model: nn.Module, x: torch.Tensor, lengths: Optional[torch.Tensor], model_name: str, task_name: str):
-    training = model.training
-    model.eval()  # no dropout: nothing drawn from the random state the run starts with
+def _forward(model: nn.Module, batch: Batch, device: torch.device, variable: bool, model_name: str, task_name: str):
+    """As the loop calls it (``evaluation.forward``), in eval mode, each module's own mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            return model(x, lengths)
+        with torch.no_grad():
+            return forward(model, batch, device, variable)
     except Exception as error:  # the model's own code
+        x = batch["x"]
         raise ConfigError("--model", f"{model_name} raised {describe(error)} in a forward on {x.shape[0]} samples "
                                      f"of --task {task_name} (x {tuple(x.shape)})") from None
     finally:
-        model.train(training)
+        for module, training in modes:
+            module.training = training
