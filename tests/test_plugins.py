@@ -395,3 +395,23 @@ def test_load_model_on_a_missing_or_partial_directory_is_one_line(tmp_path):
     (tmp_path / "partial" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"not an export of distseq \(no model.safetensors\)"):
         distseq.load_model(tmp_path / "partial")
+
+
+@pytest.mark.slow
+def test_a_task_raising_in_a_dataloader_worker_is_one_line_and_the_run_ends(tmp_path):
+    """A worker's exception came back as its whole traceback, and the failed run never exited (its workers
+    ignore SIGTERM, which is how multiprocessing ends them at exit)."""
+    plugin = tmp_path / "late_raise.py"
+    plugin.write_text("import torch, distseq\nCALLS = [0]\n\n@distseq.register_task('late-raise')\nclass LateRaise:\n"
+                      "    head = 'binary'\n    def num_features(self, spec): return 1\n"
+                      "    def num_outputs(self, spec): return 1\n    def make(self, generator, n, spec):\n"
+                      "        CALLS[0] += 1\n        if CALLS[0] >= 4:\n            raise ValueError('my bug')\n"
+                      "        x = torch.randn(n, spec.seq_len, 1, generator=generator)\n"
+                      "        return {'x': x, 'y': (x.sum((1, 2)) > 0).float()}\n")
+    proc = run_distseq(["train", "--import", str(plugin), "--task", "late-raise", "--block-size", "8",
+                        "--samples-per-example", "8", "--num-workers", "1", "--max-steps", "20", "--global-batch-size",
+                        "8", "--eval-size", "16", "--no-progress", "--log-with", "none",
+                        "--run-dir", str(tmp_path / "r")], timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "distseq train: error: task 'late-raise': make(generator, 8, spec) raised ValueError: my bug (block 2; "
+        "distseq check-task --task late-raise checks its whole contract)"], proc.stderr[-3000:]

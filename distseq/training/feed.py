@@ -17,6 +17,7 @@ from distseq.data.files import resolve_files
 from distseq.data.index import FileIndex, FileSource
 from distseq.data.stream import Layout, SampleSource, SyntheticFeed, micro_batches, train_loader
 from distseq.data.streaming import FileFeed, FileStream
+from distseq.errors import DistseqError
 from distseq.registry import TASKS
 from distseq.tasks import Batch
 
@@ -28,6 +29,7 @@ class TrainingFeed:
         self.cfg, self.accelerator, self.layout, self.files = cfg, accelerator, layout, files
         self.feed = None
         self.restored: Optional[dict] = None  # a streamed position loaded before start()
+        self.examples = None  # the DataLoader's iterator (its workers), synthetic and indexed data
 
     def state_dict(self) -> Optional[dict]:
         if self.feed is not None:
@@ -52,7 +54,37 @@ class TrainingFeed:
                   SampleSource(d.task, spec, t.seed, d.block_size, "train", d.dataset_size))
         loader = train_loader(source, layout, rank, step, t.max_steps - step, d.samples_per_example, d.num_workers,
                               pin_memory=self.accelerator.device.type == "cuda")
-        self.feed = SyntheticFeed(micro_batches(loader, layout.micro_batch), layout.grad_accum)
+        self.examples = iter(loader)
+        self.feed = SyntheticFeed(micro_batches(self.examples, layout.micro_batch), layout.grad_accum)
 
     def next_step(self) -> Optional[List[Batch]]:
-        return self.feed.next_step()
+        try:
+            return self.feed.next_step()
+        except DistseqError as error:  # a worker's: shut the workers down, and keep the error's own line
+            self.close()
+            raise in_one_line(error) from None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the DataLoader's workers now. Left to the exit, a failed run would never end: the workers ignore
+        SIGTERM (a stop signal is the main process's), which is how multiprocessing ends them at exit."""
+        shutdown = getattr(self.examples, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def in_one_line(error: DistseqError) -> DistseqError:
+    """A DistseqError raised in a DataLoader worker comes back as "Caught ... in DataLoader worker process N"
+    and the worker's traceback; its own message is the last line."""
+    text = str(error)
+    if "in DataLoader worker process" not in text.split("\n", 1)[0]:
+        return error
+    last = text.strip().splitlines()[-1]
+    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+            break
+    error.args = (last,)
+    return error
