@@ -395,6 +395,9 @@ def test_load_model_on_a_missing_or_partial_directory_is_one_line(tmp_path):
     (tmp_path / "partial" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"not an export of distseq \(no model.safetensors\)"):
         distseq.load_model(tmp_path / "partial")
+    (tmp_path / "partial" / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"partial is a checkpoint, not an export: distseq export --checkpoint"):
+        distseq.load_model(tmp_path / "partial")
 
 
 @pytest.mark.slow

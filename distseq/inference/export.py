@@ -78,6 +78,9 @@ def export(checkpoint: Path, out_dir: Path) -> Path:
 def load_model(directory) -> nn.Module:
     """The exported model in eval mode; ``model.distseq_config`` holds its config.json."""
     directory = Path(directory)
+    if (directory / "meta.json").is_file():
+        raise CheckpointError(f"{directory} is a checkpoint, not an export: distseq export --checkpoint {directory} "
+                              f"--out EXPORT_DIR writes one that load_model reads")
     if not (directory / "config.json").is_file() or not (directory / WEIGHTS).is_file():
         missing = "no such directory" if not directory.is_dir() else "no " + " or ".join(
             name for name in ("config.json", WEIGHTS) if not (directory / name).is_file())
