@@ -186,6 +186,13 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
     assert (summary(root / resumed)["eval/accuracy"], summary(root / resumed)["step"]) == \
         (summary(alone)["eval/accuracy"], 24)
     assert list((root / resumed / "tensorboard").glob("events.out.tfevents*"))  # SWEEP is a TensorBoard logdir
+    # the report's row of the resumed point is the standalone run's, figure for figure
+    row = next(r for r in json.loads((root / "report" / "results.json").read_text())["rows"] if r["name"] == resumed)
+    history = summary(alone)["eval_history"]
+    assert row["status"] == "complete" and row["steps"] == 24 and row["parameters"] == summary(alone)["parameters"]
+    assert row["final eval/accuracy"] == summary(alone)["eval/accuracy"]
+    assert row["best eval/loss"] == min(e["eval/loss"] for e in history)
+    assert row["tokens"] == summary(alone)["tokens"]
 
 
 def running(root: Path) -> list:

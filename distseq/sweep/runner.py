@@ -134,20 +134,31 @@ def fail_refused(spec: Spec, root: Path, todo: List[Point], tally: Tally) -> Dic
 
 
 def run_local(spec: Spec, root: Path, todo: List[Point], tally: Tally, size: int) -> int:
+    from tqdm.auto import tqdm
+
     local = LocalPool(size, spec.processes, spec.threads, root, root / LOGS)
+    # on a terminal an overall bar (the counts and the time left beside it); in a log file, a line each time
+    bar = tqdm(total=tally.total, initial=tally.done + len(tally.failed), desc="sweep", unit="point",
+               disable=not sys.stderr.isatty(), bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} {postfix}")
+    say = tqdm.write if not bar.disable else (lambda line: print(line, flush=True))
 
     def started(point: Point) -> None:
         tally.running += 1
-        print(f"sweep: started  {point.name}", flush=True)
+        say(f"sweep: started  {point.name}")
+        bar.set_postfix_str(tally.line(size))
 
     def ended(point: Point, code: int, log: Path, seconds: float) -> None:
         tally.running -= 1
         tally.seconds.append(seconds)
-        print(f"sweep: {settle(root / point.name, code, log, tally, point.name)} ({_duration(seconds)})", flush=True)
-        print(f"sweep: {tally.line(size)}", flush=True)
+        say(f"sweep: {settle(root / point.name, code, log, tally, point.name)} ({_duration(seconds)})")
+        if bar.disable:
+            say(f"sweep: {tally.line(size)}")
+        bar.update(1)
+        bar.set_postfix_str(tally.line(size))
 
     with passed_on(local.stop):
         local.run(todo, started, ended)
+    bar.close()
     build_report(root)
     return finish(tally, local.stopping, root)
 
