@@ -153,7 +153,8 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
         wait_for(lambda: saved_and_running(root), 120)
         sweep.popen.send_signal(signal.SIGTERM)
         assert sweep.finish(120).returncode == 143
-    states = {p.name: point_status(p)[0] for p in root.iterdir() if p.is_dir() and p.name != "logs"}
+    names = [p["name"] for p in read_manifest(root)["points"]]
+    states = {name: point_status(root / name)[0] for name in names}
     complete = [name for name, state in states.items() if state == "complete"]
     stopped = [name for name, state in states.items() if state == "interrupted"]
     saved = [name for name in stopped if list((root / name / "checkpoints").glob("step-*"))]
@@ -173,7 +174,7 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
 
     proc = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert all(point_status(p)[0] == "complete" for p in root.iterdir() if p.is_dir() and p.name != "logs")
+    assert all(point_status(root / name)[0] == "complete" for name in names)
     assert {name: tree_digest(root / name) for name in complete} == untouched
     again = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=120)
     assert again.returncode == 0 and "sweep: 0 of 16 point(s) to run" in again.stdout
