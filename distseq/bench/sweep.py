@@ -18,7 +18,7 @@ from typing import Callable, Dict
 
 import yaml
 
-POINTS, QUICK_POINTS = 8, 4
+POINTS, QUICK_POINTS = 8, 2
 OPTIONS = {"seq-len": 10, "hidden-size": 16, "global-batch-size": 32, "max-steps": 20, "eval-every": 0,
            "eval-size": 64, "log-with": "none", "precision": "no", "checkpoint-every": 0}
 
