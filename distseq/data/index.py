@@ -10,8 +10,9 @@ views of the memory map, in record batches of at most CHUNK_BYTES; no per-row Py
 **The cache** (``--data-cache``, else ``$DISTSEQ_CACHE``, else ``$XDG_CACHE_HOME/distseq`` or
 ``~/.cache/distseq``; entries under ``files/``). A file's entry is named by its absolute path and the
 row shape the run asks for (columns, lengths, features, head); its record (``.json``) holds the file's
-size and modification time when it was indexed, its row count and the sha256 of its bytes. An entry
-whose file has another size or modification time now is rebuilt, with one line of notice. Entries
+stat when it was indexed (size, modification time, inode change time, inode: ``filestat``), its row
+count and the sha256 of its bytes. An entry whose file has another size, or another stat and other
+bytes, is rebuilt with one line of notice. Entries
 are built under an exclusive ``flock`` of the entry, into a temporary name, then renamed: every
 process of a job and every later job reuses one build, and nobody reads half of one. A running job
 keeps the memory map of the index it opened even when another job replaces it.
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from distseq.data.files import check_files, file_format, row_to_sample
+from distseq.data.filestat import FileStat, difference
 from distseq.data.stream import LRU, derive_seed
 from distseq.errors import ConfigError, DataFileError, DistseqError, RunIOError
 from distseq.fsio import sha256_file, write_json
@@ -108,28 +110,34 @@ class RowShape:
 
 @dataclass
 class IndexedFile:
-    """One file's entry as it was indexed."""
+    """One file's entry as it was indexed: the file's identity then (``filestat``: ctime and inode None when
+    unknown) and its index."""
 
     path: str
     arrow: str  # the index file
     rows: int
     size: int
     mtime_ns: int
+    ctime_ns: Optional[int]
+    ino: Optional[int]
     sha256: str  # of the file's bytes
+
+    @classmethod
+    def of(cls, path: str, record: dict) -> "IndexedFile":
+        return cls(path, record["arrow"], record["rows"], record["size"], record["mtime_ns"], record.get("ctime_ns"),
+                   record.get("ino"), record["sha256"])
 
     def change(self) -> Optional[str]:
         """How the file differs from when it was indexed (gone, size, content), None if it does not: a new
-        modification time alone (a touch, a backup tool) is checked against the content's sha256."""
+        stat alone (a touch, a backup tool, a copy) is checked against the content's sha256, then kept."""
         try:
-            stat = os.stat(self.path)
+            how, now = difference(self.path, vars(self))
         except OSError:
             return f"{self.path} is gone"
-        if stat.st_size != self.size:
-            return f"{self.path} changed size ({self.size} -> {stat.st_size} bytes)"
-        if stat.st_mtime_ns != self.mtime_ns:
-            if sha256_file(self.path) != self.sha256:
-                return f"{self.path} was modified"
-            self.mtime_ns = stat.st_mtime_ns  # the same bytes: hash again only after the next change
+        if how:
+            return f"{self.path} {how}"
+        for name, value in now.fields().items():  # the same bytes: hash again only after the next change
+            setattr(self, name, value)
         return None
 
 
@@ -154,7 +162,7 @@ class FileIndex:
         return {"rows": self.rows, "files": len(self.files), "sha256": digest.hexdigest()}
 
     def changed(self) -> Optional[str]:
-        """The first file that differs from its index now (size, modification time, gone), else None."""
+        """The first file that differs from its index now (size, content, gone), else None."""
         return next(filter(None, (f.change() for f in self.files)), None)
 
     def open(self) -> "FileIndex":
@@ -527,22 +535,23 @@ class IndexCache:
             return None
 
     def stale(self, path: str) -> Optional[str]:
-        """Why ``path`` needs indexing ("new", or how it changed), None when its entry is current. A file
-        whose modification time alone moved (a touch, a copy that kept the bytes) is current if its
-        bytes still hash to the recorded sha256."""
+        """Why ``path`` needs indexing ("new", or how it changed), None when its entry is current."""
+        return self._look(path)[0]
+
+    def _look(self, path: str) -> Tuple[Optional[str], Optional[dict], Optional[FileStat]]:
+        """(why ``path`` needs indexing or None, its record, its stat now). A file whose stat alone moved
+        (a touch, a copy that kept the bytes) is current if its bytes still hash to the recorded sha256."""
         record = self.record(path)
         if record is None:
-            return "new"
-        stat = os.stat(path)
-        if record.get("size") != stat.st_size:
-            return f"changed size ({record.get('size')} -> {stat.st_size} bytes) since it was indexed"
-        if record.get("mtime_ns") != stat.st_mtime_ns and record.get("sha256") != sha256_file(path):
-            return "was modified since it was indexed"
+            return "new", None, None
+        how, now = difference(path, record)
+        if how:
+            return f"{how} since it was indexed", record, now
         if "error" in record:
-            return None  # this version of the file is known bad: entry() says why
+            return None, record, now  # this version of the file is known bad: entry() says why
         if not Path(record.get("arrow", "")).is_file():
-            return "lost its index"
-        return None if self._intact(record) else "has a damaged index"
+            return "lost its index", record, now
+        return (None if self._intact(record) else "has a damaged index"), record, now
 
     def _intact(self, record: dict) -> bool:
         """The index file opens (its memory map: no copy) with the recorded rows and this row shape."""
@@ -572,47 +581,54 @@ class IndexCache:
                 raise _every_rank(ConfigError("--data-cache", f"{self.dir} does not support file locks "
                                               f"({error.strerror or error}); choose a local directory")) from None
             try:
-                if self.stale(path) is not None:
-                    self._rebuild(path, name, advance)
-                record = self.record(path)
-                if record is None:
-                    raise _every_rank(DataFileError(f"{path}: its index record vanished from {self.dir} while "
-                                                    f"this run read it (was the cache cleaned?); run again"))
-                stat = os.stat(path)
-                if record["mtime_ns"] != stat.st_mtime_ns:  # touched, same bytes: remember the new time
-                    with contextlib.suppress(OSError):
-                        write_json(self.dir / f"{name}.json", {**record, "mtime_ns": stat.st_mtime_ns})
-                    record["mtime_ns"] = stat.st_mtime_ns
+                record = self._current_record(path, name, advance)
             except OSError as error:
                 raise _every_rank(RunIOError(f"cannot write the index of {path} in {self.dir}: "
                                              f"{error.strerror or error} (nothing of the run was written; "
                                              f"--data-cache chooses another place)")) from None
         if "error" in record:  # found by whoever indexed this version of the file: every process says the same
             raise BadData(record["error"])
-        return IndexedFile(path, record["arrow"], record["rows"], record["size"], record["mtime_ns"], record["sha256"])
+        return IndexedFile.of(path, record)
+
+    def _current_record(self, path: str, name: str, advance: Callable[[int], None]) -> dict:
+        """The entry's record, once current (under its lock): built again when stale, else with the file's
+        stat now when the bytes were verified by their hash (a touch, a copy, a record older than some of
+        the stat's fields), so the next look need not read them."""
+        reason, record, now = self._look(path)
+        if reason is None:
+            if any(record.get(key) != value for key, value in now.fields().items()):
+                record.update(now.fields())
+                with contextlib.suppress(OSError):  # a read-only cache still serves: the next look hashes again
+                    write_json(self.dir / f"{name}.json", record)
+            return record
+        self._rebuild(path, name, advance)
+        record = self.record(path)
+        if record is None:
+            raise _every_rank(DataFileError(f"{path}: its index record vanished from {self.dir} while "
+                                            f"this run read it (was the cache cleaned?); run again"))
+        return record
 
     def _rebuild(self, path: str, name: str, advance: Callable[[int], None]) -> None:
-        """Index ``path`` and record it; a bad row is recorded too (for this size and modification time),
-        so the other processes of the job, and later runs, report it without reading the file again.
-        Runs under the entry's lock, so whatever else of this entry lies in the cache (an older index,
+        """Index ``path`` and record it; a bad row is recorded too (for this version of the file: its stat
+        and sha256), so the other processes of the job, and later runs, report it without indexing the file
+        again. Runs under the entry's lock, so whatever else of this entry lies in the cache (an older index,
         a build killed half-way) is no one's: it is removed (a job that maps an older index keeps its copy
         on a local file system)."""
-        stat = os.stat(path)
-        arrow = self.dir / f"{name}-{stat.st_mtime_ns}-{stat.st_size}.arrow"
+        stat = FileStat.of(path)
+        arrow = self.dir / f"{name}-{stat.mtime_ns}-{stat.size}.arrow"
         started = time.perf_counter()
-        record = {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                  "shape": asdict(self.shape), "version": INDEX_VERSION}
+        record = {"path": os.path.abspath(path), **stat.fields(), "shape": asdict(self.shape),
+                  "version": INDEX_VERSION}
         try:
             rows, sha = _build(path, arrow, self.shape, self.task, self.spec, advance)
         except UnreadableFile:  # an I/O error may pass: not remembered
             raise
         except DataFileError as error:
             with contextlib.suppress(OSError):
-                write_json(self.dir / f"{name}.json", {**record, "error": str(error)})
+                write_json(self.dir / f"{name}.json", {**record, "sha256": sha256_file(path), "error": str(error)})
                 self._remove_others(name, keep=None)
             raise BadData(str(error)) from None
-        now = os.stat(path)
-        if (now.st_size, now.st_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        if FileStat.of(path) != stat:
             os.unlink(arrow)
             raise _every_rank(DataFileError(f"{path} changed while it was being indexed; run again when it is "
                                             f"complete"))
