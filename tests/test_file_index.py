@@ -918,6 +918,153 @@ def test_a_corrupt_index_is_rebuilt_with_one_line(how, tiny_chunks, tmp_path, ca
     assert again.returncode == 0 and "distseq: index" not in again.stdout
 
 
+def row_spans(arrow: str, row: int) -> dict:
+    """``{column: (offset in the file, bytes)}`` of row ``row`` of an index file, over its record batches."""
+    mapped = pa.memory_map(arrow)
+    base = mapped.read_buffer(1).address  # byte 0 of the map
+    mapped.seek(0)
+    for batch in pa.ipc.open_stream(mapped):
+        if row < batch.num_rows:
+            break
+        row -= batch.num_rows
+    spans = {}
+    for name in batch.schema.names:
+        column = batch.column(name)
+        values, width = (column.values, column.type.list_size) if name == "x" else (column, 1)
+        item = values.type.bit_width // 8
+        spans[name] = (values.buffers()[1].address - base + (values.offset + row * width) * item, width * item)
+    return spans
+
+
+def overwrite(arrow: str, offset: int, data: bytes) -> None:
+    """Bytes of the index file overwritten in place: the same size, the same inode."""
+    size = os.path.getsize(arrow)
+    with open(arrow, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+    assert os.path.getsize(arrow) == size
+
+
+def damage(how: str, arrow: str, row: int) -> None:
+    """``value``: one value of ``row``'s sequence overwritten; ``copied-row``: row - 1 copied over ``row``
+    whole (its sequence, label, length and checksum), each value a valid one."""
+    spans = row_spans(arrow, row)
+    if how == "value":
+        overwrite(arrow, spans["x"][0] + 8, np.float32(99.5).tobytes())
+        return
+    data = Path(arrow).read_bytes()
+    for (source, size), (target, _) in zip(row_spans(arrow, row - 1).values(), spans.values()):
+        overwrite(arrow, target, data[source:source + size])
+
+
+def recording_samples(monkeypatch) -> list:
+    """(row ids, x) of every batch the stream reads, in order: the rows a run trains on."""
+    real, seen = FileSource.samples, []
+
+    def samples(self, positions):
+        batch = real(self, positions)
+        seen.append((self.row_ids(positions), batch["x"].clone()))
+        return batch
+
+    monkeypatch.setattr(FileSource, "samples", samples)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["value", "copied-row"])
+def test_bytes_overwritten_inside_an_index_are_found_before_use_and_it_is_rebuilt(how, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """An index whose bytes were overwritten (the same size; its data file intact) is found at the start of
+    the next run, before any of its rows is read, and built again with one line: the run trains on the
+    file's rows."""
+    seqs, labels = make_rows(300, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    arrow = index_of([path], tmp_path / "cache").files[0].arrow
+    damage(how, arrow, 123)
+    trained = recording_samples(monkeypatch)
+    proc = cli(train_args([path], tmp_path, "--global-batch-size", "300", "--max-steps", "2"), capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"distseq: {path} has a damaged index: indexing it again" in proc.stdout
+    x, _, _ = expected(seqs, labels)
+    assert trained and all(np.array_equal(batch_x.numpy(), x[ids.numpy()]) for ids, batch_x in trained)
+    said = []
+    check_rows(index_of([path], tmp_path / "cache", said=said), seqs, labels, 1, False)
+    assert said == []
+
+
+def test_an_index_is_read_once_per_process(tmp_path, monkeypatch):
+    """Checking an index costs one read of it per process (and none in the process that built it), then a
+    stat per look: a write to it moves its stat, and it is read again."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(50, 1))
+    arrow = index_of([path], tmp_path / "cache").files[0].arrow
+    reads, real = [], fi.sha256_file
+    monkeypatch.setattr(fi, "sha256_file", lambda name: reads.append(str(name)) or real(name))
+    index_of([path], tmp_path / "cache").open()
+    assert reads == []  # this process built it: it read it then
+    monkeypatch.setattr(fi, "_VERIFIED", {})  # as a new process
+    for _ in range(3):
+        index_of([path], tmp_path / "cache").open()
+    assert reads == [arrow]
+    time.sleep(0.02)  # past a tick of the file system's clock
+    os.utime(arrow)  # the same bytes, another stat: read again, still intact
+    assert index_of([path], tmp_path / "cache").open().rows == 50 and reads == [arrow, arrow]
+
+
+def test_an_index_damaged_after_the_check_is_refused_when_it_is_opened(tmp_path):
+    """Between the start's check and the process mapping the index (or a DataLoader worker opening its
+    own): one line naming the index, not a row of it read."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(60, 1))
+    index = index_of([path], tmp_path / "cache")
+    damage("value", index.files[0].arrow, 10)
+    with pytest.raises(fi.DamagedIndex) as refused:
+        index.open()
+    assert str(refused.value) == (f"{index.files[0].arrow}, the index of {path}, was damaged after this run checked "
+                                  f"it; run again: distseq indexes the file again (a run resumes from its last "
+                                  f"checkpoint)")
+    assert refused.value.every_rank and refused.value.exit_code == 2
+
+
+def test_an_index_damaged_under_a_running_job_stops_it_without_saving(tmp_path, capsys, monkeypatch):
+    """Bytes written into an index a job has mapped (the map shows them) stop it at the next checkpoint,
+    which is not written; running again builds the index again."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(100, 1))
+    arrow = index_of([path], tmp_path / "cache").files[0].arrow
+    real, calls = FileSource.samples, []
+
+    def samples(self, positions):
+        calls.append(len(positions))
+        if len(calls) == 1:  # while the run trains (this call feeds several steps)
+            time.sleep(0.02)  # past a tick of the file system's clock
+            damage("value", arrow, 50)
+        return real(self, positions)
+
+    monkeypatch.setattr(FileSource, "samples", samples)
+    proc = cli(train_args([path], tmp_path, "--checkpoint-every", "3"), capsys)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, (proc.returncode, proc.stdout[-2000:], err)
+    assert (f"--data-files: {arrow}, the index of {path}, was damaged while this run trained on it; stopped at step "
+            f"3 without saving") in err and err.endswith("run again: distseq indexes the file again and resumes")
+    assert not any((tmp_path / "run" / "checkpoints").glob("step-*"))
+    monkeypatch.setattr(FileSource, "samples", real)
+    again = cli(train_args([path], tmp_path), capsys)
+    assert again.returncode == 0 and f"distseq: {path} has a damaged index: indexing it again" in again.stdout
+
+
+def test_an_index_without_its_sha256_is_built_again(tmp_path):
+    """An entry written before indexes had their own sha256 (an older distseq's) is indexed again, once."""
+    seqs, labels = make_rows(40, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    index_of([path], tmp_path / "cache")
+    (record_path,) = cache_files(tmp_path / "cache", "*.json")
+    record_path.write_text(json.dumps({k: v for k, v in json.loads(record_path.read_text()).items()
+                                       if k != "index_sha256"}))
+    said = []
+    check_rows(index_of([path], tmp_path / "cache", said=said), seqs, labels, 1, False)
+    assert said[0] == f"distseq: {path} has an index without its sha256 (an older distseq's): indexing it again"
+    said.clear()
+    index_of([path], tmp_path / "cache", said=said)
+    assert said == []
+
+
 def test_a_bad_file_is_read_once_and_its_error_remembered(tmp_path, monkeypatch):
     """The first process to index a bad file records its error for that version of the file: the job's
     other processes and later runs say the same line without reading it again; a fixed file is indexed."""
