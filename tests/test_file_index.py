@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -842,10 +843,12 @@ def index_in_a_child(path, cache, out, ready, expect):
     index = index_of([path], cache, said=said)
     batch = index.take(torch.arange(index.rows))
     Path(out).write_text(json.dumps({"x": batch["x"].numpy().ravel().tolist(), "y": batch["y"].numpy().tolist(),
-                                     "said": said, "arrow": index.files[0].arrow}))
+                                     "said": said, "arrow": index.files[0].arrow, "pid": os.getpid()}))
 
 
 def test_processes_indexing_at_once_build_once(tmp_path, monkeypatch):
+    """Three processes find a file not indexed at once: one builds it, the others wait for its lock, then
+    say which process built the index they use instead of having indexed it."""
     import multiprocessing
 
     seqs, labels = make_rows(500, 1)
@@ -871,7 +874,13 @@ def test_processes_indexing_at_once_build_once(tmp_path, monkeypatch):
         assert child.exitcode == 0
     outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(3)]
     assert all(any("indexing 1 of 1" in line for line in o["said"]) for o in outs)  # all found it missing
-    assert len(log.read_text().splitlines()) == 1  # one built it; the others waited for the lock and used it
+    (builder,) = log.read_text().split()  # one built it; the others waited for the lock and used it
+    built, waited = [o for o in outs if o["pid"] == int(builder)], [o for o in outs if o["pid"] != int(builder)]
+    assert len(built) == 1 and len(waited) == 2
+    assert built[0]["said"][-1].startswith("distseq: indexed 500 rows of 1 file(s) in ")
+    for out in waited:
+        assert out["said"][1:] == [f"distseq: {path} was indexed by pid {builder} on {socket.gethostname()} while "
+                                   f"this process waited for it: using that index"]
     x, y, _ = expected(seqs, labels)
     for out in outs:
         assert out["x"] == x.ravel().tolist() and out["y"] == y.tolist() and out["arrow"] == outs[0]["arrow"]

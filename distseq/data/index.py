@@ -15,10 +15,11 @@ checkpoint, which is not written.
 ``~/.cache/distseq``; entries under ``files/``). A file's entry is named by its absolute path and the
 row shape the run asks for (columns, lengths, features, head); its record (``.json``) holds the file's
 stat when it was indexed (size, modification time, inode change time, inode: ``filestat``), its row
-count, the sha256 of its bytes and that of its index. An entry whose file has another size, or another
-stat and other bytes, or whose index does not hash as recorded, is rebuilt with one line of notice. Entries
-are built under an exclusive ``flock`` of the entry, into a temporary name, then renamed: every
-process of a job and every later job reuses one build, and nobody reads half of one. A running job
+count, the sha256 of its bytes and that of its index, and who built it. An entry whose file has another
+size, or another stat and other bytes, or whose index does not hash as recorded, is rebuilt with one
+line of notice. Entries are built under an exclusive ``flock`` of the entry, into a temporary name,
+then renamed: every process of a job and every later job reuses one build, and nobody reads half of
+one (a process that waited says whose build it uses). A running job
 keeps the memory map of the index it opened even when another job replaces it.
 
 **Bad data** is found while indexing, before anything of the run is written: the first bad row of a
@@ -42,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,11 +133,13 @@ class IndexedFile:
     ino: Optional[int]
     sha256: str  # of the file's bytes
     index_sha256: str  # of the index's bytes, when it was built
+    built_by: str  # "pid N on HOST"
 
     @classmethod
     def of(cls, path: str, record: dict) -> "IndexedFile":
         return cls(path, record["arrow"], record["rows"], record["size"], record["mtime_ns"], record.get("ctime_ns"),
-                   record.get("ino"), record["sha256"], record["index_sha256"])
+                   record.get("ino"), record["sha256"], record["index_sha256"],
+                   record.get("built_by", "another process"))
 
     def change(self) -> Optional[str]:
         """How the file differs from when it was indexed (gone, size, content), None if it does not: a new
@@ -664,7 +668,7 @@ class IndexCache:
         arrow = self.dir / f"{name}-{stat.mtime_ns}-{stat.size}.arrow"
         started = time.perf_counter()
         record = {"path": os.path.abspath(path), **stat.fields(), "shape": asdict(self.shape),
-                  "version": INDEX_VERSION}
+                  "version": INDEX_VERSION, "built_by": builder()}
         try:
             rows, sha, index_sha = _build(path, arrow, self.shape, self.task, self.spec, advance)
         except UnreadableFile:  # an I/O error may pass: not remembered
@@ -688,6 +692,11 @@ class IndexCache:
             if other != keep:
                 with contextlib.suppress(OSError):
                     os.unlink(other)
+
+
+def builder() -> str:
+    """Who builds an index, as its record and the processes that waited for it say."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
 def _every_rank(error: DistseqError) -> DistseqError:
@@ -732,7 +741,11 @@ def open_index(files: List[str], task: Task, spec: TaskSpec, sequence_column: st
     started = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="indexing", disable=not (progress and to_build)) as bar:
         indexed = [index_cache.entry(path, bar.update) for path in files]
+        waited = [f for f in indexed if reasons[f.path] and f.built_by != builder()]
+        bar.update(sum(f.size for f in waited))
     index = FileIndex(indexed, shape)
-    if to_build:
+    for f in waited:  # another process held the entry's lock and built it: this one said "indexing" too
+        say(f"distseq: {f.path} was indexed by {f.built_by} while this process waited for it: using that index")
+    if len(waited) < len(to_build):
         say(f"distseq: indexed {index.rows} rows of {len(files)} file(s) in {time.perf_counter() - started:.1f} s")
     return index
