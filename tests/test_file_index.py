@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ import pytest
 import torch
 from conftest import REPO, cpu_env, free_port, run_main, summary
 
+import distseq.data.filestat as filestat
 import distseq.data.index as fi
 from distseq.data.files import resolve_files
 from distseq.data.index import FileSource, open_index
@@ -120,6 +122,55 @@ def train_args(files, tmp_path, *extra, task="sum-sign", run="run"):
 def cli(args, capsys):
     """``distseq ARGS`` in this process -> CompletedProcess; an exception (a traceback) fails the test."""
     return run_main(args, capsys)
+
+
+def flipped(path: Path, row: int) -> str:
+    """The JSON-lines file's text with row ``row``'s 0/1 label flipped: the same size, other bytes."""
+    lines = path.read_text().splitlines(keepends=True)
+    old, new = ('"label":0', '"label":1') if '"label":0' in lines[row] else ('"label":1', '"label":0')
+    lines[row] = lines[row].replace(old, new)
+    return "".join(lines)
+
+
+def rewrite_putting_back_size_and_mtime(path: Path, text: str, new_inode: bool = False) -> None:
+    """Other bytes of the same size, the modification time put back (``touch -r``, ``cp -p``, ``os.utime``
+    with the old ns), in place or as a new file renamed over it: only the inode change time (and the inode)
+    tell."""
+    before = path.stat()
+    assert len(text.encode()) == before.st_size and text != path.read_text()
+    time.sleep(0.02)  # past a tick of the file system's clock (a few ms): the new ctime is another
+    target = path.with_name(path.name + ".new") if new_inode else path
+    target.write_text(text)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(target, path)
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert (after.st_ino != before.st_ino) == new_inode
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Every stat is trusted at once, as for files written long before they are indexed, so that what a test
+    proves is the ctime and inode comparison, not the hash of a file too young to be trusted by stat."""
+    monkeypatch.setattr(filestat, "RACY_NS", 0)
+
+
+@pytest.fixture
+def hashes(monkeypatch):
+    """The paths whose bytes filestat hashed (to verify a file whose stat moved), in order."""
+    seen, real = [], filestat.sha256_file
+
+    def counted(path):
+        seen.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(filestat, "sha256_file", counted)
+    return seen
+
+
+def record_of(cache: Path) -> dict:
+    (record,) = cache_files(cache, "*.json")
+    return json.loads(record.read_text())
 
 
 def assert_one_line_error(proc, tmp_path, *fragments, run="run"):
@@ -792,10 +843,12 @@ def index_in_a_child(path, cache, out, ready, expect):
     index = index_of([path], cache, said=said)
     batch = index.take(torch.arange(index.rows))
     Path(out).write_text(json.dumps({"x": batch["x"].numpy().ravel().tolist(), "y": batch["y"].numpy().tolist(),
-                                     "said": said, "arrow": index.files[0].arrow}))
+                                     "said": said, "arrow": index.files[0].arrow, "pid": os.getpid()}))
 
 
 def test_processes_indexing_at_once_build_once(tmp_path, monkeypatch):
+    """Three processes find a file not indexed at once: one builds it, the others wait for its lock, then
+    say which process built the index they use instead of having indexed it."""
     import multiprocessing
 
     seqs, labels = make_rows(500, 1)
@@ -821,7 +874,13 @@ def test_processes_indexing_at_once_build_once(tmp_path, monkeypatch):
         assert child.exitcode == 0
     outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(3)]
     assert all(any("indexing 1 of 1" in line for line in o["said"]) for o in outs)  # all found it missing
-    assert len(log.read_text().splitlines()) == 1  # one built it; the others waited for the lock and used it
+    (builder,) = log.read_text().split()  # one built it; the others waited for the lock and used it
+    built, waited = [o for o in outs if o["pid"] == int(builder)], [o for o in outs if o["pid"] != int(builder)]
+    assert len(built) == 1 and len(waited) == 2
+    assert built[0]["said"][-1].startswith("distseq: indexed 500 rows of 1 file(s) in ")
+    for out in waited:
+        assert out["said"][1:] == [f"distseq: {path} was indexed by pid {builder} on {socket.gethostname()} while "
+                                   f"this process waited for it: using that index"]
     x, y, _ = expected(seqs, labels)
     for out in outs:
         assert out["x"] == x.ravel().tolist() and out["y"] == y.tolist() and out["arrow"] == outs[0]["arrow"]
@@ -866,6 +925,153 @@ def test_a_corrupt_index_is_rebuilt_with_one_line(how, tiny_chunks, tmp_path, ca
     check_rows(rebuilt, seqs, labels, 1, False)
     again = cli(train_args([path], tmp_path, "--global-batch-size", "300", "--max-steps", "2", run="again"), capsys)
     assert again.returncode == 0 and "distseq: index" not in again.stdout
+
+
+def row_spans(arrow: str, row: int) -> dict:
+    """``{column: (offset in the file, bytes)}`` of row ``row`` of an index file, over its record batches."""
+    mapped = pa.memory_map(arrow)
+    base = mapped.read_buffer(1).address  # byte 0 of the map
+    mapped.seek(0)
+    for batch in pa.ipc.open_stream(mapped):
+        if row < batch.num_rows:
+            break
+        row -= batch.num_rows
+    spans = {}
+    for name in batch.schema.names:
+        column = batch.column(name)
+        values, width = (column.values, column.type.list_size) if name == "x" else (column, 1)
+        item = values.type.bit_width // 8
+        spans[name] = (values.buffers()[1].address - base + (values.offset + row * width) * item, width * item)
+    return spans
+
+
+def overwrite(arrow: str, offset: int, data: bytes) -> None:
+    """Bytes of the index file overwritten in place: the same size, the same inode."""
+    size = os.path.getsize(arrow)
+    with open(arrow, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+    assert os.path.getsize(arrow) == size
+
+
+def damage(how: str, arrow: str, row: int) -> None:
+    """``value``: one value of ``row``'s sequence overwritten; ``copied-row``: row - 1 copied over ``row``
+    whole (its sequence, label, length and checksum), each value a valid one."""
+    spans = row_spans(arrow, row)
+    if how == "value":
+        overwrite(arrow, spans["x"][0] + 8, np.float32(99.5).tobytes())
+        return
+    data = Path(arrow).read_bytes()
+    for (source, size), (target, _) in zip(row_spans(arrow, row - 1).values(), spans.values()):
+        overwrite(arrow, target, data[source:source + size])
+
+
+def recording_samples(monkeypatch) -> list:
+    """(row ids, x) of every batch the stream reads, in order: the rows a run trains on."""
+    real, seen = FileSource.samples, []
+
+    def samples(self, positions):
+        batch = real(self, positions)
+        seen.append((self.row_ids(positions), batch["x"].clone()))
+        return batch
+
+    monkeypatch.setattr(FileSource, "samples", samples)
+    return seen
+
+
+@pytest.mark.parametrize("how", ["value", "copied-row"])
+def test_bytes_overwritten_inside_an_index_are_found_before_use_and_it_is_rebuilt(how, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """An index whose bytes were overwritten (the same size; its data file intact) is found at the start of
+    the next run, before any of its rows is read, and built again with one line: the run trains on the
+    file's rows."""
+    seqs, labels = make_rows(300, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    arrow = index_of([path], tmp_path / "cache").files[0].arrow
+    damage(how, arrow, 123)
+    trained = recording_samples(monkeypatch)
+    proc = cli(train_args([path], tmp_path, "--global-batch-size", "300", "--max-steps", "2"), capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"distseq: {path} has a damaged index: indexing it again" in proc.stdout
+    x, _, _ = expected(seqs, labels)
+    assert trained and all(np.array_equal(batch_x.numpy(), x[ids.numpy()]) for ids, batch_x in trained)
+    said = []
+    check_rows(index_of([path], tmp_path / "cache", said=said), seqs, labels, 1, False)
+    assert said == []
+
+
+def test_an_index_is_read_once_per_process(tmp_path, monkeypatch):
+    """Checking an index costs one read of it per process (and none in the process that built it), then a
+    stat per look: a write to it moves its stat, and it is read again."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(50, 1))
+    arrow = index_of([path], tmp_path / "cache").files[0].arrow
+    reads, real = [], fi.sha256_file
+    monkeypatch.setattr(fi, "sha256_file", lambda name: reads.append(str(name)) or real(name))
+    index_of([path], tmp_path / "cache").open()
+    assert reads == []  # this process built it: it read it then
+    monkeypatch.setattr(fi, "_VERIFIED", {})  # as a new process
+    for _ in range(3):
+        index_of([path], tmp_path / "cache").open()
+    assert reads == [arrow]
+    time.sleep(0.02)  # past a tick of the file system's clock
+    os.utime(arrow)  # the same bytes, another stat: read again, still intact
+    assert index_of([path], tmp_path / "cache").open().rows == 50 and reads == [arrow, arrow]
+
+
+def test_an_index_damaged_after_the_check_is_refused_when_it_is_opened(tmp_path):
+    """Between the start's check and the process mapping the index (or a DataLoader worker opening its
+    own): one line naming the index, not a row of it read."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(60, 1))
+    index = index_of([path], tmp_path / "cache")
+    damage("value", index.files[0].arrow, 10)
+    with pytest.raises(fi.DamagedIndex) as refused:
+        index.open()
+    assert str(refused.value) == (f"{index.files[0].arrow}, the index of {path}, was damaged after this run checked "
+                                  f"it; run again: distseq indexes the file again (a run resumes from its last "
+                                  f"checkpoint)")
+    assert refused.value.every_rank and refused.value.exit_code == 2
+
+
+def test_an_index_damaged_under_a_running_job_stops_it_without_saving(tmp_path, capsys, monkeypatch):
+    """Bytes written into an index a job has mapped (the map shows them) stop it at the next checkpoint,
+    which is not written; running again builds the index again."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(100, 1))
+    arrow = index_of([path], tmp_path / "cache").files[0].arrow
+    real, calls = FileSource.samples, []
+
+    def samples(self, positions):
+        calls.append(len(positions))
+        if len(calls) == 1:  # while the run trains (this call feeds several steps)
+            time.sleep(0.02)  # past a tick of the file system's clock
+            damage("value", arrow, 50)
+        return real(self, positions)
+
+    monkeypatch.setattr(FileSource, "samples", samples)
+    proc = cli(train_args([path], tmp_path, "--checkpoint-every", "3"), capsys)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, (proc.returncode, proc.stdout[-2000:], err)
+    assert (f"--data-files: {arrow}, the index of {path}, was damaged while this run trained on it; stopped at step "
+            f"3 without saving") in err and err.endswith("run again: distseq indexes the file again and resumes")
+    assert not any((tmp_path / "run" / "checkpoints").glob("step-*"))
+    monkeypatch.setattr(FileSource, "samples", real)
+    again = cli(train_args([path], tmp_path), capsys)
+    assert again.returncode == 0 and f"distseq: {path} has a damaged index: indexing it again" in again.stdout
+
+
+def test_an_index_without_its_sha256_is_built_again(tmp_path):
+    """An entry written before indexes had their own sha256 (an older distseq's) is indexed again, once."""
+    seqs, labels = make_rows(40, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    index_of([path], tmp_path / "cache")
+    (record_path,) = cache_files(tmp_path / "cache", "*.json")
+    record_path.write_text(json.dumps({k: v for k, v in json.loads(record_path.read_text()).items()
+                                       if k != "index_sha256"}))
+    said = []
+    check_rows(index_of([path], tmp_path / "cache", said=said), seqs, labels, 1, False)
+    assert said[0] == f"distseq: {path} has an index without its sha256 (an older distseq's): indexing it again"
+    said.clear()
+    index_of([path], tmp_path / "cache", said=said)
+    assert said == []
 
 
 def test_a_bad_file_is_read_once_and_its_error_remembered(tmp_path, monkeypatch):
@@ -937,18 +1143,99 @@ def test_changed_names_a_modified_or_removed_file(tmp_path):
     assert index.changed() == f"{a} is gone"  # the first file that differs
 
 
+@pytest.mark.parametrize("new_inode", [False, True], ids=["in-place", "renamed-over"])
+def test_a_same_size_rewrite_with_its_mtime_put_back_is_indexed_again(new_inode, settled, tmp_path):
+    """Other bytes, the same size and modification time: the inode change time (and a new file's inode) tell
+    it from the indexed version, at the next start and under a job that opened the old index."""
+    seqs, labels = make_rows(120, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    running = index_of([path], tmp_path / "cache")
+    rewrite_putting_back_size_and_mtime(path, flipped(path, 70), new_inode)
+    said = []
+    again = index_of([path], tmp_path / "cache", said=said)
+    assert f"distseq: {path} was modified since it was indexed: indexing it again" in said, said
+    labels = labels.copy()
+    labels[70] = 1 - labels[70]
+    check_rows(again, seqs, labels, 1, False)  # the new rows, not the old index's
+    assert running.changed() == f"{path} was modified"  # what a running job checks before each checkpoint
+
+
+def test_a_rewrite_within_one_clock_tick_of_the_indexed_version_is_found(tmp_path, monkeypatch):
+    """A file indexed just after it was written may be rewritten so soon after that write that a coarse
+    file-system clock gives both the same ctime: a stat that young is not trusted (the file is hashed)."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(60, 1))
+    running = index_of([path], tmp_path / "cache")  # within RACY_NS of the write: not yet settled
+    indexed = filestat.FileStat.of(str(path))
+    rewrite_putting_back_size_and_mtime(path, flipped(path, 7))
+    real = filestat.FileStat.of
+    monkeypatch.setattr(filestat.FileStat, "of", classmethod(  # the clock did not tick between the writes
+        lambda cls, name: dataclasses.replace(real(name), ctime_ns=indexed.ctime_ns)))
+    said = []
+    index_of([path], tmp_path / "cache", said=said)
+    assert f"distseq: {path} was modified since it was indexed: indexing it again" in said, said
+    assert running.changed() == f"{path} was modified"
+
+
+@pytest.mark.parametrize("how", ["touch", "cp -p"])
+def test_the_same_bytes_touched_or_copied_are_hashed_once_then_trusted(how, settled, hashes, tmp_path):
+    """A touch (a new mtime and ctime) or a copy that kept the mtime (a new inode) of the same bytes keeps
+    the index: the bytes are hashed once, then the new stat is recorded and trusted without reading them."""
+    seqs, labels = make_rows(80, 1)
+    path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
+    first = index_of([path], tmp_path / "cache")
+    time.sleep(0.02)  # past a tick of the file system's clock
+    if how == "touch":
+        os.utime(path)
+    else:
+        os.replace(shutil.copy2(path, tmp_path / "copy.jsonl"), path)
+    said = []
+    second = index_of([path], tmp_path / "cache", said=said)
+    assert said == [] and second.files[0].arrow == first.files[0].arrow
+    assert hashes == [str(path)]
+    stat = path.stat()
+    record = record_of(tmp_path / "cache")
+    assert (record["mtime_ns"], record["ctime_ns"], record["ino"]) == (stat.st_mtime_ns, stat.st_ctime_ns,
+                                                                        stat.st_ino)
+    assert first.changed() is None and second.changed() is None
+    check_rows(index_of([path], tmp_path / "cache"), seqs, labels, 1, False)
+    assert hashes == [str(path)]  # trusted by its stat from now on
+
+
+def test_a_record_without_ctime_and_inode_is_verified_by_hash_once(settled, hashes, tmp_path, monkeypatch):
+    """A record written before ctime and inode were recorded is still read: the file is hashed once (not
+    indexed again), then its full stat is recorded."""
+    path = write_jsonl(tmp_path / "a.jsonl", *make_rows(50, 1))
+    index_of([path], tmp_path / "cache")
+    (record_path,) = cache_files(tmp_path / "cache", "*.json")
+    old = {k: v for k, v in json.loads(record_path.read_text()).items() if k not in ("ctime_ns", "ino")}
+    record_path.write_text(json.dumps(old))
+    monkeypatch.setattr(fi, "_build", lambda *args, **kwargs: pytest.fail("the file was indexed again"))
+    said = []
+    assert index_of([path], tmp_path / "cache", said=said).rows == 50 and said == []
+    assert hashes == [str(path)]
+    stat = path.stat()
+    assert {k: record_of(tmp_path / "cache")[k] for k in ("ctime_ns", "ino")} == {"ctime_ns": stat.st_ctime_ns,
+                                                                                    "ino": stat.st_ino}
+    index_of([path], tmp_path / "cache")
+    assert hashes == [str(path)]
+
+
 # --- 6. real runs -------------------------------------------------------------------------------
-def test_resume_on_changed_data_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("mtime", ["moved", "put-back"])
+def test_resume_on_changed_data_is_refused(mtime, settled, tmp_path, capsys):
     seqs, labels = make_rows(100, 1)
     path = write_jsonl(tmp_path / "a.jsonl", seqs, labels)
     first = cli(train_args([path], tmp_path), capsys)
     assert first.returncode == 0, first.stderr
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000006"
     assert checkpoint.is_dir() and summary(tmp_path / "run")["step"] == 6
-    labels = labels.copy()
-    labels[40] = 1 - labels[40]
-    write_jsonl(path, seqs, labels)  # same size, one label changed
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
+    if mtime == "put-back":  # same size, one label changed, the modification time restored (touch -r)
+        rewrite_putting_back_size_and_mtime(path, flipped(path, 40))
+    else:
+        labels = labels.copy()
+        labels[40] = 1 - labels[40]
+        write_jsonl(path, seqs, labels)  # same size, one label changed
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
     proc = cli(train_args([path], tmp_path, "--max-steps", "12"), capsys)
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, proc.stderr
@@ -958,25 +1245,31 @@ def test_resume_on_changed_data_is_refused(tmp_path, capsys):
     assert str(path) in proc.stdout and "indexing it again" in proc.stdout  # the rebuild was announced
 
 
-@pytest.mark.parametrize("change", ["touched", "rewritten"])
-def test_a_file_modified_while_training_stops_without_saving(change, tmp_path, capsys, monkeypatch):
-    """Other bytes under a running job stop it at the next checkpoint, which is not written; a touch (a new
-    modification time, the same bytes: a backup tool, a sync) does not."""
+@pytest.mark.parametrize("change", ["touched", "copied-keeping-mtime", "rewritten", "rewritten-mtime-put-back"])
+def test_a_file_modified_while_training_stops_without_saving(change, settled, tmp_path, capsys, monkeypatch):
+    """Other bytes under a running job stop it at the next checkpoint, which is not written, even with the
+    size and modification time put back; a touch or a copy of the same bytes (a backup tool, a sync) does
+    not."""
     path = write_jsonl(tmp_path / "a.jsonl", *make_rows(100, 1))
     real, calls = FileSource.samples, []
 
     def samples(self, positions):
         calls.append(len(positions))
         if len(calls) == 1:  # while the run trains (this call feeds several steps): the file changes
-            if change == "rewritten":
-                path.write_text(path.read_text().replace("0.", "1.", 1))  # the same size
-            os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
+            if change == "rewritten-mtime-put-back":
+                rewrite_putting_back_size_and_mtime(path, path.read_text().replace("0.", "1.", 1))
+            elif change == "copied-keeping-mtime":
+                os.replace(shutil.copy2(path, tmp_path / "copy.jsonl"), path)
+            else:
+                if change == "rewritten":
+                    path.write_text(path.read_text().replace("0.", "1.", 1))  # the same size
+                os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
         return real(self, positions)
 
     monkeypatch.setattr(FileSource, "samples", samples)
     proc = cli(train_args([path], tmp_path, "--checkpoint-every", "3"), capsys)
     err = proc.stderr.strip()
-    if change == "touched":
+    if change in ("touched", "copied-keeping-mtime"):
         assert proc.returncode == 0 and summary(tmp_path / "run")["step"] == 6, proc.stderr
         return
     assert proc.returncode == 2 and len(err.splitlines()) == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr)

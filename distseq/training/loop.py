@@ -237,18 +237,21 @@ def save(run: Run, done: int, exhausted: bool = False) -> None:
 
 
 def check_files_unchanged(run: Run, done: int) -> None:
-    """Before a checkpoint: the indexed files are still what was indexed (every rank agrees, one all-reduce).
-    Training reads the index, so the run itself is intact, but a checkpoint would claim data that the
-    files no longer hold: stop without writing it."""
+    """Before a checkpoint: the indexed files are still what was indexed, and their indexes what was built
+    (every rank agrees, one all-reduce). Training reads the index, so a changed file leaves the run intact,
+    but a checkpoint would claim data that the files no longer hold; a damaged index (a memory map shows
+    bytes written to it) may have fed the steps since the last checkpoint. Either way: stop without saving."""
     if run.files is None:
         return
-    change = run.files.changed()
+    change, remedy = run.files.changed(), "restore the file to resume, or train anew on the new data in a new --run-dir"
+    damage = None if change else run.files.damaged()
+    if damage:
+        change, remedy = damage, "run again: distseq indexes the file again and resumes"
     if any_rank(run.accelerator, change is not None) and change is None:
-        change = "a data file changed (another process saw it)"
+        change = "a data file or its index changed (another process saw it)"
     if change:
         raise DataFileError(f"--data-files: {change} while this run trained on it; stopped at step {done} without "
-                            f"saving ({run.checkpoints.kept()}): restore the file to resume, or train anew on the "
-                            f"new data in a new --run-dir")
+                            f"saving ({run.checkpoints.kept()}): {remedy}")
 
 
 def stop(run: Run, done: int, signum: int) -> None:
