@@ -287,6 +287,22 @@ def data_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def stop_signals_untouched():
+    """A test that leaves a stop signal ignored (or handled) in this worker makes every process it starts later
+    inherit that (an ignored SIGTERM stays ignored): later tests of signals would fail for it. Each test's
+    dispositions are restored after it, and one that changed them fails, naming them."""
+    from distseq.ops.signals import STOP_SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    changed = [sig.name for sig, handler in before.items() if signal.getsignal(sig) is not handler]
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    if changed:
+        pytest.fail(f"the test left the disposition of {', '.join(changed)} changed in this process")
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"

@@ -99,9 +99,10 @@ def launch(argv: List[str], check_train: Callable[[List[str], int], None]) -> in
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", signals.names())  # torchrun's --signals_to_handle
     if elastic and args.max_restarts:
         use_fresh_rendezvous_per_attempt(args)
+    single = None if elastic else simple_launch(args)  # its checks too, before this process turns deaf below
     LOGS.open()
     try:
-        return run_elastic(args) if elastic else run_single(args)
+        return run_elastic(args) if elastic else run_single(single)
     finally:
         deaf_to_stop_signals()  # the ranks are gone: a late signal must not cut the last line short
 
@@ -196,6 +197,18 @@ def last_line(text: str, code: int) -> int:
     return code
 
 
+def simple_launch(args: argparse.Namespace) -> tuple:
+    """accelerate's command and environment for a one-process launch; its own checks as one line."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    try:
+        return prepare_simple_launcher_cmd_env(args)
+    except (AssertionError, ValueError) as error:
+        raise ConfigError("launcher options", f"{(str(error).strip().splitlines() or ['invalid'])[0]} (one "
+                                              f"process: several need --multi_gpu --num_processes N; see distseq "
+                                              f"launch --help)") from None
+
+
 def deaf_to_stop_signals() -> None:
     for sig in signals.catchable():
         signal.signal(sig, signal.SIG_IGN)
@@ -221,17 +234,10 @@ def no_port_check_on_the_head(args: argparse.Namespace):
         accelerate_launch.is_port_in_use = check
 
 
-def run_single(args: argparse.Namespace) -> int:
-    """One process (accelerate's simple launcher's command and environment), with the stop signals passed
-    on to it and its exit code relayed."""
-    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
-
-    try:
-        cmd, env = prepare_simple_launcher_cmd_env(args)
-    except (AssertionError, ValueError) as error:  # accelerate's own checks of a one-process launch
-        raise ConfigError("launcher options", f"{(str(error).strip().splitlines() or ['invalid'])[0]} (one "
-                                              f"process: several need --multi_gpu --num_processes N; see distseq "
-                                              f"launch --help)") from None
+def run_single(single: tuple) -> int:
+    """One process (accelerate's simple launcher's command and environment, checked before: ``single``), with
+    the stop signals passed on to it and its exit code relayed."""
+    cmd, env = single
     started: list = []
     pending: list = []  # a signal that arrived before the process existed
 
