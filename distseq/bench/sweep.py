@@ -9,6 +9,7 @@ points per hour that a pool of two one-thread runs gains on two cores.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,8 +31,6 @@ def _timed(command) -> float:
 
 
 def _env() -> dict:
-    import os
-
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

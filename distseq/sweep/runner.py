@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -30,6 +29,7 @@ from distseq.fsio import RunDirLock, write_json
 from distseq.ops.signals import catchable, exit_code
 from distseq.sweep.layout import FAILURE, FORMAT_VERSION, LOCK, MANIFEST, Point, point_status, read_manifest
 from distseq.sweep.local import LocalPool, pool_size
+from distseq.sweep.report import build_report
 from distseq.sweep.spec import Spec, check_points, load_spec
 
 LOGS = "logs"  # SWEEP/logs/<point>.log: each point's output
@@ -44,7 +44,6 @@ class Tally:
     failed: Dict[str, str] = field(default_factory=dict)  # name -> one-line reason
     interrupted: List[str] = field(default_factory=list)
     running: int = 0
-    started: float = field(default_factory=time.monotonic)
     seconds: List[float] = field(default_factory=list)  # of the points that ended in this run
 
     def line(self, pool: int) -> str:
@@ -159,7 +158,7 @@ def run_local(spec: Spec, root: Path, todo: List[Point], tally: Tally, size: int
     with passed_on(local.stop):
         local.run(todo, started, ended)
     bar.close()
-    build_report(root)
+    build_report(root)  # the default report, from the files alone
     return finish(tally, local.stopping, root)
 
 
@@ -241,15 +240,6 @@ def finish(tally: Tally, stopping: Optional[int], root: Path) -> int:
               file=sys.stderr, flush=True)
         return EXIT_FAILURE
     return 0
-
-
-def build_report(root: Path) -> None:
-    """The report, if the report module is there to build it (it reads the files alone)."""
-    try:
-        from distseq.sweep.report import build_report as build
-    except ImportError:
-        return
-    build(root)
 
 
 class passed_on:
