@@ -235,7 +235,8 @@ def import_recorded(specs: Iterable[str], task: str, model: str, replaced: Optio
 _builtins_loaded = [False]
 # imported by name: they import this module
 BUILTIN_MODULES = ("distseq.tasks.synthetic", "distseq.tasks.tokens", "distseq.models.recurrent",
-                   "distseq.models.encoder", "distseq.models.decoder")
+                   "distseq.models.encoder", "distseq.models.decoder",
+                   "distseq.models.mixers.sliding_window")
 
 
 def _load_builtins() -> None:

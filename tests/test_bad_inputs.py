@@ -194,7 +194,7 @@ CASES = [
      "--positions: invalid choice 'rope' (choose from sinusoidal, learned) [an option of --model transformer]"),
     ("rope with an odd head width", train("--model", "decoder", "--positions", "rope", "--hidden-size", "18",
                                           "--num-heads", "2"), setup_nothing, 2,
-     "--positions: rope rotates pairs of dimensions: --hidden-size / --num-heads = 9 must be even"),
+     "--positions: rotary positions rotate pairs of dimensions: --hidden-size / --num-heads = 9 must be even"),
     ("tie embeddings without tokens", train("--task", "copy", "--seq-len", "12", "--model", "decoder",
                                             "--tie-embeddings"), setup_nothing, 2,
      "--tie-embeddings: needs a token task whose outputs are its vocabulary (copy is not one)"),

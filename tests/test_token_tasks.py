@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from causality import assert_causal, change_features, change_token, model_for
 from conftest import REPO, checkpoint_weights, cpu_env, run_main, scalars, summary
 
-from distseq.config import ModelConfig, TrainConfig
+from distseq.config import TrainConfig
 from distseq.data.contract import PROPERTIES, check_task
 from distseq.models import build_model
 from distseq.models.flops import flops_per_token, matmul_params
@@ -345,40 +346,6 @@ def test_cli_check_task_on_a_token_preset_passes(capsys):
 
 
 # --- causality ---------------------------------------------------------------------------------------
-def model_for(kind: str, task: str, spec: TaskSpec, **model) -> torch.nn.Module:
-    dropout = model.pop("dropout", 0.0)
-    cfg = ModelConfig(kind=kind, hidden_size=16, num_layers=model.pop("num_layers", 1), dropout=dropout,
-                      options={"num_heads": 2, **model})
-    torch.manual_seed(0)
-    return build_model(cfg, TASKS[task], spec)
-
-
-def assert_causal(model: torch.nn.Module, x: torch.Tensor, change) -> None:
-    """For every position t: ``change(x, t)`` alters the input at t only; logits before t stay
-    bit-identical, and some logit at t or later moves."""
-    with torch.no_grad():
-        base = model(x)  # (B, T, C)
-        assert base.dim() == 3 and base.shape[:2] == x.shape[:2]
-        for t in range(x.shape[1]):
-            changed = model(change(x, t))
-            assert torch.equal(changed[:, :t], base[:, :t]), f"position {t} changed an earlier logit"
-            assert not torch.equal(changed[:, t:], base[:, t:]), f"position {t} changed nothing"
-
-
-def change_token(vocab: int):
-    def change(x, t):
-        x = x.clone()
-        x[:, t] = (x[:, t] + 1 + torch.arange(x.shape[0]) % (vocab - 1)) % vocab  # a different token in each row
-        return x
-    return change
-
-
-def change_features(x, t):
-    x = x.clone()
-    x[:, t] = torch.randn(x.shape[0], x.shape[2], generator=torch.Generator().manual_seed(t))
-    return x
-
-
 CAUSAL_SPEC = spec_of(12, 10, copy_len=3)  # selective-copy: any 12 ids in [0, 10) are valid inputs
 
 

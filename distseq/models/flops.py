@@ -31,12 +31,17 @@ ADDED_TABLES = ("positions",)  # parameters of this name are added to the inputs
 
 
 def matmul_params(model: nn.Module) -> int:
-    """Weights used in matrix multiplies: every parameter of 2 or more dimensions (Linear, attention's
-    projections, RNN/GRU/LSTM, convolutions), each counted once. Embedding tables are looked up, not
-    multiplied, unless another layer shares one (a tied output layer); biases and norms (1-D) and
-    position tables (named ``positions``, added to the inputs) are not multiplies either."""
+    """Weights used in matrix multiplies of every token: every parameter of 2 or more dimensions (Linear,
+    attention's projections, RNN/GRU/LSTM, convolutions), each counted once. Embedding tables are looked up,
+    not multiplied, unless another layer shares one (a tied output layer); biases and norms (1-D) and
+    position tables (named ``positions``, added to the inputs) are not multiplies either; nor are the
+    weights of a module marked ``per_sequence = True`` (an implicit filter: it runs once per position of
+    the sequence, for the whole batch, not once per token)."""
+    per_sequence = {id(p) for module in model.modules() if getattr(module, "per_sequence", False)
+                    for p in module.parameters()}
     weights = {id(p): p for module in model.modules() if not isinstance(module, nn.Embedding)
-               for name, p in module.named_parameters(recurse=False) if p.dim() >= 2 and name not in ADDED_TABLES}
+               for name, p in module.named_parameters(recurse=False)
+               if p.dim() >= 2 and name not in ADDED_TABLES and id(p) not in per_sequence}
     return sum(p.numel() for p in weights.values())
 
 
@@ -46,6 +51,13 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     if callable(own):
         return float(own(seq_len))
     return 6.0 * matmul_params(model)
+
+
+def state_size(model: nn.Module, seq_len: int) -> Optional[int]:
+    """Numbers one layer of ``model`` carries from token to token on sequences of ``seq_len`` (Zoology's
+    axis), from the model's own ``state_size(seq_len)``; None for a model that does not say."""
+    own = getattr(model, "state_size", None)
+    return int(own(seq_len)) if callable(own) else None
 
 
 def peak_flops(device: torch.device) -> Optional[float]:

@@ -1,0 +1,94 @@
+"""``--model sliding-window``: causal softmax attention over the last ``--window`` positions only.
+
+Position t attends to positions t - window + 1 .. t (itself included), with rotary positions. The fast
+form cuts the sequence into chunks of ``window`` positions: each chunk's queries attend to the keys of
+their own chunk and the one before, under one (window, 2 x window) mask, so time and memory grow as
+T x window instead of T^2. The slow form (``slow = True``) is dense attention under a banded T x T mask.
+What a layer carries from token to token is the keys and values of the last ``window`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distseq.models.base import register_model
+from distseq.models.decoder import check_heads, rope_tables, rotate
+from distseq.models.stack import stack_for
+from distseq.options import MAX_SEQ_LEN, MAX_WIDTH, option
+from distseq.tasks import Task, TaskSpec
+
+
+@dataclass
+class SlidingWindowOptions:
+    num_heads: int = option(4, "attention heads (must divide --hidden-size)", low=1, high=MAX_WIDTH)
+    window: int = option(16, "positions each token attends to, itself included", low=1, high=MAX_SEQ_LEN)
+
+
+def band_mask(queries: int, keys: int, window: int, first_key: int = 0, device=None) -> torch.Tensor:
+    """(queries, keys) bool: query i (position i) may read key j (position first_key + j) when
+    0 <= i - position < window."""
+    distance = torch.arange(queries, device=device)[:, None] - (first_key + torch.arange(keys, device=device))
+    return (distance >= 0) & (distance < window)
+
+
+class SlidingWindowAttention(nn.Module):
+    def __init__(self, width: int, heads: int, window: int, max_len: int, dropout: float = 0.0):
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.width, self.heads, self.window, self.dropout = width, heads, window, dropout
+        self.register_buffer("rope", rope_tables(max_len, width // heads), persistent=False)
+        self.slow = False
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """Scores and weighted sums over the window: 2 x 2 x width x min(window, seq_len)."""
+        return 4.0 * self.width * min(self.window, seq_len)
+
+    def state_size(self, seq_len: int) -> int:
+        """The keys and values of the last ``window`` tokens."""
+        return 2 * self.width * min(self.window, seq_len)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, D = h.shape
+        q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        q, k = rotate(q, self.rope), rotate(k, self.rope)
+        dropout = self.dropout if self.training else 0.0
+        if self.slow or T <= self.window:  # one chunk: the band is the whole mask
+            mask = band_mask(T, T, self.window, device=h.device)
+            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, Dh)
+        else:
+            mixed = self.chunked(q, k, v, dropout)
+        return self.out(mixed.transpose(1, 2).reshape(B, T, D))
+
+    def chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        B, H, T, Dh = q.shape
+        W = self.window
+        n = -(-T // W)  # chunks
+        pad = n * W - T  # positions past the end: only queries past the end could read them
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, n W, Dh)
+        q = q.view(B, H, n, W, Dh)
+        # each chunk's keys and values: the previous chunk's W, then its own W (chunk 0's previous is zeros)
+        k, v = (torch.cat([F.pad(t, (0, 0, W, 0))[:, :, : n * W].view(B, H, n, W, Dh), t.view(B, H, n, W, Dh)],
+                          dim=3) for t in (k, v))  # (B, H, n, 2W, Dh)
+        mask = band_mask(W, 2 * W, W, first_key=-W, device=q.device)  # (W, 2W): same for every chunk
+        first = mask & (torch.arange(2 * W, device=q.device) >= W)  # chunk 0: nothing before position 0
+        masks = torch.cat([first[None], mask[None].expand(n - 1, W, 2 * W)])  # (n, W, 2W)
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=masks, dropout_p=dropout)  # (B, H, n, W, Dh)
+        return mixed.view(B, H, n * W, Dh)[:, :, :T]
+
+
+@register_model("sliding-window", options=SlidingWindowOptions)
+def sliding_window(cfg, task: Task, spec: TaskSpec) -> nn.Module:
+    return stack_for(cfg, task, spec, lambda: SlidingWindowAttention(cfg.hidden_size, cfg.num_heads, cfg.window,
+                                                                      spec.seq_len, cfg.dropout))
+
+
+def _validate(cfg) -> None:
+    check_heads(cfg.model.hidden_size, cfg.model.num_heads, rotary=True)
+
+
+sliding_window.validate = _validate
