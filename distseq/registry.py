@@ -236,7 +236,8 @@ _builtins_loaded = [False]
 # imported by name: they import this module
 BUILTIN_MODULES = ("distseq.tasks.synthetic", "distseq.tasks.tokens", "distseq.models.recurrent",
                    "distseq.models.encoder", "distseq.models.decoder",
-                   "distseq.models.mixers.sliding_window")
+                   "distseq.models.mixers.sliding_window", "distseq.models.mixers.based",
+                   "distseq.models.mixers.hyena", "distseq.models.mixers.mamba")
 
 
 def _load_builtins() -> None:

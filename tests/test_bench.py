@@ -18,7 +18,7 @@ from distseq.bench.report import PLOTS_HINT, write_report
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PLOTS = {"overhead.png", "scaling.png", "time_to_accuracy.png", "precision.png", "step_time.png", "memory.png",
-         "recall_induction.png", "recall_mqar.png", "startup.png"}
+         "recall_induction.png", "startup.png"}
 
 
 def finite(value) -> bool:
@@ -53,13 +53,18 @@ def test_bench_quick_writes_every_key(quick_bench):
     tokens = bench["suites"]["stream"]["token_tasks"]
     assert set(tokens) == {"mqar", "induction", "selective-copy"}
     assert bench["token_stream_ratio"] == min(t["ratio"] for t in tokens.values())
-    # the recall suite: its headlines, both curves, one row per (model, pairs) of the quick grid
+    # the recall suite: its headlines and both curves
     assert 0 <= bench["induction_accuracy_2_layers"] <= 1 and 0 <= bench["induction_accuracy_1_layer"] <= 1
     recall = bench["suites"]["recall"]
     assert set(recall["induction_curves"]) == {"1", "2"} and all(recall["induction_curves"].values())
-    assert {(r["model"], r["num_kv_pairs"]) for r in bench["mqar_table"]} == {
-        (m, p) for m in ("decoder", "lstm") for p in (4, 8)}
-    assert all(0 <= r["accuracy"] <= 1 and r["seq_len"] >= 4 * r["num_kv_pairs"] for r in bench["mqar_table"])
+    # the mixers suite: every mixer against attention at both lengths, attention itself at exactly 1
+    speed = bench["mixer_speed_table"]
+    assert {(r["model"], r["seq_len"]) for r in speed} == {
+        (m, t) for m in ("decoder", "sliding-window", "based", "hyena", "mamba") for t in (32, 64)}
+    for row in speed:
+        assert row["tokens_per_sec"] > 0 and finite(row["speed_vs_attention"])
+        assert (row["speed_vs_attention"] == 1.0) == (row["model"] == "decoder")
+        assert ("activation_mb" in row) == (row["seq_len"] == 64) and row.get("activation_mb", 1) > 0
     assert set(bench["goals"]) == set(GOALS)
     assert all(isinstance(g["met"], bool) for g in bench["goals"].values())
 
@@ -125,6 +130,39 @@ def test_report_without_matplotlib_says_how_to_get_plots(quick_bench, tmp_path, 
     assert not list(tmp_path.glob("*.png"))
     assert PLOTS_HINT in (tmp_path / "report.md").read_text() and PLOTS_HINT in messages[-1]
     assert "pip install -e '.[bench]'" in PLOTS_HINT
+
+
+def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_figures(tmp_path):
+    """--quick: two models, one width, one cell, one learning rate; a second run finds every point complete and
+    rebuilds the same table from the run dirs alone."""
+    proc = run_distseq(["bench", "zoology", "--quick", "--out", str(tmp_path)], timeout=300)
+    assert_ok(proc)
+    result = json.loads((tmp_path / "zoology.json").read_text())
+    rows = result["zoology_table"]
+    assert {(r["model"], r["width"], r["seq_len"], r["num_kv_pairs"]) for r in rows} == {
+        ("decoder", 16, 16, 2), ("mamba", 16, 16, 2)}
+    sweep = tmp_path / "zoology-sweep"
+    for row in rows:
+        assert row["complete"] and 0 <= row["accuracy"] <= 1 and row["lr"] == 3e-3
+        point = sweep / f"model={row['model']},hidden-size=16,seq-len=16,num-kv-pairs=2,lr=0.003"
+        assert row["state_size"] == summary(point)["state_size_per_layer"] > 0
+        assert row["parameters"] == summary(point)["parameters"]
+    assert result["complete"] and result["sweep_exit_code"] == 0
+    table = (tmp_path / "zoology.md").read_text()
+    assert table.startswith("| model | seq 16, 2 pairs, width 16 |") and "| attention |" in table
+    for name in ("zoology_width.png", "zoology_state.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (tmp_path / "report.md").read_text()
+    again = run_distseq(["bench", "zoology", "--quick", "--out", str(tmp_path)], timeout=300)
+    assert_ok(again)
+    assert "sweep: 0 of 2 point(s) to run" in again.stdout
+    assert json.loads((tmp_path / "zoology.json").read_text())["zoology_table"] == rows
+
+
+def test_bench_names_the_suites_it_knows(tmp_path):
+    proc = run_distseq(["bench", "zoo", "--out", str(tmp_path)])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(", sweep, mixers, zoology)")
 
 
 def test_profile_steps_writes_a_trace_and_the_shares(tmp_path):

@@ -21,7 +21,7 @@ from distseq.models.flops import flops_per_token, matmul_params, state_size
 from distseq.tasks import TaskSpec
 
 MIXERS = ("sliding-window", "based", "hyena", "mamba")
-SPEC = TaskSpec(seq_len=21, vocab_size=10, options={"copy_len": 3})  # selective-copy: any ids in [0, 10)
+SPEC = TaskSpec(21, 21, 10, copy_len=3)  # selective-copy: any 21 ids in [0, 10) are valid inputs
 # options that make every fast path cut the 21 positions into several pieces, the last one short
 SMALL_PIECES = {"sliding-window": {"window": 4}, "based": {"window": 4}, "hyena": {}, "mamba": {}}
 CHUNK = 4  # a chunked mixer's chunk length in these tests

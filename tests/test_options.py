@@ -83,7 +83,7 @@ def test_every_config_field_declares_what_a_resume_does_with_it():
 
 
 BUILTIN_OWNERS = {  # option: (registry, its owners)
-    "positions": (MODELS, ["decoder", "transformer"]), "num_heads": (MODELS, ["decoder", "transformer"]),
+    "positions": (MODELS, ["decoder", "transformer"]), "num_heads": (MODELS, ["based", "decoder", "sliding-window", "transformer"]),
     "tie_embeddings": (MODELS, ["decoder"]), "bidirectional": (MODELS, ["gru", "lstm", "rnn"]),
     "num_kv_pairs": (TASKS, ["mqar"]), "copy_len": (TASKS, ["copy", "selective-copy"]),
 }
@@ -142,7 +142,7 @@ def test_options_are_read_and_set_like_fields_with_the_owners_defaults():
      "--num-kv-pairs: must be an integer >= 1 (got 0) [an option of --task mqar]"),
     (["--preset", "default", "--model", "lstm", "--num-heads", "2"],
      "--num-heads: is not an option of --model lstm (its own options: --bidirectional); it belongs to --model "
-     "decoder, transformer"),
+     "based, decoder, sliding-window, transformer"),
     (["--preset", "mqar", "--model", "lstm", "--positions", "rope"],
      "--positions: is not an option of --model lstm (its own options: --bidirectional); it belongs to --model "
      "decoder, transformer"),

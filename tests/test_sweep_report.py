@@ -110,13 +110,14 @@ def test_results_have_one_row_per_point_in_manifest_order(sweep):
     assert [r["name"] for r in rows] == [p["name"] for p in manifest["points"]]
     assert list(rows[0]) == ["name", "kind", "hidden_size", "lr", "seed", "status", "reason", "final eval/loss",
                              "final eval/accuracy", "best eval/loss", "best eval/accuracy", "reached_at_step",
-                             "steps", "train_seconds", "tokens", "parameters"]
+                             "steps", "train_seconds", "tokens", "parameters", "state_size"]
     by_name = {r["name"]: r for r in rows}
     never = by_name["kind=lstm,hidden_size=32,lr=0.001,seed=1"]  # best 0.74 at step 20, final 0.72 at step 30
     assert never == {"name": never["name"], "kind": "lstm", "hidden_size": "32", "lr": "0.001", "seed": "1",
                      "status": "complete", "reason": "", "final eval/loss": "0.28", "final eval/accuracy": "0.72",
                      "best eval/loss": "0.26", "best eval/accuracy": "0.74", "reached_at_step": "", "steps": "30",
-                     "train_seconds": "45.0", "tokens": "30000", "parameters": "3200"}
+                     "train_seconds": "45.0", "tokens": "30000", "parameters": "3200",
+                     "state_size": ""}
     stopped = by_name["kind=decoder,hidden_size=16,lr=0.01,seed=1"]  # --stop-at fired at step 50
     assert (stopped["reached_at_step"], stopped["steps"], stopped["best eval/accuracy"],
             stopped["final eval/accuracy"], stopped["parameters"]) == ("50", "50", "0.91", "0.91", "1607")

@@ -25,7 +25,9 @@ from distseq.fsio import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",
-               "startup", "sweep")
+               "startup", "sweep", "mixers")
+ON_REQUEST = ("zoology",)  # run only when named: longer than all the others together
+BACKENDS = ("local", "slurm")  # where the zoology suite's sweep runs
 
 # what each suite contributes to the top level of bench.json
 HEADLINES = {
@@ -40,6 +42,8 @@ HEADLINES = {
     "checkpoint": ("async_block_ratio", "save_mb_per_s", "load_mb_per_s", "reshard_load_seconds"),
     "startup": ("startup_seconds",),
     "sweep": ("sweep_overhead_s_per_point", "sweep_pool_ratio"),
+    "mixers": ("mixer_speed_table",),
+    "zoology": ("zoology_table",),
 }
 
 
@@ -87,7 +91,8 @@ def collect(results: Dict[str, dict], quick: bool) -> Dict:
     return bench
 
 
-def run_bench(out_dir: str, suites: Sequence[str], quick: bool, log: Callable[[str], None] = print) -> Dict:
+def run_bench(out_dir: str, suites: Sequence[str], quick: bool, log: Callable[[str], None] = print,
+              backend: str = "local") -> Dict:
     """Run ``suites`` one process each, then write bench.json, the table and the report."""
     from .report import summary_table, write_report
 
@@ -96,7 +101,8 @@ def run_bench(out_dir: str, suites: Sequence[str], quick: bool, log: Callable[[s
     results = {}
     for name in tqdm(suites, desc="bench", unit="suite"):
         log(f"distseq bench: {name}{' (quick)' if quick else ''}")
-        command = [sys.executable, "-m", "distseq.bench.suite", name, str(out)] + (["--quick"] if quick else [])
+        command = [sys.executable, "-m", "distseq.bench.suite", name, str(out), "--backend", backend] + (
+            ["--quick"] if quick else [])
         returncode = subprocess.run(command).returncode
         if returncode != 0:
             raise BenchError(f"suite {name!r} failed (exit {returncode}); its output is above")

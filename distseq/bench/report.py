@@ -99,11 +99,18 @@ def summary_table(bench: Dict) -> str:
         seconds = "  ".join(f"{n} proc={v:.1f}" for n, v in bench["startup_seconds"].items())
         lines.append(f"  start-up (s)           {seconds}  (launch to the first step; grows most: "
                      f"{startup['largest_growing_phase']})")
-    if "mqar_table" in bench:
+    if "induction_accuracy_2_layers" in bench:
         lines.append(f"  induction accuracy     2 layers={bench['induction_accuracy_2_layers']:.3f}  "
                      f"1 layer={bench['induction_accuracy_1_layer']:.3f}")
-        lines.append("  mqar accuracy          " + "  ".join(f"{r['model']}/{r['num_kv_pairs']}={r['accuracy']:.3f}"
-                                                            for r in bench["mqar_table"]))
+    if "mixer_speed_table" in bench:
+        lines.append("  mixers (x attention)   " + "  ".join(
+            f"{r['model']}/{r['seq_len']}={r['speed_vs_attention']:.2f}" for r in bench["mixer_speed_table"]))
+    if "zoology_table" in bench:
+        from .zoology import LABELS
+
+        solved = [r for r in bench["zoology_table"] if r["accuracy"] is not None]
+        lines.append("  zoology (best acc.)    " + "  ".join(
+            f"{LABELS.get(r['model'], r['model'])}/{r['seq_len']}/{r['width']}={r['accuracy']:.2f}" for r in solved))
     lines.append("  peak RSS (MB)          " + "  ".join(f"{k}={v:.0f}" for k, v in bench["peak_rss_mb"].items()))
     if "peak_cuda_memory_mb" in bench:
         lines.append("  peak CUDA memory (MB)  " + "  ".join(f"{k}={v:.0f}"
@@ -227,22 +234,6 @@ def plot_induction(plt, s: Dict, path: Path) -> None:
                           "center right", path)
 
 
-def plot_mqar(plt, rows: List[dict], path: Path) -> None:
-    """MQAR accuracy vs the number of key-value pairs, one line per model."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["num_kv_pairs"])
-        lengths = sorted({r["seq_len"] for r in mine})
-        seq = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
-        ax.plot([r["num_kv_pairs"] for r in mine], [r["accuracy"] for r in mine], "-o", markersize=4,
-                label=f"{model} (seq {seq}, {mine[0]['steps']} steps per cell)")
-    pairs = sorted({r["num_kv_pairs"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(pairs, [str(m) for m in pairs])
-    _finish_accuracy_plot(fig, ax, "key-value pairs (--num-kv-pairs)", "held-out accuracy per query",
-                          "MQAR: attention vs a recurrent state of the same width", "upper right", path)
-
-
 def _finish_accuracy_plot(fig, ax, xlabel: str, ylabel: str, title: str, legend: str, path: Path) -> None:
     """Labels, an accuracy axis from 0 to 1, title and legend; then the PNG."""
     ax.set_xlabel(xlabel)
@@ -267,7 +258,6 @@ def write_plots(out: Path, bench: Dict) -> Optional[List[str]]:
         ("precision.png", "precision", lambda p: _plot_precision(plt, bench["precision_table"], p)),
         ("step_time.png", "profile", lambda p: _plot_shares(plt, ordered_shares(bench["step_time_shares"]), p)),
         ("recall_induction.png", "recall", lambda p: plot_induction(plt, suites["recall"], p)),
-        ("recall_mqar.png", "recall", lambda p: plot_mqar(plt, bench["mqar_table"], p)),
         ("startup.png", "startup", lambda p: _plot_startup(plt, suites["startup"], p)),
         ("memory.png", None, lambda p: _plot_memory(plt, bench["peak_rss_mb"], p)),
     ]
@@ -318,26 +308,33 @@ def details(suites: Dict) -> List[str]:
 
 
 def recall_section(r: Dict) -> List[str]:
-    """The recall suite: both induction results and the MQAR table, with the configs that produced them."""
+    """The recall suite: both induction results, with the configs that produced them."""
     two, one = r["config"]["induction_2_layers"], r["config"]["induction_1_layer"]
-    lines = ["", "## Recall: induction heads and MQAR (this run's measurements)", "",
+    lines = ["", "## Recall: induction heads (this run's measurements)", "",
              f"- **induction** (`--preset induction` with: decoder width {two['model']['hidden_size']}, "
              f"{two['model']['num_heads']} heads, {two['model']['positions']} positions, seq {two['data']['seq_len']}, "
              f"vocab {two['data']['vocab_size']}, batch {two['train']['global_batch_size']}, lr {two['optim']['lr']}, "
              f"{two['train']['max_steps']} steps): held-out accuracy **{r['induction_accuracy_2_layers']:.4f}** with 2 "
              f"layers, **{r['induction_accuracy_1_layer']:.4f}** with {one['model']['num_layers']} "
              f"(chance {1 / (two['data']['vocab_size'] - 1):.3f}).", ""]
-    rows = r["mqar_table"]
-    d = r["config"]["mqar_decoder"]
-    lines += [f"- **MQAR** (`--preset mqar` with: vocab {d['data']['vocab_size']}, "
-              f"batch {d['train']['global_batch_size']}, "
-              f"lr {d['optim']['lr']}, the same steps per cell; decoder and LSTM each {d['model']['num_layers']} "
-              f"layers of width {d['model']['hidden_size']}): held-out accuracy per query", "",
-              "| model | kv pairs | seq len | accuracy | sequence accuracy | steps | train s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {x['model']} | {x['num_kv_pairs']} | {x['seq_len']} | {x['accuracy']:.4f} | "
-              f"{x['sequence_accuracy']:.4f} | {x['steps']} | {x['train_seconds']:.1f} |" for x in rows]
     return lines
+
+
+def mixers_section(m: Dict) -> List[str]:
+    from .mixers import speed_table_markdown
+
+    return ["", f"## Sequence mixers: training tokens/s against attention ({m['layers']} layers of width {m['width']}, "
+                f"{m['tokens_per_step']:,} tokens a step, {m['threads']} threads, {m['device']})", "",
+            speed_table_markdown(m["mixer_speed_table"])]
+
+
+def zoology_section(z: Dict) -> List[str]:
+    from .zoology import table_markdown
+
+    state = "" if z["complete"] else " **Not every point is complete: run the suite again to finish it.**"
+    return ["", "## Zoology: MQAR accuracy by model, width and cell (best learning rate)", "",
+            f"The sweep is in `{z['sweep_dir']}`; {z['seconds'] / 60:.1f} minutes in this run.{state}", "",
+            table_markdown(z["zoology_table"]), "", *(f"![{name[:-4]}]({name})" for name in z.get("plots") or ())]
 
 
 def startup_section(s: Dict) -> List[str]:
@@ -384,8 +381,12 @@ def report_markdown(bench: Dict, plots: Optional[List[str]]) -> str:
         lines += [f"| {r['model']} | {r['precision']} | {'yes' if r['works'] else 'no'} | "
                   f"{r['steps_per_sec']:.1f} | |" if r["works"] else
                   f"| {r['model']} | {r['precision']} | no | - | {r['error']} |" for r in bench["precision_table"]]
-    if "mqar_table" in bench:
+    if "induction_accuracy_2_layers" in bench:
         lines += recall_section(bench["suites"]["recall"])
+    if "mixer_speed_table" in bench:
+        lines += mixers_section(bench["suites"]["mixers"])
+    if "zoology_table" in bench:
+        lines += zoology_section(bench["suites"]["zoology"])
     if "startup_seconds" in bench:
         lines += startup_section(bench["suites"]["startup"])
     lines += ["", "## Peak resident memory per process (MB)", "", "| suite | MB |", "| --- | --- |"]

@@ -1,4 +1,5 @@
-"""One benchmark suite in a process of its own: ``python -m distseq.bench.suite NAME OUT_DIR [--quick]``.
+"""One benchmark suite in a process of its own:
+``python -m distseq.bench.suite NAME OUT_DIR [--quick] [--backend local|slurm]``.
 
 A fresh process per suite keeps the suites from disturbing one another (threads, allocator, the
 accelerate state) and makes its peak resident memory its own. Writes ``OUT_DIR/NAME.json``.
@@ -16,6 +17,7 @@ from distseq.training.metrics import peak_memory
 from .accuracy import accuracy_suite
 from .checkpoint import checkpoint_suite
 from .files import files_suite
+from .mixers import mixer_speed_suite
 from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite
 from .recall import recall_suite
@@ -23,6 +25,7 @@ from .scaling import scaling_suite
 from .startup import startup_suite
 from .stream import stream_suite
 from .sweep import sweep_suite
+from .zoology import zoology_suite
 
 SUITES = {
     "overhead": overhead_suite,
@@ -36,12 +39,19 @@ SUITES = {
     "checkpoint": checkpoint_suite,
     "startup": startup_suite,
     "sweep": sweep_suite,
+    "mixers": mixer_speed_suite,
+    "zoology": zoology_suite,
 }
+WRITES_FILES = ("zoology",)  # suites that write more than their JSON into OUT (and may resume from it)
 
 
 def main(argv=None) -> int:
     name, out_dir, *flags = argv if argv is not None else sys.argv[1:]
-    result = SUITES[name](quick="--quick" in flags, log=lambda line: print(line, flush=True))
+    own = {}
+    if name in WRITES_FILES:
+        backend = flags[flags.index("--backend") + 1] if "--backend" in flags else "local"
+        own = {"out": Path(out_dir), "backend": backend}
+    result = SUITES[name](quick="--quick" in flags, log=lambda line: print(line, flush=True), **own)
     memory = peak_memory()
     # the largest of this process and every process it started (torchrun ranks, the plain script)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

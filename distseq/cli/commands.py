@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import List
 
-from distseq.bench import SUITE_NAMES
+from distseq.bench import ON_REQUEST, SUITE_NAMES
 from distseq.cli.parser import build_parser, overrides
 from distseq.config import PRESETS, TrainConfig, from_sources, read_config_file
 from distseq.config.world import launch_world_size
@@ -136,11 +136,12 @@ def sweep(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> None:
     from distseq.bench import run_bench
 
-    unknown = [name for name in args.suites if name not in SUITE_NAMES]
+    known = SUITE_NAMES + ON_REQUEST
+    unknown = [name for name in args.suites if name not in known]
     if unknown:
-        raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITE_NAMES)})")
+        raise ConfigError("SUITE", f"unknown suite {unknown[0]!r} (choose from {', '.join(known)})")
     check_output_dir("--out", args.out)
-    run_bench(args.out, args.suites or SUITE_NAMES, args.quick)
+    run_bench(args.out, args.suites or SUITE_NAMES, args.quick, backend=args.backend)
 
 
 def launch(args: argparse.Namespace) -> int:

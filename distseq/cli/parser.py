@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from distseq.bench import SUITE_NAMES
+from distseq.bench import BACKENDS, ON_REQUEST, SUITE_NAMES
 from distseq.config import PRESETS, SECTIONS, TrainConfig
 from distseq.config.sections import component_option_facts, owner_section
 from distseq.errors import EXIT_USAGE
@@ -175,13 +175,20 @@ def add_bench(commands) -> None:
         "profile (where a step's time goes), recall (induction heads and MQAR: attention vs an LSTM), "
         "checkpoint (blocked seconds per save, sync vs async), "
         "startup (seconds from launch to the first optimizer step on 1, 2, 4 and 8 processes, by phase: a figure, "
-        "not a ratio). The full run takes about 22 minutes on 2 cores, 13 of them recall.",
+        "not a ratio), sweep (what distseq sweep adds per point), mixers (tokens/s of each sequence mixer against "
+        "attention at seq 256 and 2,048, and activation memory). On request only: zoology (Zoology's MQAR figure: "
+        "six models x widths x cells x learning rates as a resumable sweep under OUT/zoology-sweep; about an hour "
+        "on 2 cores). The default run takes about 25 minutes on 2 cores.",
     )
     bench.add_argument("suites", nargs="*", metavar="SUITE",
-                       help="suites to run, from: " + ", ".join(SUITE_NAMES) + " (default: all)")
+                       help="suites to run, from: " + ", ".join(SUITE_NAMES + ON_REQUEST)
+                       + " (default: all but " + ", ".join(ON_REQUEST) + ")")
     bench.add_argument("--out", default="bench-out", help="output directory (default: bench-out)")
     bench.add_argument("--quick", action="store_true",
                        help="short measurements (about 2 minutes in all): checks the suites run, not for comparison")
+    bench.add_argument("--backend", choices=BACKENDS, default="local",
+                       help="where the zoology suite's sweep runs: local processes, or a SLURM job array (run the "
+                            "same command again when the array has ended: it builds the table from the run dirs)")
 
 
 def add_eval(commands) -> None:

@@ -17,12 +17,11 @@ from torch import nn
 
 from distseq.errors import ConfigError
 from distseq.models.base import register_model
+from distseq.models.rotary import check_heads, rope_tables, rotate
 from distseq.models.stack import stack_for
 from distseq.options import MAX_WIDTH, option
 from distseq.registry import TASKS
 from distseq.tasks import Task, TaskSpec
-
-ROPE_BASE = 10000.0
 
 
 @dataclass
@@ -31,20 +30,6 @@ class DecoderOptions:
     positions: Literal["sinusoidal", "learned", "rope"] = option(
         "sinusoidal", "position encoding: added to the embedding (sinusoidal, learned) or rotary (rope)")
     tie_embeddings: bool = option(False, "on a token task, the output layer shares the token embedding's weights")
-
-
-def rope_tables(length: int, head_dim: int) -> torch.Tensor:
-    """(2, T, head_dim / 2): cos and sin of each position's rotation angles."""
-    inverse = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (Dh/2,)
-    angles = torch.arange(length, dtype=torch.float32)[:, None] * inverse  # (T, Dh/2)
-    return torch.stack([angles.cos(), angles.sin()])
-
-
-def rotate(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh) rotated pairwise (first half with second half) by each position's angles."""
-    cos, sin = tables[0, : x.shape[2]].to(x.dtype), tables[1, : x.shape[2]].to(x.dtype)  # (T, Dh/2)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,15 +68,6 @@ def decoder(cfg, task: Task, spec: TaskSpec) -> nn.Module:
                                                                    spec.seq_len, cfg.positions == "rope"),
                      positions="none" if cfg.positions == "rope" else cfg.positions, tie=cfg.tie_embeddings,
                      mixer_name="attention")
-
-
-def check_heads(width: int, heads: int, rotary: bool, field: str = "--num-heads") -> None:
-    """Heads split the width evenly; rotary positions also need an even width per head."""
-    if width % heads:
-        raise ConfigError("--num-heads", f"{heads} does not divide --hidden-size {width}")
-    if rotary and (width // heads) % 2:
-        raise ConfigError(field, f"rotary positions rotate pairs of dimensions: --hidden-size / --num-heads = "
-                                 f"{width // heads} must be even")
 
 
 def _decoder_validate(cfg) -> None:

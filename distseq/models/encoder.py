@@ -46,6 +46,10 @@ class TransformerClassifier(nn.Module):
         (12 x layers x width x sequence length, the PaLM count)."""
         return 6.0 * matmul_params(self) + 12.0 * self.num_layers * self.d_model * seq_len
 
+    def state_size(self, seq_len: int) -> int:
+        """The keys and values of every token (it reads both directions: there is no token-by-token form)."""
+        return 2 * self.d_model * seq_len
+
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         steps = x.shape[1]
         h = self.embed(x) + self.positions[:steps]  # (B, T, D)

@@ -38,6 +38,11 @@ class RecurrentClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.directions * hidden_size, num_outputs)
         self.per_step = per_step
+        self.states = (2 if kind == "lstm" else 1) * self.directions * hidden_size  # LSTM: h and c
+
+    def state_size(self, seq_len: int) -> int:
+        """The hidden state (and an LSTM's cell) of each direction: what one layer carries to the next token."""
+        return self.states
 
     def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.embed is not None:

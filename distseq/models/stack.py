@@ -40,13 +40,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.mixer_name = mixer_name
-        self.add_module(mixer_name, mixer)
+        self._modules[mixer_name] = mixer  # saved under this name; read as .mixer whatever the name
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
     @property
     def mixer(self) -> nn.Module:
-        return getattr(self, self.mixer_name)
+        return self._modules[self.mixer_name]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h + self.drop(self.mixer(self.norm1(h)))

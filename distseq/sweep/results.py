@@ -61,6 +61,7 @@ class PointResult:
     train_seconds: Optional[float] = None
     tokens: Optional[int] = None
     parameters: Optional[int] = None
+    state_size: Optional[int] = None  # numbers one layer carries from token to token (summary.json)
 
     @property
     def complete(self) -> bool:
@@ -141,7 +142,7 @@ def read_point(sweep_dir: Path, point: Point, threshold: Optional[Threshold]) ->
                        best=best_metrics([metrics_of(entry) for entry in history] + [final]),
                        reached_at_step=reached_at(summary, history, threshold), steps=summary.get("step"),
                        train_seconds=summary.get("train_seconds"), tokens=summary.get("tokens"),
-                       parameters=summary.get("parameters"))
+                       parameters=summary.get("parameters"), state_size=summary.get("state_size_per_layer"))
 
 
 def axes_of(manifest: dict, points: List[Point]) -> Dict[str, list]:
@@ -164,7 +165,7 @@ def metrics_seen(results: List[PointResult], *wanted: Optional[str]) -> List[str
 
 def columns(axes: Dict[str, list], metrics: List[str]) -> List[str]:
     return ["name", *axes, "status", "reason", *(f"final {m}" for m in metrics), *(f"best {m}" for m in metrics),
-            "reached_at_step", "steps", "train_seconds", "tokens", "parameters"]
+            "reached_at_step", "steps", "train_seconds", "tokens", "parameters", "state_size"]
 
 
 def row_of(result: PointResult, axes: Dict[str, list], metrics: List[str]) -> dict:
@@ -173,7 +174,7 @@ def row_of(result: PointResult, axes: Dict[str, list], metrics: List[str]) -> di
     row.update({f"final {m}": result.final.get(m) for m in metrics})
     row.update({f"best {m}": result.best.get(m) for m in metrics})
     row.update(reached_at_step=result.reached_at_step, steps=result.steps, train_seconds=result.train_seconds,
-               tokens=result.tokens, parameters=result.parameters)
+               tokens=result.tokens, parameters=result.parameters, state_size=result.state_size)
     return row
 
 

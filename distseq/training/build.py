@@ -45,7 +45,7 @@ from distseq.distributed.sharding import quiet_fsdp_warnings, shard_model
 from distseq.errors import RunIOError
 from distseq.fsio import write_json
 from distseq.models import build_model
-from distseq.models.flops import flops_per_token
+from distseq.models.flops import flops_per_token, state_size
 from distseq.ops.failpoints import pause_point
 from distseq.ops.hangs import HangReport
 from distseq.ops.signals import StopSignals
@@ -100,6 +100,7 @@ class Run:
     replaced: dict = field(default_factory=dict)  # the task and model names a plugin replaced, as recorded
     stop_at: Optional[Threshold] = None  # --stop-at, parsed
     parameters: int = 0  # of the model as built (whole, before sharding)
+    state_size: Optional[int] = None  # numbers one layer carries from token to token (None: the model does not say)
 
     @property
     def path(self) -> Path:
@@ -107,6 +108,15 @@ class Run:
 
     def say(self, line: str) -> None:
         print0(self.accelerator, line)
+
+    def model_figures(self) -> dict:
+        """What summary.json says of the model: its size, its training FLOPs per token (in ``throughput``) and
+        the state one layer carries from token to token at this sequence length."""
+        return {"parameters": self.parameters, "state_size_per_layer": self.state_size}
+
+    def model_figures_line(self) -> str:
+        state = "" if self.state_size is None else f" state/layer={self.state_size}"
+        return f"parameters={self.parameters} flops/token={self.flops_per_token:.3g}{state}"
 
     def write_agreed(self, files: dict) -> None:
         """Run files written by the main process while the others wait for it: every rank learns the
@@ -189,6 +199,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
     pause_point("startup")
     model_flops = flops_per_token(model, spec.seq_len)  # of the model as built, before any wrapper
     parameters = sum(p.numel() for p in model.parameters())
+    state = state_size(model, spec.seq_len)
     model, optimizer, scheduler, sharded = _place(model, cfg, accelerator, sharding, precision)
     layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
     config, progress = cfg.to_dict(), Progress(first_step=t.start_step)
@@ -205,7 +216,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
                spec=spec, layout=layout, model=model, optimizer=optimizer, scheduler=scheduler,
                checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
                model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup,
-               sharded=sharded, replaced=replaced, parameters=parameters,
+               sharded=sharded, replaced=replaced, parameters=parameters, state_size=state,
                stop_at=Threshold.parse(t.stop_at, task.head) if t.stop_at else None)
 
 
@@ -244,6 +255,7 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
             f"device={accelerator.device} sharding={run.sharding} precision={run.precision.name} "
             f"({run.precision.reason}) micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} "
             f"global_batch={layout.global_batch} run_dir={run.path}")
+    run.say(f"distseq: model={run.model_name} {run.model_figures_line()}")
     if run.sharded:
         run.say(f"distseq: {run.sharded}")
     if run.files is not None:

@@ -295,7 +295,7 @@ def write_summary(run: Run, done: int, status: str) -> dict:
     extra = {**throughput((done - progress.first_step) * layout.global_batch, progress.tokens, seconds,
                           run.flops_per_token, run.accelerator.device, run.accelerator.num_processes),
              "checkpoint": str(run.checkpoints.newest), "micro_batch": layout.micro_batch, "sharding": run.sharding,
-             "global_batch": layout.global_batch, "start_step": progress.first_step, "parameters": run.parameters,
+             "global_batch": layout.global_batch, "start_step": progress.first_step, **run.model_figures(),
              "skipped_steps": progress.skipped_steps, "status": status,
              "resumed_from": str(run.resumed_from) if run.resumed_from else None,
              "train_seconds": seconds, "steps_per_sec": (done - progress.first_step) / max(seconds, 1e-9),

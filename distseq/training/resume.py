@@ -107,7 +107,7 @@ def finished_summary(run, restored) -> dict:
                "checkpoint": str(run.resumed_from), "train_seconds": progress.train_seconds,
                "wall_seconds": progress.wall_seconds, "skipped_steps": progress.skipped_steps,
                "eval_history": history, "config_changes": progress.config_history[1:], "task": run.cfg.data.task,
-               "model": run.model_name, "start_step": progress.first_step, "parameters": run.parameters,
+               "model": run.model_name, "start_step": progress.first_step, **run.model_figures(),
                **throughput(restored.samples - progress.first_step * run.layout.global_batch, progress.tokens,
                             progress.train_seconds, run.flops_per_token, run.accelerator.device,
                             run.accelerator.num_processes),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.models.base import register_model
-from distseq.models.decoder import check_heads, rope_tables, rotate
+from distseq.models.rotary import check_heads, rope_tables, rotate
 from distseq.models.stack import stack_for
 from distseq.options import MAX_SEQ_LEN, MAX_WIDTH, option
 from distseq.tasks import Task, TaskSpec

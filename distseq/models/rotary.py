@@ -1,0 +1,32 @@
+"""Rotary positions (RoPE) for the attention mixers, and the head checks they share."""
+
+from __future__ import annotations
+
+import torch
+
+from distseq.errors import ConfigError
+
+ROPE_BASE = 10000.0
+
+
+def rope_tables(length: int, head_dim: int) -> torch.Tensor:
+    """(2, T, head_dim / 2): cos and sin of each position's rotation angles."""
+    inverse = ROPE_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (Dh/2,)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inverse  # (T, Dh/2)
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def rotate(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, Dh) rotated pairwise (first half with second half) by each position's angles."""
+    cos, sin = tables[0, : x.shape[2]].to(x.dtype), tables[1, : x.shape[2]].to(x.dtype)  # (T, Dh/2)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+def check_heads(width: int, heads: int, rotary: bool, field: str = "--num-heads") -> None:
+    """Heads split the width evenly; rotary positions also need an even width per head."""
+    if width % heads:
+        raise ConfigError("--num-heads", f"{heads} does not divide --hidden-size {width}")
+    if rotary and (width // heads) % 2:
+        raise ConfigError(field, f"rotary positions rotate pairs of dimensions: --hidden-size / --num-heads = "
+                                 f"{width // heads} must be even")
