@@ -83,7 +83,8 @@ def test_every_config_field_declares_what_a_resume_does_with_it():
 
 
 BUILTIN_OWNERS = {  # option: (registry, its owners)
-    "positions": (MODELS, ["decoder", "transformer"]), "num_heads": (MODELS, ["based", "decoder", "sliding-window", "transformer"]),
+    "positions": (MODELS, ["decoder", "transformer"]),
+    "num_heads": (MODELS, ["based", "decoder", "sliding-window", "transformer"]),
     "tie_embeddings": (MODELS, ["decoder"]), "bidirectional": (MODELS, ["gru", "lstm", "rnn"]),
     "num_kv_pairs": (TASKS, ["mqar"]), "copy_len": (TASKS, ["copy", "selective-copy"]),
 }
