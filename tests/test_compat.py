@@ -85,7 +85,7 @@ def test_eval_predict_and_export_read_an_old_checkpoint(release, capsys):
     saved = json.loads((release / "new-export" / "config.json").read_text())
     # the new layout: a model's and a task's own options only
     assert saved["model"] == {"kind": "decoder", "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "num_heads": 2,
-                              "positions": "rope", "tie_embeddings": True}
+                              "positions": "rope", "tie_embeddings": True, "short_conv": 0}
     assert saved["data"] == {"task": "mqar", "seq_len": 16, "min_seq_len": None, "vocab_size": 16, "num_kv_pairs": 2}
 
 

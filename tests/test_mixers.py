@@ -23,7 +23,7 @@ from distseq.tasks import TaskSpec
 MIXERS = ("sliding-window", "based", "hyena", "mamba")
 SPEC = TaskSpec(21, 21, 10, copy_len=3)  # selective-copy: any 21 ids in [0, 10) are valid inputs
 # options that make every fast path cut the 21 positions into several pieces, the last one short
-SMALL_PIECES = {"sliding-window": {"window": 4}, "based": {"window": 4}, "hyena": {}, "mamba": {}}
+SMALL_PIECES = {"sliding-window": {"window": 4, "short_conv": 3}, "based": {"window": 4}, "hyena": {}, "mamba": {}}
 CHUNK = 4  # a chunked mixer's chunk length in these tests
 
 
@@ -86,9 +86,21 @@ def test_figures_of_a_mixer_are_its_own(kind):
     assert grows == (kind == "hyena")  # a window or a fixed state does not grow; an implicit long filter does
 
 
+@pytest.mark.parametrize("kind, options", [("decoder", {}), ("sliding-window", {"window": 4})])
+def test_a_short_convolution_before_attention_keeps_it_causal_and_is_counted(kind, options):
+    """--short-conv (Zoology's convolution in front of the mixer): causal; one depthwise filter of 3 taps per
+    channel and layer more weights, and its last 2 inputs more state per layer."""
+    plain = model_for(kind, "selective-copy", SPEC, num_layers=2, **options)
+    conv = model_for(kind, "selective-copy", SPEC, num_layers=2, short_conv=3, **options).eval()
+    x = torch.randint(0, 10, (3, SPEC.seq_len), generator=torch.Generator().manual_seed(4))
+    assert_causal(conv, x, change_token(10))
+    assert matmul_params(conv) == matmul_params(plain) + 2 * 16 * 3
+    assert state_size(conv, 21) == state_size(plain, 21) + 2 * 16
+
+
 def test_attention_state_grows_with_the_sequence_and_a_window_caps_it():
     attention = model_for("decoder", "selective-copy", SPEC)
-    window = small_model("sliding-window", window=4)
+    window = small_model("sliding-window", window=4, short_conv=0)
     assert state_size(attention, 100) == 2 * 16 * 100 and state_size(attention, 200) == 2 * 16 * 200
     assert state_size(window, 100) == state_size(window, 200) == 2 * 16 * 4
 

@@ -106,8 +106,8 @@ def test_options_are_read_and_set_like_fields_with_the_owners_defaults():
         cfg.model.hiden_size = 3
     cfg.model.kind = "decoder"  # what was set stays set, whatever the order: refused, never ignored
     with pytest.raises(ConfigError, match=r"--bidirectional: is not an option of --model decoder \(its own options: "
-                                          r"--num-heads, --positions, --tie-embeddings\); it belongs to --model gru, "
-                                          r"lstm, rnn"):
+                                          r"--num-heads, --positions, --tie-embeddings, --short-conv\); it belongs "
+                                          r"to --model gru, lstm, rnn"):
         cfg.validate()
     cfg.model.bidirectional = False  # the default of every model that takes it: changes nothing, accepted
     assert cfg.validate().model.options == {} and cfg.model.positions == "sinusoidal"
@@ -133,7 +133,7 @@ def test_options_are_read_and_set_like_fields_with_the_owners_defaults():
      "--positions: invalid choice 'rope' (choose from sinusoidal, learned) [an option of --model transformer]"),
     (["--model", "decoder", "--bidirectional"],
      "--bidirectional: is not an option of --model decoder (its own options: --num-heads, --positions, "
-     "--tie-embeddings); it belongs to --model gru, lstm, rnn"),
+     "--tie-embeddings, --short-conv); it belongs to --model gru, lstm, rnn"),
     (["--model", "gru", "--tie-embeddings"],
      "--tie-embeddings: is not an option of --model gru (its own options: --bidirectional); it belongs to --model "
      "decoder"),

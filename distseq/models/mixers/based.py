@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.models.base import register_model
+from distseq.models.conv import CausalConv
 from distseq.models.mixers.sliding_window import SlidingWindowAttention
 from distseq.models.rotary import check_heads
 from distseq.models.stack import stack_for
@@ -115,7 +116,7 @@ class TaylorLinearAttention(nn.Module):
 
     def __init__(self, width: int, heads: int, feature_dim: int):
         super().__init__()
-        self.conv = nn.Conv1d(width, width, SHORT_CONV, groups=width)  # depthwise: each channel its own taps
+        self.conv = CausalConv(width, SHORT_CONV)
         self.q = nn.Linear(width, heads * feature_dim)
         self.k = nn.Linear(width, heads * feature_dim)
         self.v = nn.Linear(width, width)
@@ -140,13 +141,12 @@ class TaylorLinearAttention(nn.Module):
 
     def state_size(self, seq_len: int) -> int:
         """S and z of every head, and the convolution's last SHORT_CONV - 1 inputs."""
-        return self.features * (self.width + self.heads) + (SHORT_CONV - 1) * self.width
+        return self.features * (self.width + self.heads) + self.conv.state_size()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, D = h.shape
         H, d = self.heads, self.feature_dim
-        # left padding only: position t mixes inputs t - 2 .. t
-        x = self.conv(F.pad(h.transpose(1, 2), (SHORT_CONV - 1, 0))).transpose(1, 2)  # (B, T, D)
+        x = self.conv(h)  # (B, T, D): position t mixes inputs t - 2 .. t
         q = self.q(x).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
         k = self.k(x).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
         v = self.v(x).view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.models.base import register_model
+from distseq.models.conv import CausalConv
 from distseq.models.stack import stack_for
 from distseq.options import MAX_WIDTH, option
 from distseq.tasks import Task, TaskSpec
@@ -151,7 +152,7 @@ class HyenaMixer(nn.Module):
         self.width, self.order = width, order
         streams = (order + 1) * width
         self.in_proj = nn.Linear(width, streams)
-        self.short_conv = nn.Conv1d(streams, streams, SHORT_KERNEL, padding=SHORT_KERNEL - 1, groups=streams)
+        self.short_conv = CausalConv(streams, SHORT_KERNEL)
         self.filter = ImplicitFilter(order, width, filter_width, max_len)
         self.out_proj = nn.Linear(width, width)
         self.slow = False
@@ -167,12 +168,11 @@ class HyenaMixer(nn.Module):
 
     def state_size(self, seq_len: int) -> int:
         """Every input of each long convolution, and the short convolution's last two inputs."""
-        return self.order * self.width * seq_len + (SHORT_KERNEL - 1) * (self.order + 1) * self.width
+        return self.order * self.width * seq_len + self.short_conv.state_size()
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         B, T, D = u.shape
-        streams = self.in_proj(u).transpose(1, 2)  # (B, (N+1) D, T)
-        streams = self.short_conv(streams)[..., :T]  # (B, (N+1) D, T): the padding's right tail cut, causal
+        streams = self.short_conv(self.in_proj(u)).transpose(1, 2)  # (B, (N+1) D, T)
         v, *gates = streams.split(D, dim=1)  # each (B, D, T)
         filters = self.filter(T)  # (N, D, T)
         z = v

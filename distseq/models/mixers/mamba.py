@@ -34,6 +34,7 @@ from torch import nn
 
 from distseq.errors import ConfigError
 from distseq.models.base import register_model
+from distseq.models.conv import CausalConv
 from distseq.models.stack import stack_for
 from distseq.options import MAX_WIDTH, option
 from distseq.tasks import Task, TaskSpec
@@ -132,8 +133,7 @@ class Mamba2Mixer(nn.Module):
         self.inner, self.state_dim, self.heads, self.head_dim = inner, state_dim, inner // head_dim, head_dim
         self.in_proj = nn.Linear(width, 2 * inner + 2 * state_dim + self.heads, bias=False)  # z, x, B, C, dt
         conv_channels = inner + 2 * state_dim  # x, B, C
-        self.conv = nn.Conv1d(conv_channels, conv_channels, conv_kernel, groups=conv_channels,
-                              padding=conv_kernel - 1)
+        self.conv = CausalConv(conv_channels, conv_kernel)
         self.A_log = nn.Parameter(torch.zeros(self.heads))  # (H,)
         self.dt_bias = nn.Parameter(torch.zeros(self.heads))  # (H,)
         self.D = nn.Parameter(torch.ones(self.heads))  # (H,)
@@ -164,13 +164,13 @@ class Mamba2Mixer(nn.Module):
 
     def state_size(self, seq_len: int) -> int:
         """The E x N state and the convolution's last kernel - 1 inputs (x, B, C): fixed, whatever seq_len."""
-        return self.inner * self.state_dim + (self.conv.kernel_size[0] - 1) * self.conv.in_channels
+        return self.inner * self.state_dim + self.conv.state_size()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         batch, T, _ = h.shape
         E, N, H = self.inner, self.state_dim, self.heads
         z, xBC, dt = self.in_proj(h).split([E, E + 2 * N, H], dim=-1)  # (b, T, E), (b, T, E + 2N), (b, T, H)
-        xBC = F.silu(self.conv(xBC.transpose(1, 2))[..., :T].transpose(1, 2))  # (b, T, E + 2N): causal
+        xBC = F.silu(self.conv(xBC))  # (b, T, E + 2N)
         x, B, C = xBC.split([E, N, N], dim=-1)
         x = x.reshape(batch, T, H, self.head_dim)  # (b, T, H, P)
         dt = F.softplus(dt + self.dt_bias)  # (b, T, H)

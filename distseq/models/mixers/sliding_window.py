@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distseq.models.base import register_model
+from distseq.models.conv import MAX_SHORT_CONV, SHORT_CONV_HELP, CausalConv
 from distseq.models.rotary import check_heads, rope_tables, rotate
 from distseq.models.stack import stack_for
 from distseq.options import MAX_SEQ_LEN, MAX_WIDTH, option
@@ -26,6 +27,7 @@ from distseq.tasks import Task, TaskSpec
 class SlidingWindowOptions:
     num_heads: int = option(4, "attention heads (must divide --hidden-size)", low=1, high=MAX_WIDTH)
     window: int = option(16, "positions each token attends to, itself included", low=1, high=MAX_SEQ_LEN)
+    short_conv: int = option(0, SHORT_CONV_HELP, low=0, high=MAX_SHORT_CONV)
 
 
 def band_mask(queries: int, keys: int, window: int, first_key: int = 0, device=None) -> torch.Tensor:
@@ -36,8 +38,9 @@ def band_mask(queries: int, keys: int, window: int, first_key: int = 0, device=N
 
 
 class SlidingWindowAttention(nn.Module):
-    def __init__(self, width: int, heads: int, window: int, max_len: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, window: int, max_len: int, dropout: float = 0.0, short_conv: int = 0):
         super().__init__()
+        self.conv = CausalConv(width, short_conv) if short_conv else None
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
         self.width, self.heads, self.window, self.dropout = width, heads, window, dropout
@@ -49,11 +52,13 @@ class SlidingWindowAttention(nn.Module):
         return 4.0 * self.width * min(self.window, seq_len)
 
     def state_size(self, seq_len: int) -> int:
-        """The keys and values of the last ``window`` tokens."""
-        return 2 * self.width * min(self.window, seq_len)
+        """The keys and values of the last ``window`` tokens (and the convolution's last inputs)."""
+        return 2 * self.width * min(self.window, seq_len) + (self.conv.state_size() if self.conv is not None else 0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, D = h.shape
+        if self.conv is not None:
+            h = self.conv(h)  # (B, T, D): each position with the tokens just before it
         q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
         q, k = rotate(q, self.rope), rotate(k, self.rope)
         dropout = self.dropout if self.training else 0.0
@@ -84,7 +89,7 @@ class SlidingWindowAttention(nn.Module):
 @register_model("sliding-window", options=SlidingWindowOptions)
 def sliding_window(cfg, task: Task, spec: TaskSpec) -> nn.Module:
     return stack_for(cfg, task, spec, lambda: SlidingWindowAttention(cfg.hidden_size, cfg.num_heads, cfg.window,
-                                                                      spec.seq_len, cfg.dropout))
+                                                                      spec.seq_len, cfg.dropout, cfg.short_conv))
 
 
 def _validate(cfg) -> None:
