@@ -55,7 +55,7 @@ def test_chunked_linear_attention_equals_the_recurrence_in_float64(chunk):
 
 
 def test_state_size_and_mixing_flops_by_hand():
-    mixer = BasedMixer(width=16, heads=2, feature_dim=4, window=8, max_len=64)
+    mixer = BasedMixer(width=16, heads=4, feature_dim=4, window=8, max_len=64, feature_heads=2)
     features = 1 + 4 + 16  # 21
     # S (21 x 16) + z (21 x 2) + 2 conv inputs (2 x 16) + the window's keys and values (2 x 16 x 8)
     assert mixer.state_size(64) == 336 + 42 + 32 + 256 == 666
@@ -66,13 +66,20 @@ def test_state_size_and_mixing_flops_by_hand():
     assert features == mixer.linear.features
 
 
-@pytest.mark.parametrize("width,heads,message", [
-    ("16", "3", "--num-heads: 3 does not divide --hidden-size 16"),
-    ("18", "2", "--num-heads: rotary positions rotate pairs of dimensions: --hidden-size / --num-heads = 9 must be "
-                "even"),
+def test_one_linear_attention_head_by_default_as_zoology_runs_based():
+    mixer = BasedMixer(width=16, heads=4, feature_dim=4, window=8, max_len=64)
+    assert mixer.linear.heads == 1 and mixer.window.heads == 4
+    assert mixer.linear.state_size(64) == 21 * 16 + 21 + 2 * 16
+
+
+@pytest.mark.parametrize("width,flag,heads,message", [
+    ("16", "--num-heads", "3", "--num-heads: 3 does not divide --hidden-size 16"),
+    ("18", "--num-heads", "2", "--num-heads: rotary positions rotate pairs of dimensions: --hidden-size / "
+                               "--num-heads = 9 must be even"),
+    ("16", "--feature-heads", "3", "--feature-heads: 3 does not divide --hidden-size 16"),
 ])
-def test_heads_that_do_not_fit_the_width_are_one_line(width, heads, message, tmp_path):
-    proc = run_main(["train", "--model", "based", "--hidden-size", width, "--num-heads", heads,
+def test_heads_that_do_not_fit_the_width_are_one_line(width, flag, heads, message, tmp_path):
+    proc = run_main(["train", "--model", "based", "--hidden-size", width, "--num-heads", "2", flag, heads,
                      "--run-dir", str(tmp_path / "run"), "--max-steps", "1", "--no-progress"])
     err = proc.stderr.strip()
     assert proc.returncode == 2, err

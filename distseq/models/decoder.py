@@ -78,7 +78,7 @@ def decoder(cfg, task: Task, spec: TaskSpec) -> nn.Module:
 
 def _decoder_validate(cfg) -> None:
     m = cfg.model
-    check_heads(m.hidden_size, m.num_heads, m.positions == "rope", field="--positions")
+    check_heads(m.hidden_size, m.num_heads, m.positions == "rope", rotary_field="--positions")
     if m.tie_embeddings:
         task, spec = TASKS[cfg.data.task], cfg.task_spec()
         if not task.tokens or task.num_outputs(spec) != task.vocab(spec):

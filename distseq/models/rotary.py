@@ -23,10 +23,11 @@ def rotate(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
-def check_heads(width: int, heads: int, rotary: bool, field: str = "--num-heads") -> None:
-    """Heads split the width evenly; rotary positions also need an even width per head."""
+def check_heads(width: int, heads: int, rotary: bool, field: str = "--num-heads", rotary_field: str = "") -> None:
+    """Heads (``field``) split the width evenly; rotary positions also need an even width per head (the error
+    names ``rotary_field``, by default ``field``)."""
     if width % heads:
-        raise ConfigError("--num-heads", f"{heads} does not divide --hidden-size {width}")
+        raise ConfigError(field, f"{heads} does not divide --hidden-size {width}")
     if rotary and (width // heads) % 2:
-        raise ConfigError(field, f"rotary positions rotate pairs of dimensions: --hidden-size / --num-heads = "
-                                 f"{width // heads} must be even")
+        raise ConfigError(rotary_field or field, f"rotary positions rotate pairs of dimensions: --hidden-size / "
+                                                 f"{field} = {width // heads} must be even")

@@ -42,8 +42,9 @@ EPS = 1e-6  # the normaliser is at least t / 2 already (1 + a + a^2/2 >= 1/2); t
 
 @dataclass
 class BasedOptions:
-    num_heads: int = option(4, "heads of the linear and of the window attention (must divide --hidden-size)",
-                            low=1, high=MAX_WIDTH)
+    num_heads: int = option(4, "heads of the window attention (must divide --hidden-size)", low=1, high=MAX_WIDTH)
+    feature_heads: int = option(1, "heads of the linear attention (must divide --hidden-size); each has "
+                                   "--feature-dim query and key features", low=1, high=MAX_WIDTH)
     feature_dim: int = option(16, "query and key width per head of the linear attention; its state grows as its "
                                   "square", low=1, high=256)
     window: int = option(16, "positions the window attention reads, itself included", low=1, high=MAX_SEQ_LEN)
@@ -162,9 +163,10 @@ class BasedMixer(nn.Module):
     """Taylor linear attention + sliding-window attention, summed. Setting ``slow`` or ``chunk`` here
     sets it on the part that has it."""
 
-    def __init__(self, width: int, heads: int, feature_dim: int, window: int, max_len: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, feature_dim: int, window: int, max_len: int, dropout: float = 0.0,
+                 feature_heads: int = 1):
         super().__init__()
-        self.linear = TaylorLinearAttention(width, heads, feature_dim)
+        self.linear = TaylorLinearAttention(width, feature_heads, feature_dim)
         self.window = SlidingWindowAttention(width, heads, window, max_len, dropout)
 
     @property
@@ -196,11 +198,12 @@ class BasedMixer(nn.Module):
 @register_model("based", options=BasedOptions)
 def based(cfg, task: Task, spec: TaskSpec) -> nn.Module:
     return stack_for(cfg, task, spec, lambda: BasedMixer(cfg.hidden_size, cfg.num_heads, cfg.feature_dim,
-                                                         cfg.window, spec.seq_len, cfg.dropout))
+                                                         cfg.window, spec.seq_len, cfg.dropout, cfg.feature_heads))
 
 
 def _validate(cfg) -> None:
     check_heads(cfg.model.hidden_size, cfg.model.num_heads, rotary=True)  # the window part's rotary positions
+    check_heads(cfg.model.hidden_size, cfg.model.feature_heads, rotary=False, field="--feature-heads")
 
 
 based.validate = _validate
