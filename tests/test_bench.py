@@ -53,10 +53,15 @@ def test_bench_quick_writes_every_key(quick_bench):
     tokens = bench["suites"]["stream"]["token_tasks"]
     assert set(tokens) == {"mqar", "induction", "selective-copy"}
     assert bench["token_stream_ratio"] == min(t["ratio"] for t in tokens.values())
-    # the recall suite: its headlines and both curves
+    # the recall suite: its headlines, both curves, one MQAR row per cell of the quick list
     assert 0 <= bench["induction_accuracy_2_layers"] <= 1 and 0 <= bench["induction_accuracy_1_layer"] <= 1
     recall = bench["suites"]["recall"]
     assert set(recall["induction_curves"]) == {"1", "2"} and all(recall["induction_curves"].values())
+    assert [(r["num_kv_pairs"], r["seq_len"]) for r in bench["mqar_table"]] == [(2, 16), (4, 32)]
+    for row in bench["mqar_table"]:
+        assert 0 <= row["accuracy"] <= 1 and 1 <= row["steps"] <= 4 and row["train_seconds"] > 0
+        assert row["steps_to_0.99"] in (None, 2, 4) and (row["steps_to_0.99"] is None) == (row["accuracy"] < 0.99)
+    assert recall["config"]["mqar_4_pairs"]["model"]["short_conv"] == 3
     # the mixers suite: every mixer against attention at both lengths, attention itself at exactly 1
     speed = bench["mixer_speed_table"]
     assert {(r["model"], r["seq_len"]) for r in speed} == {
@@ -142,9 +147,10 @@ def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_fig
     assert {(r["model"], r["width"], r["seq_len"], r["num_kv_pairs"]) for r in rows} == {
         ("decoder", 16, 16, 2), ("mamba", 16, 16, 2)}
     sweep = tmp_path / "zoology-sweep"
+    assert (sweep / "model=decoder,short-conv=3,hidden-size=16,seq-len=16,num-kv-pairs=2,lr=0.003").is_dir()
     for row in rows:
         assert row["complete"] and 0 <= row["accuracy"] <= 1 and row["lr"] == 3e-3
-        point = sweep / f"model={row['model']},hidden-size=16,seq-len=16,num-kv-pairs=2,lr=0.003"
+        [point] = sweep.glob(f"model={row['model']},*")
         assert row["state_size"] == summary(point)["state_size_per_layer"] > 0
         assert row["parameters"] == summary(point)["parameters"]
     assert result["complete"] and result["sweep_exit_code"] == 0

@@ -102,6 +102,8 @@ def summary_table(bench: Dict) -> str:
     if "induction_accuracy_2_layers" in bench:
         lines.append(f"  induction accuracy     2 layers={bench['induction_accuracy_2_layers']:.3f}  "
                      f"1 layer={bench['induction_accuracy_1_layer']:.3f}")
+        lines.append("  mqar (decoder+conv)    " + "  ".join(
+            f"{r['num_kv_pairs']} pairs={r['accuracy']:.3f} at step {r['steps']}" for r in bench["mqar_table"]))
     if "mixer_speed_table" in bench:
         lines.append("  mixers (x attention)   " + "  ".join(
             f"{r['model']}/{r['seq_len']}={r['speed_vs_attention']:.2f}" for r in bench["mixer_speed_table"]))
@@ -308,15 +310,24 @@ def details(suites: Dict) -> List[str]:
 
 
 def recall_section(r: Dict) -> List[str]:
-    """The recall suite: both induction results, with the configs that produced them."""
+    """The recall suite: both induction results and the MQAR table, with the configs that produced them."""
     two, one = r["config"]["induction_2_layers"], r["config"]["induction_1_layer"]
-    lines = ["", "## Recall: induction heads (this run's measurements)", "",
+    lines = ["", "## Recall: induction heads and MQAR (this run's measurements)", "",
              f"- **induction** (`--preset induction` with: decoder width {two['model']['hidden_size']}, "
              f"{two['model']['num_heads']} heads, {two['model']['positions']} positions, seq {two['data']['seq_len']}, "
              f"vocab {two['data']['vocab_size']}, batch {two['train']['global_batch_size']}, lr {two['optim']['lr']}, "
              f"{two['train']['max_steps']} steps): held-out accuracy **{r['induction_accuracy_2_layers']:.4f}** with 2 "
              f"layers, **{r['induction_accuracy_1_layer']:.4f}** with {one['model']['num_layers']} "
              f"(chance {1 / (two['data']['vocab_size'] - 1):.3f}).", ""]
+    d = next(iter(c for name, c in r["config"].items() if name.startswith("mqar_")))
+    lines += [f"- **MQAR** (`--preset mqar` with: decoder {d['model']['num_layers']} x {d['model']['hidden_size']}, "
+              f"`--short-conv {d['model']['short_conv']}`, vocab {d['data']['vocab_size']}, batch "
+              f"{d['train']['global_batch_size']}, lr {d['optim']['lr']}, `--stop-at {d['train']['stop_at']}`, at most "
+              f"{d['train']['max_steps']} steps): held-out accuracy per query", "",
+              "| kv pairs | seq len | accuracy | sequence accuracy | steps | train s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {x['num_kv_pairs']} | {x['seq_len']} | {x['accuracy']:.4f} | {x['sequence_accuracy']:.4f} | "
+              f"{x['steps']} | {x['train_seconds']:.1f} |" for x in r["mqar_table"]]
     return lines
 
 
