@@ -32,9 +32,9 @@ WIDTHS = (32, 64, 128)
 CELLS = ((64, 4), (128, 8))  # (sequence length, key-value pairs): Zoology's two smallest
 LRS = (3e-3, 1e-2)
 TARGET = 0.99
-# the mqar preset (2 layers, vocab 128) with these: batch 64, at most 500 steps, evaluated every 50 on 512
+# the mqar preset (2 layers, vocab 128) with these: batch 64, at most 350 steps, evaluated every 50 on 512
 # held-out sequences, stopping at the target
-OPTIONS = {"global-batch-size": 64, "max-steps": 500, "eval-every": 50, "eval-size": 512, "warmup-steps": 50,
+OPTIONS = {"global-batch-size": 64, "max-steps": 350, "eval-every": 50, "eval-size": 512, "warmup-steps": 50,
            "stop-at": f"eval/accuracy>={TARGET}", "checkpoint-every": 100, "keep-last": 1, "log-with": "none",
            "precision": "no", "log-every": 50}
 QUICK = {"models": ("decoder", "mamba"), "widths": (16,), "cells": ((16, 2),), "lrs": (3e-3,),
