@@ -18,8 +18,8 @@ prove the two equal.
 
 The core runs in float32 (float64 stays float64) and outside autocast: the decays are exponentials of
 sums over many steps, and bfloat16's 8 bits of mantissa round a slow head's decay per step, exp(-0.001),
-to 1. What a layer carries
-from token to token is the E x N state and the convolution's last ``conv_kernel - 1`` inputs.
+to 1. What a layer carries from token to token is the E x N state and the convolution's last
+``conv_kernel - 1`` inputs.
 """
 
 from __future__ import annotations
