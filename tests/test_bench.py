@@ -150,6 +150,7 @@ def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_fig
     assert (sweep / "model=decoder,short-conv=3,hidden-size=16,seq-len=16,num-kv-pairs=2,lr=0.003").is_dir()
     for row in rows:
         assert row["complete"] and 0 <= row["accuracy"] <= 1 and row["lr"] == 3e-3
+        assert (row["reached_at_step"] is not None) == (row["accuracy"] >= 0.99)
         [point] = sweep.glob(f"model={row['model']},*")
         assert row["state_size"] == summary(point)["state_size_per_layer"] > 0
         assert row["parameters"] == summary(point)["parameters"]

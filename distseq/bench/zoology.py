@@ -85,12 +85,13 @@ def best_cells(sweep_dir: Path) -> List[dict]:
     """One row per (model, width, cell): the best learning rate's best held-out accuracy, with its state size,
     parameters and the step where it reached the target."""
     from distseq.sweep.layout import points_of, read_manifest
-    from distseq.sweep.results import read_point
+    from distseq.sweep.results import parse_condition, read_point
 
     manifest = read_manifest(sweep_dir)
+    target = parse_condition(f"eval/accuracy>={TARGET}")
     groups: Dict[Tuple, list] = {}
     for point in points_of(manifest):
-        result = read_point(sweep_dir, point, None)
+        result = read_point(sweep_dir, point, target)
         o = point.overrides
         groups.setdefault((o["model"], o["hidden_size"], o["seq_len"], o["num_kv_pairs"]), []).append(result)
     rows = []
