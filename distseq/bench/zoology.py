@@ -152,12 +152,15 @@ def _draw(plt, rows: List[dict], x_key: str, x_label: str, path: Path) -> None:
             if line:
                 ax.plot([x for x, _ in line], [y for _, y in line], marker="o", label=LABELS.get(model, model))
         ax.set_xscale("log", base=2)
+        if x_key == "width":
+            widths = sorted({r["width"] for r in rows})
+            ax.set_xticks(widths, [str(w) for w in widths])
         ax.set_title(f"seq {seq_len}, {pairs} pairs")
         ax.set_xlabel(x_label)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy (held out, per query)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][0].legend(fontsize=8, loc="center left")  # the first panel keeps its middle left free
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
