@@ -178,7 +178,7 @@ def add_bench(commands) -> None:
         "not a ratio), sweep (what distseq sweep adds per point), mixers (tokens/s of each sequence mixer against "
         "attention at seq 256 and 2,048, and activation memory). On request only: zoology (Zoology's MQAR figure: "
         "six models x widths x cells x learning rates as a resumable sweep under OUT/zoology-sweep; about an hour "
-        "on 2 cores). The default run takes about 25 minutes on 2 cores.",
+        "on 2 cores). The default run takes about 20 minutes on 2 cores.",
     )
     bench.add_argument("suites", nargs="*", metavar="SUITE",
                        help="suites to run, from: " + ", ".join(SUITE_NAMES + ON_REQUEST)
