@@ -6,9 +6,11 @@ closing notes and in a full ``distseq bench`` run's report.
 
 import json
 import math
+import os
 
 import pytest
-from conftest import assert_ok, run_distseq, run_here, summary
+import yaml
+from conftest import assert_ok, cpu_env, run_distseq, run_here, summary
 
 from distseq.bench import GOALS, SUITE_NAMES
 from distseq.bench.report import PLOTS_HINT, write_report
@@ -164,6 +166,32 @@ def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_fig
     assert_ok(again)
     assert "sweep: 0 of 2 point(s) to run" in again.stdout
     assert json.loads((tmp_path / "zoology.json").read_text())["zoology_table"] == rows
+
+
+def test_bench_zoology_on_slurm_submits_one_array_and_reports_what_is_not_done(tmp_path):
+    """--backend slurm: the points go to one job array (a stand-in sbatch records its arguments), the table says
+    nothing is complete yet, and a second run while the array is queued submits nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.args\necho 4242\n')
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho 4242\n")  # the array is still queued
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).chmod(0o755)
+    env = cpu_env(PATH=f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    proc = run_distseq(["bench", "zoology", "--quick", "--backend", "slurm", "--out", str(out)], env=env)
+    assert_ok(proc)
+    assert "sweep: submitted job array 4242: 2 point(s)" in proc.stdout
+    args = (tmp_path / "sbatch.args").read_text().split()
+    assert "--array=0-1" in args and "--requeue" in args
+    assert yaml.safe_load((out / "zoology-sweep.yaml").read_text())["backend"] == "slurm"
+    result = json.loads((out / "zoology.json").read_text())
+    assert not result["complete"] and all(r["accuracy"] is None for r in result["zoology_table"])
+    assert "Not every point is complete" in (out / "report.md").read_text()
+    again = run_distseq(["bench", "zoology", "--quick", "--backend", "slurm", "--out", str(out)], env=env)
+    assert_ok(again)
+    assert "job array 4242 is still queued or running: nothing submitted" in again.stdout
+    assert len((tmp_path / "sbatch.args").read_text().splitlines()) == 1
 
 
 def test_bench_names_the_suites_it_knows(tmp_path):
