@@ -72,6 +72,8 @@ def test_bench_quick_writes_every_key(quick_bench):
         assert row["tokens_per_sec"] > 0 and finite(row["speed_vs_attention"])
         assert (row["speed_vs_attention"] == 1.0) == (row["model"] == "decoder")
         assert ("activation_mb" in row) == (row["seq_len"] == 64) and row.get("activation_mb", 1) > 0
+        assert ("peak_rss_mb" in row) == (row["seq_len"] == 64)
+        assert row.get("peak_rss_mb", 1000) > bench["suites"]["mixers"]["process_baseline_mb"] > 50
     assert set(bench["goals"]) == set(GOALS)
     assert all(isinstance(g["met"], bool) for g in bench["goals"].values())
 
@@ -82,7 +84,8 @@ def test_bench_quick_writes_every_key(quick_bench):
 
     table = bench["precision_table"]
     assert {(r["model"], r["precision"]) for r in table} == {
-        (m, p) for m in ("decoder", "rnn", "gru", "lstm", "transformer") for p in ("no", "bf16", "fp16")}
+        (m, p) for m in ("decoder", "rnn", "gru", "lstm", "transformer", "sliding-window", "based", "hyena", "mamba")
+        for p in ("no", "bf16", "fp16")}
     for row in table:
         assert (row["works"] and row["steps_per_sec"] > 0) or (not row["works"] and row["steps_per_sec"] is None
                                                                and row["error"])

@@ -83,7 +83,8 @@ def test_validate_names_the_option_for_python_callers():
     cfg.model.kind = "cnn"
     with pytest.raises(ConfigError) as error:
         cfg.validate()
-    assert error.value.option == "--model" and "gru, lstm, rnn, transformer" in str(error.value)
+    kinds = "based, decoder, gru, hyena, lstm, mamba, rnn, sliding-window, transformer"
+    assert error.value.option == "--model" and kinds in str(error.value)
 
 
 def test_help_explains_every_option(capsys):
@@ -98,7 +99,8 @@ def test_help_explains_every_option(capsys):
                      "--seq-len", "--global-batch-size", "--grad-accum-steps", "--lr", "--seed", "--precision",
                      "--num-workers", "--log-every", "--eval-every", "--dataset-size"]:
         assert required in text
-    assert "{decoder,gru,lstm,rnn,transformer}" in text and "{auto,no,bf16,fp16}" in text  # the registered kinds
+    kinds = "{based,decoder,gru,hyena,lstm,mamba,rnn,sliding-window,transformer}"  # the registered kinds
+    assert kinds in text and "{auto,no,bf16,fp16}" in text
 
 
 def test_top_level_help_lists_commands():

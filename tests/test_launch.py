@@ -11,6 +11,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from conftest import REPO, accelerate_launch, assert_ok, checkpoint_weights, cpu_env, free_port, run_here, summary
 
 from distseq.config import TrainConfig
+from distseq.registry import MODELS
 from distseq.training.precision import cpu_has_native_bf16, resolve_precision, runs_under
 
 pytestmark = pytest.mark.slow  # real training runs: left out of the fast tier (-m 'not slow')
@@ -115,8 +116,8 @@ def test_probe_table_covers_the_cpu_rows(tmp_path):
     proc = run_here(["probe", "--hidden-size", "16", "--global-batch-size", "32", "--json", str(tmp_path / "p.json")])
     assert_ok(proc)
     rows = {(r["model"], r["precision"]): r for r in json.loads((tmp_path / "p.json").read_text())}
-    kinds = ("decoder", "rnn", "gru", "lstm", "transformer")
-    assert set(rows) == {(m, p) for m in kinds for p in ("no", "bf16", "fp16")}
+    kinds = MODELS.names()  # every registered model, the sequence mixers too
+    assert "mamba" in kinds and set(rows) == {(m, p) for m in kinds for p in ("no", "bf16", "fp16")}
     for kind in kinds:
         assert rows[(kind, "no")]["works"] and rows[(kind, "no")]["ms_per_step"] > 0
         assert not rows[(kind, "fp16")]["works"] and "not on CPU" in rows[(kind, "fp16")]["error"]

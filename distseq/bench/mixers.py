@@ -8,11 +8,14 @@ decoder's (full causal attention) at the same sequence length, measured in the s
 
 Memory: the bytes autograd saves for the backward pass in one forward at seq 2,048 (the activations; the
 weights are the same few hundred kB for every model), counted by ``saved_tensors_hooks`` over distinct
-storages, so it is a property of the model and not of the allocator; on a GPU the peak allocated memory too.
+storages, so it is a property of the model and not of the allocator; and the peak resident memory of a
+fresh process that trains the model for two steps at seq 2,048 (on a GPU, the peak allocated memory).
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
@@ -76,6 +79,30 @@ def saved_activation_bytes(model, batch: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+# a fresh process: build the model, two training steps at this length, print its peak resident memory (MB)
+# (VmHWM: the kernel keeps ru_maxrss across exec, so a child started by a large parent would report the parent's)
+PEAK_SCRIPT = """
+import sys, torch
+from distseq.bench.mixers import build, timed_steps
+kind, seq_len, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+if kind != "-":  # "-": the imports alone, the baseline every process pays
+    model, vocab = build(kind, seq_len, torch.device("cpu"))
+    timed_steps(model, torch.randint(0, vocab, (batch, seq_len)), 1)
+try:
+    print(int([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]) / 1024)
+except OSError:  # no /proc (macOS): ru_maxrss, in bytes there
+    import resource
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+
+
+def peak_rss_mb(kind: str, seq_len: int, batch: int) -> float:
+    """Peak resident memory (MB) of a fresh CPU process training ``kind`` for two steps."""
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind, str(seq_len), str(batch)], capture_output=True,
+                          text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -106,23 +133,34 @@ def mixer_speed_suite(quick: bool = False, log: Callable[[str], None] = print) -
                     torch.cuda.reset_peak_memory_stats(device)
                     timed_steps(model, batch, 1)
                     row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                else:
+                    row["peak_rss_mb"] = peak_rss_mb(kind, seq_len, batch.shape[0])
             rows.append(row)
-            memory = f", activations {row['activation_mb']:.0f} MB" if "activation_mb" in row else ""
+            memory = (f", activations {row['activation_mb']:.0f} MB, peak "
+                      f"{row.get('peak_rss_mb', row.get('peak_cuda_mb', 0)):.0f} MB") if "activation_mb" in row else ""
             log(f"  {kind:<15} seq {seq_len:>5}: {row['tokens_per_sec']:>9.0f} tokens/s, "
                 f"{row['speed_vs_attention']:.2f}x attention{memory}")
-    return {"mixer_speed_table": rows, "width": WIDTH, "layers": LAYERS, "tokens_per_step": tokens,
-            "threads": torch.get_num_threads(), "device": str(device)}
+    result = {"mixer_speed_table": rows, "width": WIDTH, "layers": LAYERS, "tokens_per_step": tokens,
+              "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cpu":
+        result["process_baseline_mb"] = peak_rss_mb("-", seq_lens[-1], 1)
+        log(f"  a process's own peak before any model (imports): {result['process_baseline_mb']:.0f} MB")
+    return result
 
 
 def speed_table_markdown(rows: List[dict]) -> str:
     seq_lens = sorted({r["seq_len"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
     cell = {(r["model"], r["seq_len"]): r for r in rows}
-    header = ["model", *(f"tokens/s at seq {t} (vs attention)" for t in seq_lens), f"activations at seq {seq_lens[-1]}"]
+    header = ["model", *(f"tokens/s at seq {t} (vs attention)" for t in seq_lens), f"activations at seq {seq_lens[-1]}",
+              f"peak memory at seq {seq_lens[-1]}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for model in models:
         speeds = [f"{cell[(model, t)]['tokens_per_sec']:,.0f} ({cell[(model, t)]['speed_vs_attention']:.2f}x)"
                   for t in seq_lens]
-        memory = cell[(model, seq_lens[-1])].get("activation_mb")
-        lines.append("| " + " | ".join([model, *speeds, "-" if memory is None else f"{memory:,.0f} MB"]) + " |")
+        last = cell[(model, seq_lens[-1])]
+        peak = last.get("peak_rss_mb", last.get("peak_cuda_mb"))
+        memory = [f"{last['activation_mb']:,.0f} MB" if "activation_mb" in last else "-",
+                  "-" if peak is None else f"{peak:,.0f} MB"]
+        lines.append("| " + " | ".join([model, *speeds, *memory]) + " |")
     return "\n".join(lines)

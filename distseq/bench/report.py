@@ -334,9 +334,11 @@ def recall_section(r: Dict) -> List[str]:
 def mixers_section(m: Dict) -> List[str]:
     from .mixers import speed_table_markdown
 
+    baseline = (f" Peak memory is a fresh process's; one that only imports reaches {m['process_baseline_mb']:.0f} MB."
+                if "process_baseline_mb" in m else "")
     return ["", f"## Sequence mixers: training tokens/s against attention ({m['layers']} layers of width {m['width']}, "
                 f"{m['tokens_per_step']:,} tokens a step, {m['threads']} threads, {m['device']})", "",
-            speed_table_markdown(m["mixer_speed_table"])]
+            speed_table_markdown(m["mixer_speed_table"]), "", baseline.strip()]
 
 
 def zoology_section(z: Dict) -> List[str]:
