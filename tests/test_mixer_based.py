@@ -18,14 +18,6 @@ from distseq.models.mixers.based import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_feature_dot_products_are_the_second_order_taylor_expansion_of_exp():
     d = 5
     generator = torch.Generator().manual_seed(0)

@@ -14,14 +14,6 @@ from distseq.models.mixers.hyena import HyenaMixer, long_conv
 from distseq.tasks import TaskSpec
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mixer(width: int = 8, order: int = 2, max_len: int = 64) -> HyenaMixer:
     torch.manual_seed(0)
     layer = HyenaMixer(width, order, filter_width=16, max_len=max_len)

@@ -15,14 +15,6 @@ from distseq.registry import TASKS
 from distseq.tasks.base import spec_for
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ssd_inputs(generator: torch.Generator, b: int = 2, T: int = 21, H: int = 3, P: int = 4, N: int = 5):
     """x, dt, A, B, C in float64, as the mixer makes them: dt > 0, A < 0, decays from fast to slow."""
     x = torch.randn(b, T, H, P, dtype=torch.float64, generator=generator)

@@ -28,13 +28,6 @@ SMALL_PIECES = {"sliding-window": {"window": 4, "short_conv": 3}, "based": {"win
 CHUNK = 4  # a chunked mixer's chunk length in these tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_model(kind: str, layers: int = 2, **options) -> torch.nn.Module:
     model = model_for(kind, "selective-copy", SPEC, num_layers=layers, **{**SMALL_PIECES[kind], **options})
