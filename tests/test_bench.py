@@ -169,6 +169,12 @@ def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_fig
     assert_ok(again)
     assert "sweep: 0 of 2 point(s) to run" in again.stdout
     assert json.loads((tmp_path / "zoology.json").read_text())["zoology_table"] == rows
+    # the full plan into the same directory would drop the quick points: refused in one line, nothing trained
+    full = run_distseq(["bench", "zoology", "--out", str(tmp_path)], timeout=300)
+    assert full.returncode == 1
+    refusal = [line for line in full.stderr.splitlines() if "distseq bench: zoology: error:" in line]
+    assert len(refusal) == 1 and "may only add points" in refusal[0] and "Traceback" not in full.stderr
+    assert len(list(sweep.iterdir())) == len(list((tmp_path / "zoology-sweep").iterdir()))
 
 
 def test_bench_zoology_on_slurm_submits_one_array_and_reports_what_is_not_done(tmp_path):

@@ -11,6 +11,7 @@ import resource
 import sys
 from pathlib import Path
 
+from distseq.errors import DistseqError
 from distseq.fsio import write_json
 from distseq.training.metrics import peak_memory
 
@@ -51,7 +52,11 @@ def main(argv=None) -> int:
     if name in WRITES_FILES:
         backend = flags[flags.index("--backend") + 1] if "--backend" in flags else "local"
         own = {"out": Path(out_dir), "backend": backend}
-    result = SUITES[name](quick="--quick" in flags, log=lambda line: print(line, flush=True), **own)
+    try:
+        result = SUITES[name](quick="--quick" in flags, log=lambda line: print(line, flush=True), **own)
+    except DistseqError as error:  # a suite's refusal (a sweep dir holding another plan) is one line
+        print(f"distseq bench: {name}: error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
     memory = peak_memory()
     # the largest of this process and every process it started (torchrun ranks, the plain script)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
