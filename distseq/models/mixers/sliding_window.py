@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distseq.models.attention import CausalSelfAttention
 from distseq.models.base import register_model
-from distseq.models.conv import MAX_SHORT_CONV, SHORT_CONV_HELP, CausalConv
-from distseq.models.rotary import check_heads, rope_tables, rotate
+from distseq.models.conv import MAX_SHORT_CONV, SHORT_CONV_HELP
+from distseq.models.rotary import check_heads
 from distseq.models.stack import stack_for
 from distseq.options import MAX_SEQ_LEN, MAX_WIDTH, option
 from distseq.tasks import Task, TaskSpec
@@ -37,37 +38,24 @@ def band_mask(queries: int, keys: int, window: int, first_key: int = 0, device=N
     return (distance >= 0) & (distance < window)
 
 
-class SlidingWindowAttention(nn.Module):
+class SlidingWindowAttention(CausalSelfAttention):
+    """Attention's projections, rotary positions and optional convolution; only what a query reads differs."""
+
     def __init__(self, width: int, heads: int, window: int, max_len: int, dropout: float = 0.0, short_conv: int = 0):
-        super().__init__()
-        self.conv = CausalConv(width, short_conv) if short_conv else None
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-        self.width, self.heads, self.window, self.dropout = width, heads, window, dropout
-        self.register_buffer("rope", rope_tables(max_len, width // heads), persistent=False)
+        super().__init__(width, heads, dropout, max_len, rope=True, short_conv=short_conv)
+        self.window = window
         self.slow = False
 
-    def mixing_flops(self, seq_len: int) -> float:
-        """Scores and weighted sums over the window: 2 x 2 x width x min(window, seq_len)."""
-        return 4.0 * self.width * min(self.window, seq_len)
+    def reach(self, seq_len: int) -> int:
+        """Positions a query reads: the last ``window``."""
+        return min(self.window, seq_len)
 
-    def state_size(self, seq_len: int) -> int:
-        """The keys and values of the last ``window`` tokens (and the convolution's last inputs)."""
-        return 2 * self.width * min(self.window, seq_len) + (self.conv.state_size() if self.conv is not None else 0)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        B, T, D = h.shape
-        if self.conv is not None:
-            h = self.conv(h)  # (B, T, D): each position with the tokens just before it
-        q, k, v = self.qkv(h).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
-        q, k = rotate(q, self.rope), rotate(k, self.rope)
-        dropout = self.dropout if self.training else 0.0
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        T = q.shape[2]
         if self.slow or T <= self.window:  # one chunk: the band is the whole mask
-            mask = band_mask(T, T, self.window, device=h.device)
-            mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, Dh)
-        else:
-            mixed = self.chunked(q, k, v, dropout)
-        return self.out(mixed.transpose(1, 2).reshape(B, T, D))
+            mask = band_mask(T, T, self.window, device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, T, Dh)
+        return self.chunked(q, k, v, dropout)
 
     def chunked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
         B, H, T, Dh = q.shape
