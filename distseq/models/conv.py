@@ -7,6 +7,8 @@ must first learn with a previous-token head. Based, Hyena and Mamba-2 have one b
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,3 +33,12 @@ class CausalConv(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded = F.pad(x.transpose(1, 2), (self.taps - 1, 0))  # (B, C, taps - 1 + T): zeros before the start
         return super().forward(padded).transpose(1, 2)  # (B, T, C)
+
+    def forward_cached(self, x: torch.Tensor, past: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) following the inputs ``past`` (B, taps - 1, C; None at the start: zeros): the output
+        (B, T, C), as ``forward`` gives it for these positions of the whole sequence, and the new ``past``."""
+        if past is None:
+            past = x.new_zeros(x.shape[0], self.taps - 1, x.shape[2])
+        joined = torch.cat([past, x], dim=1)  # (B, taps - 1 + T, C)
+        out = super().forward(joined.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        return out, joined[:, joined.shape[1] - (self.taps - 1):]

@@ -40,6 +40,11 @@ class RecurrentClassifier(nn.Module):
         self.per_step = per_step
         self.states = (2 if kind == "lstm" else 1) * self.directions * hidden_size  # LSTM: h and c
 
+    @property
+    def causal(self) -> bool:
+        """Whether the output at t reads tokens 0..t only (one direction): what generation needs."""
+        return self.directions == 1
+
     def state_size(self, seq_len: int) -> int:
         """The hidden state (and an LSTM's cell) of each direction: what one layer carries to the next token."""
         return self.states

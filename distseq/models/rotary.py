@@ -16,9 +16,11 @@ def rope_tables(length: int, head_dim: int) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()])
 
 
-def rotate(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh) rotated pairwise (first half with second half) by each position's angles."""
-    cos, sin = tables[0, : x.shape[2]].to(x.dtype), tables[1, : x.shape[2]].to(x.dtype)  # (T, Dh/2)
+def rotate(x: torch.Tensor, tables: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """x (B, H, T, Dh) at positions start .. start + T - 1, rotated pairwise (first half with second half) by
+    each position's angles."""
+    end = start + x.shape[2]
+    cos, sin = tables[0, start:end].to(x.dtype), tables[1, start:end].to(x.dtype)  # (T, Dh/2)
     first, second = x.chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 

@@ -16,6 +16,9 @@ A mixer is an ``nn.Module`` ``(B, T, D) -> (B, T, D)``, causal, with two figures
   one token at a time (Zoology's x-axis): attention's keys and values grow with the sequence, a
   recurrence's state does not.
 
+A mixer with a ``forward_cached(h, layer_cache)`` method (causal attention and the window's) lets the
+stack generate with a cache (``new_cache``, ``forward_cached``): each new token then costs one position.
+
 A mixer whose parameters need more than N(0, 0.02) weights and zero biases (decay rates, filters) sets
 them in an ``initialize()`` method, called after the generic initialisation. Mixers with a slow reference
 form (a step-by-step recurrence, a direct convolution, a dense mask) take it when their ``slow``
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from distseq.models.base import head_output, input_layer, sinusoidal_positions
+from distseq.models.cache import DecodeCache, LayerCache
 from distseq.models.flops import matmul_params
 
 
@@ -48,12 +52,16 @@ class Block(nn.Module):
     def mixer(self) -> nn.Module:
         return self._modules[self.mixer_name]
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.drop(self.mixer(self.norm1(h)))
+    def forward(self, h: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        """``cache``: generation's, for a mixer with a cached form (``MixerStack.forward_cached``)."""
+        mixed = self.mixer(self.norm1(h)) if cache is None else self.mixer.forward_cached(self.norm1(h), cache)
+        h = h + self.drop(mixed)
         return h + self.drop(self.mlp(self.norm2(h)))
 
 
 class MixerStack(nn.Module):
+    causal = True  # every mixer is: the logits at t read tokens 0..t only (what generation needs)
+
     def __init__(self, embed: nn.Module, width: int, mixers: List[nn.Module], num_outputs: int, max_len: int,
                  positions: str = "none", per_step: bool = True, dropout: float = 0.0, tie: bool = False,
                  mixer_name: str = "mixer"):
@@ -92,11 +100,15 @@ class MixerStack(nn.Module):
         """Numbers one layer carries from token to token (the largest layer's, should they differ)."""
         return max(m.state_size(seq_len) for m in self.mixers())
 
-    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def embedded(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """x (B, T[, F]) at positions start .. start + T - 1 -> (B, T, D), positions added (if any)."""
         h = self.embed(x)  # (B, T, D)
         if self.positions is not None:
-            h = h + self.positions[: x.shape[1]]
-        h = self.drop(h)
+            h = h + self.positions[start:start + x.shape[1]]
+        return self.drop(h)
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.embedded(x)  # (B, T, D)
         for block in self.blocks:
             h = block(h)
         h = self.norm(h)  # (B, T, D)
@@ -105,6 +117,21 @@ class MixerStack(nn.Module):
         last = (lengths.to(h.device) - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1,
                                                                                  device=h.device)
         return head_output(self.head(h[torch.arange(h.shape[0], device=h.device), last]))  # (B,) or (B, C)
+
+    def new_cache(self) -> Optional[DecodeCache]:
+        """An empty cache for ``forward_cached``; None when some mixer has no cached form."""
+        if not self.per_step or not all(callable(getattr(m, "forward_cached", None)) for m in self.mixers()):
+            return None
+        return DecodeCache.empty(self.num_layers)
+
+    def forward_cached(self, x: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """Per-step logits (B, T, C) of x (B, T), the tokens after the ``cache.length`` that ``cache`` holds,
+        equal (to rounding) to those ``forward`` gives these positions of the whole sequence; ``cache`` then
+        holds them too. Eval mode; positions stay below the tables' ``max_len``."""
+        h = self.embedded(x, cache.length)  # (B, T, D)
+        for block, layer in zip(self.blocks, cache.layers):
+            h = block(h, layer)
+        return self.head(self.norm(h))  # (B, T, C)
 
 
 def init_weights(module: nn.Module) -> None:

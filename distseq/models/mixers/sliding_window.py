@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distseq.models.attention import CausalSelfAttention
+from distseq.models.attention import CausalSelfAttention, band_mask
 from distseq.models.base import register_model
 from distseq.models.conv import MAX_SHORT_CONV, SHORT_CONV_HELP
 from distseq.models.rotary import check_heads
@@ -29,13 +29,6 @@ class SlidingWindowOptions:
     num_heads: int = option(4, "attention heads (must divide --hidden-size)", low=1, high=MAX_WIDTH)
     window: int = option(16, "positions each token attends to, itself included", low=1, high=MAX_SEQ_LEN)
     short_conv: int = option(0, SHORT_CONV_HELP, low=0, high=MAX_SHORT_CONV)
-
-
-def band_mask(queries: int, keys: int, window: int, first_key: int = 0, device=None) -> torch.Tensor:
-    """(queries, keys) bool: query i (position i) may read key j (position first_key + j) when
-    0 <= i - position < window."""
-    distance = torch.arange(queries, device=device)[:, None] - (first_key + torch.arange(keys, device=device))
-    return (distance >= 0) & (distance < window)
 
 
 class SlidingWindowAttention(CausalSelfAttention):
