@@ -75,6 +75,19 @@ def predict(args: argparse.Namespace) -> None:
     write_lines(predictions(model, x, lengths, cfg, labels), args.output)
 
 
+def generate(args: argparse.Namespace) -> None:
+    from distseq.inference.generate import MAX_NEW_TOKENS, Sampling, generate_command
+
+    positive("--max-new-tokens", args.max_new_tokens, high=MAX_NEW_TOKENS)
+    sampling = Sampling(args.temperature, args.top_k, args.seed).check()
+    if args.output is not None:
+        check_output_file("--output", args.output)
+    prompt = next((option, value) for option, value in (("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids),
+                                                         ("--prompt-file", args.prompt_file)) if value is not None)
+    generate_command(args.checkpoint, prompt, args.max_new_tokens, sampling, not args.no_cache, not args.ignore_eod,
+                     args.output)
+
+
 def export(args: argparse.Namespace) -> None:
     from distseq.inference.export import export
 
@@ -165,5 +178,5 @@ def positive(option: str, value: int, high: int = 2**62) -> None:
                           + f" (got {value})")
 
 
-COMMANDS = {"train": train, "launch": launch, "eval": evaluate, "predict": predict, "export": export, "probe": probe,
-            "check-task": check_task, "bench": bench, "sweep": sweep}
+COMMANDS = {"train": train, "launch": launch, "eval": evaluate, "predict": predict, "generate": generate,
+            "export": export, "probe": probe, "check-task": check_task, "bench": bench, "sweep": sweep}

@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one.",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
-    for add in (add_train, add_sweep, add_bench, add_eval, add_predict, add_export, add_probe, add_launch,
-                add_check_task):
+    for add in (add_train, add_sweep, add_bench, add_eval, add_predict, add_generate, add_export, add_probe,
+                add_launch, add_check_task):
         add(commands)
     for sub in commands.choices.values():
         sub.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -216,6 +216,40 @@ def add_predict(commands) -> None:
     source.add_argument("--random", type=int, metavar="N", help="predict the first N held-out samples (with labels)")
     predict.add_argument("--sequence-column", default="sequence", help="field of each input line (default: sequence)")
     predict.add_argument("--output", help="write here (atomically) instead of stdout")
+
+
+def add_generate(commands) -> None:
+    generate = commands.add_parser(
+        "generate", help="text or token ids written by a causal model of a checkpoint after a prompt",
+        description="Continue a prompt with a checkpoint's causal model (the decoder, the mixers, one-directional "
+        "rnn, gru, lstm) trained on a token task: greedy (--temperature 0) or sampled (--temperature, --top-k, "
+        "--seed). A run on text (.txt --data-files, bytes or --tokenizer) writes text: the prompt, then what the "
+        "model wrote. A run on token ids writes one JSON line {\"prompt\": [...], \"generated\": [...], "
+        "\"ended\": \"eod\" or \"max-new-tokens\"}. The model reads the last --seq-len tokens of its run; the "
+        "decoder and sliding-window keep a cache of keys and values, so each new token costs one position.",
+    )
+    generate.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="the prompt as text (a run on text only), encoded as its "
+                        "data were")
+    source.add_argument("--prompt-ids", metavar="IDS", help="the prompt as token ids, e.g. 1,2,3 (any run)")
+    source.add_argument("--prompt-file", metavar="FILE", help="the prompt read from FILE exactly as it is: text for "
+                        "a run on text, ids as --prompt-ids otherwise")
+    generate.add_argument("--max-new-tokens", type=int, default=100, metavar="N",
+                          help="tokens to write at most (default: 100)")
+    generate.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                          help="0 = greedy (the most likely token); else draw from softmax(logits / T): below 1 "
+                          "sharper, above 1 flatter (default: 1.0)")
+    generate.add_argument("--top-k", type=int, metavar="K",
+                          help="draw among the K most likely tokens only (default: all; 1 = greedy)")
+    generate.add_argument("--seed", type=int, default=0,
+                          help="seed of the draws: the same seed gives the same output (default: 0)")
+    generate.add_argument("--ignore-eod", action="store_true",
+                          help="go on past the run's end-of-document id (default: stop there; it is not written)")
+    generate.add_argument("--no-cache", action="store_true",
+                          help="recompute the whole context for every token instead of keeping past keys and "
+                          "values (the same tokens, slower; a check of the cache)")
+    generate.add_argument("--output", metavar="FILE", help="write here (atomically) instead of stdout")
 
 
 def add_export(commands) -> None:
