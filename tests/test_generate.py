@@ -26,9 +26,9 @@ from conftest import assert_ok, run_here
 from distseq.bench.generation import QUICK, generation_speed
 from distseq.config import ModelConfig, preset
 from distseq.data.text import ByteCodec
-from distseq.errors import ConfigError
+from distseq.errors import ConfigError, NonFiniteError
 from distseq.inference.export import model_from_checkpoint
-from distseq.inference.generate import Cached, Sampling, Uncached, check_generates, generate, stepper
+from distseq.inference.generate import Cached, Sampling, Uncached, check_generates, generate, next_token, stepper
 from distseq.models import build_model
 from distseq.registry import TASKS
 from distseq.tasks import TaskSpec
@@ -161,6 +161,21 @@ def test_top_k_draws_among_the_k_most_likely_only(decoder):
     assert len(set(tokens)) > 1  # drawn, not the argmax every time
 
 
+def test_a_tiny_temperature_is_greedy_not_a_nan(decoder):
+    greedy = generate(decoder, [3, 4], 20, Sampling(temperature=0.0), SEQ_LEN).tokens
+    assert generate(decoder, [3, 4], 20, Sampling(1e-30, seed=1), SEQ_LEN).tokens == greedy
+
+
+def test_non_finite_logits_are_an_error_not_a_token(decoder_checkpoint):
+    with pytest.raises(NonFiniteError, match="logits are not finite"):
+        next_token(torch.tensor([0.5, float("nan"), 1.0]), Sampling(0.0), torch.Generator())
+    model, cfg, _ = model_from_checkpoint(decoder_checkpoint)
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    with pytest.raises(NonFiniteError):
+        generate(model, [1], 3, Sampling(1.0), SEQ_LEN)
+
+
 def test_a_seed_repeats_and_other_seeds_differ(decoder):
     runs = {seed: generate(decoder, [7], 24, Sampling(1.0, seed=seed), SEQ_LEN).tokens for seed in (11, 12, 13)}
     assert generate(decoder, [7], 24, Sampling(1.0, seed=11), SEQ_LEN).tokens == runs[11]
@@ -245,6 +260,8 @@ BAD = {
     "negative temperature": (["--prompt-ids", "1", "--temperature", "-0.5"], "--temperature: must be a finite"),
     "nan temperature": (["--prompt-ids", "1", "--temperature", "nan"], "--temperature: must be a finite"),
     "infinite temperature": (["--prompt-ids", "1", "--temperature", "inf"], "--temperature: must be a finite"),
+    "negative seed": (["--prompt-ids", "1", "--seed", "-1"], "--seed: must be an integer in [0, "),
+    "huge seed": (["--prompt-ids", "1", "--seed", str(2**64)], "--seed: must be an integer in [0, "),
     "top-k 0": (["--prompt-ids", "1", "--top-k", "0"], "--top-k: must be an integer >= 1"),
     "no new tokens": (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1"),
     "no prompt": ([], "one of the arguments --prompt --prompt-ids --prompt-file is required"),

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from distseq.config import TrainConfig
-from distseq.errors import ConfigError
+from distseq.errors import ConfigError, NonFiniteError
 from distseq.fsio import write_text_atomically
+from distseq.options import MAX_SEED
 from distseq.registry import TASKS
 
 MAX_NEW_TOKENS = 10**6
@@ -53,6 +54,8 @@ class Sampling:
             raise ConfigError("--temperature", f"must be a finite number >= 0 (0 = greedy) (got {self.temperature})")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError("--top-k", f"must be an integer >= 1 (got {self.top_k})")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("--seed", f"must be an integer in [0, {MAX_SEED}] (got {self.seed})")
         return self
 
 
@@ -118,13 +121,17 @@ def stepper(model: nn.Module, context: int, cache: bool = True) -> Uncached:
 # --- choosing tokens ---------------------------------------------------------------------------------
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
     """The token chosen from ``logits`` (C,): the argmax at temperature 0, else one draw of ``generator``."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError("the model's logits are not finite (NaN or inf): this checkpoint cannot generate")
     if sampling.temperature == 0:
         return int(logits.argmax())
     if sampling.top_k is not None and sampling.top_k < logits.shape[0]:
         logits, ids = logits.topk(sampling.top_k)  # (k,), (k,)
     else:
         ids = None
-    drawn = int(torch.multinomial(torch.softmax(logits / sampling.temperature, -1), 1, generator=generator))
+    # the largest at 0 first: a tiny temperature then sends the others to -inf, never a NaN
+    scaled = (logits - logits.max()) / sampling.temperature  # (k,)
+    drawn = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator))
     return int(ids[drawn]) if ids is not None else drawn
 
 
