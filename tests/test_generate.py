@@ -3,7 +3,7 @@
 - the cached form equals the whole context recomputed: logits at every step, past the --seq-len crop, with
   rotary, learned and sinusoidal positions, the short convolution, the sliding window; each step within
   the context feeds one position;
-- greedy is the uncached model's argmax step by step (decoder, and an LSTM, which has no cache); top-k 1 is
+- greedy is the uncached model's argmax step by step (the decoder; the models without a cache); top-k 1 is
   greedy; every draw of top-k is among the k largest; a seed gives the same tokens, another seed others;
   cached and uncached runs write the same tokens, greedy and sampled;
 - the command on real checkpoints (trained a few steps): ids as JSON, text through the run's codec, the
@@ -94,14 +94,21 @@ CACHED_MODELS = {
 }
 
 
+def sharp(name: str):
+    """``CACHED_MODELS[name]`` at seq 8 over 12 tokens with large random weights: sharp attention, positions
+    that matter (at init they barely do)."""
+    kind, options = CACHED_MODELS[name]
+    model = model_for(kind, "induction", TaskSpec(8, 8, 12), **options).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model
+
+
 @pytest.mark.parametrize("name", CACHED_MODELS)
 def test_cached_logits_equal_the_whole_context_past_the_crop(name):
-    kind, options = CACHED_MODELS[name]
-    spec = TaskSpec(8, 8, 12)
-    model = model_for(kind, "induction", spec, **options).eval()
-    if options.get("positions") == "learned":
-        with torch.no_grad():  # zeros-ish at init: make positions matter
-            model.positions.normal_()
+    kind = CACHED_MODELS[name][0]
+    model = sharp(name)
     tokens = torch.randint(0, 12, (21,), generator=torch.Generator().manual_seed(1)).tolist()
     cached, uncached = Cached(model, 8), Uncached(model, 8)
     built = 0
@@ -136,9 +143,10 @@ def test_greedy_is_the_uncached_argmax_step_by_step_past_the_context(decoder):
         assert result.tokens == want and result.ended == "max-new-tokens" and result.prompt == prompt
 
 
-def test_an_lstm_generates_greedy_without_a_cache():
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn", "based", "hyena", "mamba"])
+def test_the_other_causal_models_generate_greedy_without_a_cache(kind):
     spec = TaskSpec(8, 8, 12)
-    model = model_for("lstm", "induction", spec).eval()
+    model = model_for(kind, "induction", spec).eval()
     result = generate(model, [1, 2], 12, Sampling(temperature=0.0), 8)
     assert result.tokens == argmax_run(model, [1, 2], 12, 8)
 
@@ -184,9 +192,11 @@ def test_a_seed_repeats_and_other_seeds_differ(decoder):
 
 @pytest.mark.parametrize("sampling", [Sampling(0.0), Sampling(1.0, seed=3), Sampling(0.7, top_k=20, seed=4)])
 def test_cached_and_uncached_runs_write_the_same_tokens(decoder, sampling):
-    cached = generate(decoder, [1, 2, 3], 2 * SEQ_LEN + 3, sampling, SEQ_LEN, cache=True)
-    uncached = generate(decoder, [1, 2, 3], 2 * SEQ_LEN + 3, sampling, SEQ_LEN, cache=False)
-    assert cached == uncached
+    for model, context in ((decoder, SEQ_LEN), (sharp("rope+short-conv-tied"), 8), (sharp("sliding-window"), 8)):
+        cached = generate(model, [1, 2, 3], 2 * context + 3, sampling, context, cache=True)
+        uncached = generate(model, [1, 2, 3], 2 * context + 3, sampling, context, cache=False)
+        assert cached == uncached
+        assert sampling.temperature == 0 or len(set(cached.tokens)) > 1  # drawn: not one token repeated
 
 
 def test_generation_stops_before_the_end_of_document_id(decoder):
@@ -287,9 +297,9 @@ def test_command_empty_text_prompt_is_refused(text_checkpoint, tmp_path):
             proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("where", ["missing directory", "a directory"])
+@pytest.mark.parametrize("where", ["missing directory", "a directory", "empty"])
 def test_command_bad_output_is_one_line_exit_2(where, decoder_checkpoint, tmp_path):
-    output = tmp_path / "nowhere" / "out.json" if where == "missing directory" else tmp_path
+    output = {"missing directory": tmp_path / "nowhere" / "out.json", "a directory": tmp_path, "empty": ""}[where]
     proc = run_generate(decoder_checkpoint, "--prompt-ids", "1", "--output", str(output))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--output: " in proc.stderr, proc.stderr
     assert not (tmp_path / "nowhere").exists() and list(tmp_path.iterdir()) == []
