@@ -27,7 +27,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def train(args: argparse.Namespace) -> None:
-    from distseq.training.build import open_files
+    from distseq.training.datasets import open_files
     from distseq.training.loop import train
 
     watch_unheard()  # a rank blocked inside torch (a peer that never comes) still obeys a stop signal
@@ -42,7 +42,7 @@ def train(args: argparse.Namespace) -> None:
         if not cfg.data.data_files or cfg.data.data_streaming:
             raise ConfigError("--index-only", "needs --data-files (indexed, not --data-streaming)")
         index = open_files(cfg)
-        print(f"distseq: index of {len(index.files)} file(s) ready: {index.rows} rows, sha256 "
+        print(f"distseq: index of {len(index.files)} file(s) ready: {index.describe()}, sha256 "
               f"{index.identity()['sha256'][:12]}", flush=True)
         return
     train(cfg)

@@ -60,8 +60,12 @@ def validate(cfg, world_size: int = 1):
     d = cfg.data
     if d.data_files is not None:
         _check_data_files(cfg)
-    elif d.data_streaming:
-        raise ConfigError("--data-streaming", "applies to --data-files only; give --data-files or leave it out")
+    else:
+        for flag, given in (("--data-streaming", d.data_streaming), ("--eval-files", d.eval_files is not None),
+                            ("--eval-share", d.eval_share is not None)):
+            if given:
+                raise ConfigError(flag, "applies to --data-files only; give --data-files or leave it out")
+        _refuse_token_options(d, "give --task lm --data-files, or leave it out")
     if Path(cfg.train.run_dir).exists() and not Path(cfg.train.run_dir).is_dir():
         raise ConfigError("--run-dir", f"{cfg.train.run_dir} exists and is not a directory")
     return cfg
@@ -196,11 +200,65 @@ def _check_data_files(cfg) -> None:
     for flag, (given, why_not) in conflicts.items():
         if given:
             raise ConfigError(flag, why_not)
+    if d.eval_files is not None and d.eval_share is not None:
+        raise ConfigError("--eval-share", "holds out part of --data-files; with --eval-files evaluation reads those: "
+                                          "give one of them")
+    if TASKS[d.task].language_model:
+        _check_token_files(cfg)
+        return
+    _refuse_token_options(d, f"--task {d.task} reads rows")
+    if d.eval_share is not None and d.data_streaming:
+        raise ConfigError("--eval-share", streamed)
     if TASKS[d.task].tokens:
         raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
     if TASKS[d.task].head == "per-step":
         raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
     check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
+    if d.eval_files is not None:
+        check_files(resolve_files(d.eval_files, "--eval-files"), d.sequence_column, d.label_column)
+
+
+TOKEN_OPTIONS = ("tokenizer", "token_dtype", "eod_id", "packing")  # --task lm's options of --data-files
+
+
+def _refuse_token_options(d, why: str) -> None:
+    """The options of token files given where there are none: refused, never silently ignored."""
+    defaults = {f.name: f.default for f in facts(type(d))}
+    for name in TOKEN_OPTIONS:
+        if getattr(d, name) != defaults[name]:
+            raise ConfigError("--" + name.replace("_", "-"), f"applies to --task lm's --data-files; {why}")
+
+
+def _check_token_files(cfg) -> None:
+    """--task lm: token or text files (not both), the vocabulary of text (the codec's, which --vocab-size left at
+    its default becomes) and the end-of-document id (the codec's unless --eod-id says), both set on ``cfg``."""
+    from distseq.data.files import resolve_files
+    from distseq.data.text import END_OF_TEXT, is_text, load_codec
+    from distseq.data.tokens import check_token_files
+
+    d = cfg.data
+    files = resolve_files(d.data_files, tokens=True)
+    check_token_files(files)
+    if d.eval_files is not None:
+        check_token_files(files + resolve_files(d.eval_files, "--eval-files", tokens=True))
+    if not is_text(files[0]):
+        if d.tokenizer is not None:
+            raise ConfigError("--tokenizer", "reads text files (.txt); --data-files hold token ids already")
+    else:
+        codec = load_codec(d.tokenizer)
+        default = next(f.default for f in facts(type(d)) if f.name == "vocab_size")
+        if d.vocab_size == default:
+            d.vocab_size = codec.vocab_size
+        elif d.vocab_size != codec.vocab_size:
+            raise ConfigError("--vocab-size", f"{d.vocab_size}, but the text's ids come from {codec.name}, "
+                                              f"{codec.vocab_size} of them: leave --vocab-size out")
+        if d.eod_id is None:
+            if codec.eod_id is None:
+                raise ConfigError("--eod-id", f"{d.tokenizer} has no end-of-text token (one of "
+                                              f"{', '.join(END_OF_TEXT)}): give the id that ends a document")
+            d.eod_id = codec.eod_id
+    if d.eod_id is not None and d.eod_id >= d.vocab_size:
+        raise ConfigError("--eod-id", f"{d.eod_id} is outside the vocabulary [0, {d.vocab_size}) (--vocab-size)")
 
 
 def profile_range(text: Optional[str], max_steps: int) -> Optional[Tuple[int, int]]:

@@ -139,7 +139,28 @@ class DataConfig(_OwnsOptions):
         None, "directory of the --data-files index (default: $DISTSEQ_CACHE, else $XDG_CACHE_HOME/distseq or "
         "~/.cache/distseq; keep it on local disk)", resume=CHANGEABLE)
     sequence_column: str = option("sequence", "column of --data-files holding each sequence (a list of numbers)")
-    label_column: str = option("label", "column of --data-files holding each label")
+    label_column: str = option("label", "column of --data-files holding each label (a list per position for a "
+                                        "per-step task, the ignore index -100 or null where there is none)")
+    eval_files: Optional[str] = option(
+        None, "held-out files of the same kind as --data-files (paths or globs, comma-separated), evaluated in "
+        "their order instead of the task's synthetic held-out set", resume=CHANGEABLE)
+    eval_share: Optional[float] = option(
+        None, "share of the --data-files' samples (rows, or windows of --task lm) held out for evaluation and never "
+        "trained on: the last ones in the files' order (default: 0.05 for --task lm without --eval-files, else none)",
+        above=0.0, below=1.0)
+    tokenizer: Optional[str] = option(
+        None, "a tokenizer.json (the tokenizers library) that reads .txt --data-files; absent: their bytes "
+        "(vocabulary 256, byte 0 ends a document)")
+    token_dtype: Literal["uint16", "uint32"] = option(
+        "uint16", "token ids of a .bin --data-files (a flat array, as nanoGPT's prepare.py writes; NAME.offsets.npy "
+        "beside it, int64 document starts, is read when present)")
+    eod_id: Optional[int] = option(
+        None, "--task lm: the end-of-document id packed after each document (default: byte 0 for bytes, the "
+        "tokenizer's end-of-text token, none for token files, whose documents are then joined as they are)",
+        low=0, high=MAX_VOCAB - 1)
+    packing: Literal["packed", "document"] = option(
+        "packed", "--task lm: windows of --seq-len + 1 tokens across document boundaries (packed), or within each "
+        "document, padded at its end and never trained on there (document)")
     options: Dict[str, Any] = component_options()  # the task's own options set explicitly (see _OwnsOptions)
 
     _component = "task"

@@ -22,33 +22,40 @@ from distseq.errors import ConfigError, DataFileError
 from distseq.tasks import Task, TaskSpec
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TOKEN_SUFFIXES = {".bin", ".parquet", ".jsonl", ".json", ".txt", ".text"}  # --task lm's (data/tokens.py)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-def resolve_files(pattern: str) -> List[str]:
-    """Expand ``--data-files`` (paths or globs, comma-separated) to a sorted, checked list of files."""
+def resolve_files(pattern: str, option: str = "--data-files", tokens: bool = False) -> List[str]:
+    """Expand ``--data-files`` (or ``option``: paths or globs, comma-separated) to a sorted, checked list of files;
+    ``tokens``: the formats of ``--task lm`` (token and text files)."""
     files: List[str] = []
     for part in filter(None, (p.strip() for p in pattern.split(","))):
         matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
         if len(matches) == 1 and Path(matches[0]).is_dir():
-            raise ConfigError("--data-files", f"{part} is a directory: "
+            raise ConfigError(option, f"{part} is a directory: "
                                               f"give its files (e.g. {Path(part) / '*.parquet'})")
         if not matches or not all(Path(m).is_file() for m in matches):
-            raise ConfigError("--data-files", f"no such file: {part}")
+            raise ConfigError(option, f"no such file: {part}")
         files += matches
     if not files:
-        raise ConfigError("--data-files", "no files given")
+        raise ConfigError(option, "no files given")
     seen = {}
     for path in files:
         real = str(Path(path).resolve())
         if real in seen:
-            raise ConfigError("--data-files", f"{path} is listed twice (as {seen[real]} too): "
+            raise ConfigError(option, f"{path} is listed twice (as {seen[real]} too): "
                                               "each file's rows count once")
         seen[real] = path
-    suffixes = {Path(f).suffix for f in files}
+    suffixes = {Path(f).suffix.lower() if tokens else Path(f).suffix for f in files}
+    if tokens:
+        if not suffixes <= TOKEN_SUFFIXES:
+            raise ConfigError(option, f"--task lm reads token files (.bin, .parquet, .jsonl) or text files (.txt) "
+                                      f"(got {', '.join(sorted(suffixes - TOKEN_SUFFIXES))})")
+        return files
     if not suffixes <= FORMATS.keys() or len({FORMATS[s] for s in suffixes}) != 1:
-        raise ConfigError("--data-files", "files must all be .jsonl/.json or all .parquet "
-                                          f"(got {', '.join(sorted(suffixes))})")
+        raise ConfigError(option, "files must all be .jsonl/.json or all .parquet "
+                                  f"(got {', '.join(sorted(suffixes))})")
     return files
 
 

@@ -168,6 +168,14 @@ class FileIndex:
     def __getstate__(self) -> dict:
         return {"files": self.files, "shape": self.shape, "rows": self.rows, "_chunks": None, "_starts": None}
 
+    def sample_bytes(self) -> int:
+        """Bytes of one sample as the stream carries it: the row, its position and its row id."""
+        return self.shape.row_bytes + 8 + 8
+
+    def describe(self) -> str:
+        """What the data is, for the run's start line."""
+        return f"{self.rows} rows in {len(self.files)} file(s)"
+
     def identity(self) -> dict:
         """What the rows are, independent of where the files lie: recorded in checkpoints."""
         digest = hashlib.sha256()
@@ -259,23 +267,29 @@ def index_intact(arrow: str, sha256: Optional[str]) -> bool:
 
 
 class FileSource:
-    """Rows of a FileIndex at stream positions: the synthetic ``SampleSource``'s interface (``samples``,
-    ``runs``, ``sample_bytes``). ``seed`` None keeps the files' order (evaluation), else each epoch is
-    a fresh seeded permutation of all rows."""
+    """Samples of an index (a FileIndex's rows, a TokenIndex's windows) at stream positions: the synthetic
+    ``SampleSource``'s interface (``samples``, ``runs``, ``sample_bytes``). It serves the samples
+    ``[first, first + count)`` (all of them by default; a held-out share is the rest). ``seed`` None keeps
+    the files' order (evaluation), else each epoch is a fresh seeded permutation of those samples."""
 
-    def __init__(self, index: FileIndex, seed: Optional[int], variable: bool):
+    def __init__(self, index: FileIndex, seed: Optional[int], variable: bool, first: int = 0,
+                 count: Optional[int] = None):
         self.index, self.seed, self.variable = index, seed, variable
+        self.first, self.count = first, index.rows - first if count is None else count
         self._permutation = LRU(2, self._make_permutation)
 
     def sample_bytes(self) -> int:
-        return self.index.shape.row_bytes + 8 + 8
+        return self.index.sample_bytes()
 
     def _make_permutation(self, epoch: int) -> Permutation:
         keys = tuple(derive_seed(self.seed, ORDER_KEY, epoch, r) for r in range(Permutation.ROUNDS))
-        return Permutation(self.index.rows, keys)
+        return Permutation(self.count, keys)
 
     def row_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        n = self.index.rows
+        return self.first + self._offsets(positions)
+
+    def _offsets(self, positions: torch.Tensor) -> torch.Tensor:
+        n = self.count
         epochs, offsets = positions // n, positions % n
         if self.seed is None:
             return offsets
@@ -291,7 +305,7 @@ class FileSource:
     def samples(self, positions: torch.Tensor) -> Batch:
         batch = self.index.take(self.row_ids(positions))
         if not self.variable:
-            del batch["lengths"]
+            batch.pop("lengths", None)
         batch["index"] = positions
         return batch
 
@@ -567,6 +581,15 @@ class IndexCache:
     def __init__(self, root: Path, shape: RowShape, task: Task, spec: TaskSpec):
         self.dir, self.shape, self.task, self.spec = Path(root) / "files", shape, task, spec
 
+    def _build_file(self, path: str, arrow: Path, advance: Callable[[int], None]) -> Tuple[int, str, str]:
+        """Index ``path`` into ``arrow``: (rows, sha256 of the file, sha256 of the index)."""
+        return _build(path, arrow, self.shape, self.task, self.spec, advance)
+
+    def _fits(self, table, record: dict) -> bool:
+        """Whether an index table (opened from its memory map) holds what its record and this shape say."""
+        return table.num_rows == record.get("rows") and \
+            table.schema.field("x").type.list_size == self.shape.seq_len * self.shape.features
+
     def _name(self, path: str) -> str:
         key = json.dumps({"path": os.path.abspath(path), "shape": asdict(self.shape), "version": INDEX_VERSION},
                          sort_keys=True)
@@ -608,10 +631,9 @@ class IndexCache:
             return "has a damaged index"
         try:
             table = pa.ipc.open_stream(pa.memory_map(record["arrow"])).read_all()
-            width = table.schema.field("x").type.list_size
+            intact = self._fits(table, record)
         except (OSError, KeyError, AttributeError, pa.ArrowException):
             return "has a damaged index"
-        intact = table.num_rows == record.get("rows") and width == self.shape.seq_len * self.shape.features
         return None if intact else "has a damaged index"
 
     def entry(self, path: str, advance: Callable[[int], None]) -> IndexedFile:
@@ -670,12 +692,13 @@ class IndexCache:
         record = {"path": os.path.abspath(path), **stat.fields(), "shape": asdict(self.shape),
                   "version": INDEX_VERSION, "built_by": builder()}
         try:
-            rows, sha, index_sha = _build(path, arrow, self.shape, self.task, self.spec, advance)
+            rows, sha, index_sha = self._build_file(path, arrow, advance)
         except UnreadableFile:  # an I/O error may pass: not remembered
             raise
         except DataFileError as error:
             with contextlib.suppress(OSError):
-                write_json(self.dir / f"{name}.json", {**record, "sha256": sha256_file(path), "error": str(error)})
+                write_json(self.dir / f"{name}.json", {**record, **self._extra(path), "sha256": sha256_file(path),
+                                                       "error": str(error)})
                 self._remove_others(name, keep=None)
             raise BadData(str(error)) from None
         if FileStat.of(path) != stat:
@@ -683,9 +706,13 @@ class IndexCache:
             raise _every_rank(DataFileError(f"{path} changed while it was being indexed; run again when it is "
                                             f"complete"))
         record.update(arrow=str(arrow), rows=rows, sha256=sha, index_sha256=index_sha, index_bytes=arrow.stat().st_size,
-                      seconds=round(time.perf_counter() - started, 3))
+                      seconds=round(time.perf_counter() - started, 3), **self._extra(path))
         write_json(self.dir / f"{name}.json", record)
         self._remove_others(name, keep=arrow)
+
+    def _extra(self, path: str) -> dict:
+        """More of the record, for a kind of index whose identity has more than the file (a .bin's offsets)."""
+        return {}
 
     def _remove_others(self, name: str, keep: Optional[Path]) -> None:
         for other in [*self.dir.glob(f"{name}-*.arrow"), *self.dir.glob(f".tmp-*-{name}-*.arrow")]:
@@ -724,11 +751,21 @@ def check_same_everywhere(index: FileIndex, accelerator) -> None:
 def open_index(files: List[str], task: Task, spec: TaskSpec, sequence_column: str, label_column: str,
                cache: Optional[str], say: Callable[[str], None], progress: bool) -> FileIndex:
     """The index of ``files`` (built where missing or stale, with a progress bar), ready to read."""
+    shape = RowShape.of(task, spec, sequence_column, label_column)
+    check_files(files, sequence_column, label_column)
+    indexed, seconds = index_files(files, IndexCache(cache_root(cache), shape, task, spec), say, progress)
+    index = FileIndex(indexed, shape)
+    if seconds is not None:
+        say(f"distseq: indexed {index.rows} rows of {len(files)} file(s) in {seconds:.1f} s")
+    return index
+
+
+def index_files(files: List[str], index_cache: IndexCache, say: Callable[[str], None], progress: bool
+                ) -> Tuple[List[IndexedFile], Optional[float]]:
+    """Each file's current entry, built where missing or stale (with a progress bar and a line saying so); and
+    the seconds this process spent building, None when it built none itself."""
     from tqdm.auto import tqdm
 
-    shape = RowShape.of(task, spec, sequence_column, label_column)
-    index_cache = IndexCache(cache_root(cache), shape, task, spec)
-    check_files(files, sequence_column, label_column)
     reasons = {path: index_cache.stale(path) for path in files}
     to_build = [path for path, reason in reasons.items() if reason]
     for path in to_build:
@@ -743,9 +780,6 @@ def open_index(files: List[str], task: Task, spec: TaskSpec, sequence_column: st
         indexed = [index_cache.entry(path, bar.update) for path in files]
         waited = [f for f in indexed if reasons[f.path] and f.built_by != builder()]
         bar.update(sum(f.size for f in waited))
-    index = FileIndex(indexed, shape)
     for f in waited:  # another process held the entry's lock and built it: this one said "indexing" too
         say(f"distseq: {f.path} was indexed by {f.built_by} while this process waited for it: using that index")
-    if len(waited) < len(to_build):
-        say(f"distseq: indexed {index.rows} rows of {len(files)} file(s) in {time.perf_counter() - started:.1f} s")
-    return index
+    return indexed, (time.perf_counter() - started if len(waited) < len(to_build) else None)

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Optional
 
 from distseq.checkpoint.format import WEIGHTS, newest_verified, read_meta
-from distseq.data.files import resolve_files
-from distseq.data.index import FileSource, check_same_everywhere, open_index
-from distseq.data.stream import SampleSource, eval_batches
+from distseq.data.index import FileSource, check_same_everywhere
+from distseq.data.stream import eval_batches
 from distseq.distributed.accelerator import fresh_accelerator, print0
 from distseq.distributed.agree import main_decides
 from distseq.errors import CheckpointError, ConfigError
 from distseq.fsio import write_json
 from distseq.inference.export import model_from_checkpoint
 from distseq.registry import TASKS
+from distseq.training.datasets import held_out, needs_files, open_data_files
 from distseq.training.evaluation import eval_batch_size, evaluate
 
 
@@ -52,31 +52,29 @@ def _eval_checkpoint(accelerator, run_dir: str, checkpoint: Optional[str], eval_
     rank, world = accelerator.process_index, accelerator.num_processes
     started = time.perf_counter()
     if data_files:
-        if task.head == "per-step":
+        if task.head == "per-step" and not task.language_model:
             raise ConfigError("--data-files", f"needs one label per sequence; this checkpoint's task {cfg.data.task} "
                                               f"has one per step")
-        say = (lambda line: print(line, flush=True)) if accelerator.is_main_process else (lambda line: None)
-        index = open_index(resolve_files(data_files), task, spec, cfg.data.sequence_column, cfg.data.label_column,
-                           cfg.data.data_cache, say, progress=False).open()
+        index = open_data_files(cfg, data_files, quiet=not accelerator.is_main_process)
         check_same_everywhere(index, accelerator)
-        expected = index.rows  # every row once, in the files' order
+        expected = index.rows  # every sample once, in the files' order
         batches = eval_batches(FileSource(index, None, spec.variable), rank, world, expected,
                                eval_batch_size(task, spec))
+        what = data_files
     else:
-        expected = eval_size or cfg.data.eval_size
-        source = SampleSource(cfg.data.task, spec, cfg.train.seed, cfg.data.block_size, "eval")
-        batches = eval_batches(source, rank, world, expected, eval_batch_size(task, spec))
+        files = open_data_files(cfg, cfg.data.data_files, quiet=True) if needs_files(cfg) else None
+        batches, expected, what = held_out(cfg, files, rank, world, eval_batch_size(task, spec), eval_size)
     metrics = evaluate(accelerator, model, task, batches, expected, spec.variable)
     result = {
         "loss": metrics["eval/loss"],
         "accuracy": metrics["eval/accuracy"],
-        **({"sequence_accuracy": metrics["eval/sequence_accuracy"]} if "eval/sequence_accuracy" in metrics else {}),
+        **{key: metrics[f"eval/{key}"] for key in ("sequence_accuracy", "perplexity") if f"eval/{key}" in metrics},
         "samples": metrics["eval/samples"],
         "seconds": time.perf_counter() - started,
         "checkpoint": str(path),
         "step": meta["step"],
         "world_size": world,
-        "data": data_files or "held-out stream",
+        "data": what,
     }
     if accelerator.is_main_process:
         write_json(output, result)

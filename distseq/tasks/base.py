@@ -84,6 +84,9 @@ class Task:
     num_outputs: Callable[[TaskSpec], int]  # logits per sample (per step for "per-step"); classes for "classes"
     validate: Optional[Callable[[Any], None]] = None  # checks a TrainConfig; raises ConfigError
     vocab: Optional[Callable[[TaskSpec], int]] = None  # token tasks: x holds ids in [0, vocab(spec)); None: features
+    # language modelling: --data-files are documents of tokens cut into windows (data/tokens.py), not rows, and
+    # evaluation reports the perplexity, exp(eval/loss)
+    language_model: bool = False
 
     @property
     def tokens(self) -> bool:
@@ -151,7 +154,8 @@ def as_task(name: str, obj) -> Task:
         task = Task(name=name, head=obj.head, label_rule=getattr(obj, "label_rule", "") or (obj.__doc__ or "").strip(),
                     make=obj.make, label=getattr(obj, "label", None),
                     num_features=getattr(obj, "num_features", None) or (lambda spec: 1),
-                    num_outputs=obj.num_outputs, validate=getattr(obj, "validate", None), vocab=vocab)
+                    num_outputs=obj.num_outputs, validate=getattr(obj, "validate", None), vocab=vocab,
+                    language_model=bool(getattr(obj, "language_model", False)))
     if task.head not in HEADS:
         raise TypeError(f"task {name!r} has head {task.head!r}; choose from {', '.join(HEADS)}")
     return task

@@ -9,6 +9,7 @@ positions only; a sample is "solved" when every one of its answers is right.
 - ``induction``: one token A followed by a target B, A again at the end: predict B (Olsson et al. 2022).
 - ``selective-copy``: tokens scattered among noise, copied in order after the context (Gu & Dao 2023,
   "Mamba", and its public code).
+- ``lm``: causal language modelling on the user's own tokens (``--data-files``), every position labelled.
 """
 
 from __future__ import annotations
@@ -291,6 +292,26 @@ def _selective_copy_validate(cfg) -> None:
                                           f"(got {d.vocab_size})")
 
 
+# --- lm -----------------------------------------------------------------------------------------
+# Causal language modelling on the user's tokens: a window of T + 1 tokens, x its first T, y the next token
+# at every position. The windows come from --data-files (data/tokens.py); ``make`` draws uniform tokens in the
+# same shape, which is what the task contract, benchmarks and check-task see without files.
+def language_model(gen: torch.Generator, n: int, spec: TaskSpec) -> Batch:
+    window = torch.randint(0, spec.vocab_size, (n, spec.seq_len + 1), generator=gen)  # (n, T + 1)
+    return {"x": window[:, :-1].contiguous(), "y": window[:, 1:].contiguous()}
+
+
+def _lm_validate(cfg) -> None:
+    d = cfg.data
+    _fixed_length(cfg, "lm")
+    if not d.data_files:
+        raise ConfigError("--data-files", "--task lm learns your tokens: give token files (.bin, .parquet, .jsonl) "
+                                          "or text files (.txt)")
+    if d.data_streaming:
+        raise ConfigError("--data-streaming", "--task lm reads its tokens through their index (windows across "
+                                              "documents); leave it out")
+
+
 def _fixed_length(cfg, name: str) -> None:
     if cfg.data.min_seq_len not in (None, cfg.data.seq_len):
         raise ConfigError("--min-seq-len", f"the {name} task has a fixed length; leave --min-seq-len out")
@@ -333,6 +354,13 @@ TOKEN_TASKS = {
         "(noise 0 elsewhere), then copy_len markers V-1; y = the data tokens in order at the markers, IGNORE elsewhere",
         make=selective_copy, label=selective_copy_label, num_features=lambda spec: 1, num_outputs=_vocab,
         validate=_selective_copy_validate, vocab=_vocab,
+    ),
+    "lm": Task(
+        name="lm", head="per-step",
+        label_rule="a window of T + 1 tokens of --data-files (documents packed, or cut within each, by --packing); "
+        "x = its first T, y = the next token at every position (IGNORE past the end of a short window)",
+        make=language_model, label=None, num_features=lambda spec: 1, num_outputs=_vocab, validate=_lm_validate,
+        vocab=_vocab, language_model=True,
     ),
 }
 for _name, _task in TOKEN_TASKS.items():

@@ -12,7 +12,6 @@ is timed (``StartupTimeline``).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,9 +25,8 @@ from distseq.checkpoint.rundir import RunDir, open_run_dir
 from distseq.config import TrainConfig
 from distseq.config.threshold import Threshold
 from distseq.config.world import launch_world_size, resolve_sharding
-from distseq.data.files import resolve_files
-from distseq.data.index import FileIndex, check_same_everywhere, open_index
-from distseq.data.stream import Layout, SampleSource, eval_batches
+from distseq.data.index import check_same_everywhere
+from distseq.data.stream import Layout
 from distseq.data.verify import Accounting
 from distseq.distributed.accelerator import (
     build_accelerator,
@@ -38,7 +36,6 @@ from distseq.distributed.accelerator import (
     needs_buffer_broadcast,
     print0,
     set_cpu_threads,
-    show_progress,
 )
 from distseq.distributed.agree import any_rank
 from distseq.distributed.sharding import quiet_fsdp_warnings, shard_model
@@ -52,6 +49,7 @@ from distseq.ops.signals import StopSignals
 from distseq.ops.startup import StartupTimeline
 from distseq.registry import REPLACED, TASKS, replacements_in
 from distseq.tasks import Task, TaskSpec
+from distseq.training.datasets import Index, held_out, open_files
 from distseq.training.evaluation import Evaluator, eval_batch_size
 from distseq.training.feed import TrainingFeed
 from distseq.training.metrics import StepLogger, TrainingClock
@@ -91,7 +89,7 @@ class Run:
     accounting: Optional[Accounting] = None
     clock: Optional[TrainingClock] = None
     nothing_left: Optional[dict] = None  # a finished run started again: its summary
-    files: Optional[FileIndex] = None  # indexed --data-files
+    files: Optional[Index] = None  # indexed --data-files
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
     flops_per_token: float = 0.0  # training FLOPs per token of this model (models/flops.py)
     sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
@@ -239,7 +237,7 @@ def _place(model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, shardin
 def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
     """From the step the run starts at: the options in force, the data, config.json, the trackers, the start
     lines, and the components that own their timing (step logger, evaluator, profiler, data accounting)."""
-    cfg, accelerator, layout, d, t = run.cfg, run.accelerator, run.layout, run.cfg.data, run.cfg.train
+    cfg, accelerator, layout, t = run.cfg, run.accelerator, run.layout, run.cfg.train
     apply_options(run.optimizer, run.scheduler, cfg.optim, run.start)  # O(1) at any step; the options in force now
     if not run.progress.config_history:
         run.progress.config_history.append({"step": run.start, "config": run.config})
@@ -259,32 +257,20 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
     if run.sharded:
         run.say(f"distseq: {run.sharded}")
     if run.files is not None:
-        run.say(f"distseq: data: {run.files.rows} rows in {len(run.files.files)} file(s); one epoch = "
-                f"{run.files.rows / layout.global_batch:.6g} steps of {layout.global_batch}, reshuffled each epoch")
+        trained = run.feed.source_size()
+        run.say(f"distseq: data: {run.files.describe()}; one epoch = {trained / layout.global_batch:.6g} steps of "
+                f"{layout.global_batch}, reshuffled each epoch" +
+                (f"; {run.files.rows - trained} held out" if trained < run.files.rows else ""))
     rank, world = accelerator.process_index, accelerator.num_processes
     run.clock = TrainingClock(run.progress.train_seconds, run.progress.wall_seconds)  # evaluation, saves pause it
     run.logger = StepLogger(cfg.log, accelerator=accelerator, max_steps=t.max_steps, global_batch=layout.global_batch,
                             start=run.start, clock=run.clock, flops_per_token=run.flops_per_token,
                             per_step=run.task.head == "per-step", tokens_before=run.progress.tokens)
     cleanup.callback(run.logger.close)
-    held_out = eval_batches(SampleSource(d.task, run.spec, t.seed, d.block_size, "eval"), rank, world, d.eval_size,
-                            eval_batch_size(run.task, run.spec))
-    run.evaluator = Evaluator(t, accelerator=accelerator, model=run.model, task=run.task, batches=held_out,
-                              expected=d.eval_size, variable_length=run.spec.variable, clock=run.clock,
+    batches, expected, _ = held_out(cfg, run.files, rank, world, eval_batch_size(run.task, run.spec))
+    run.evaluator = Evaluator(t, accelerator=accelerator, model=run.model, task=run.task, batches=batches,
+                              expected=expected, variable_length=run.spec.variable, clock=run.clock,
                               history=run.progress.eval_history, emit=run.logger.emit,
                               stop_at=run.stop_at)
     run.profiler = StepProfiler(cfg.profile_range(), run.path, rank, accelerator.device)
     run.accounting = Accounting(run.start * layout.global_batch, world) if t.verify_data else None
-
-
-def open_files(cfg: TrainConfig) -> Optional[FileIndex]:
-    """The index of --data-files (built where missing or stale), None for the synthetic stream or
-    --data-streaming. Before the Accelerator exists, so the launch's RANK says who prints."""
-    d = cfg.data
-    if not d.data_files or d.data_streaming:
-        return None
-    main = os.environ.get("RANK", "0") == "0"
-    index = open_index(resolve_files(d.data_files), TASKS[d.task], cfg.task_spec(), d.sequence_column,
-                       d.label_column, d.data_cache, say=(lambda line: print(line, flush=True)) if main else
-                       (lambda line: None), progress=main and show_progress(cfg.log.progress))
-    return index.open()

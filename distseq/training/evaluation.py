@@ -6,6 +6,7 @@ rows (index -1) are dropped, so every sample counts exactly once whatever the pr
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -57,6 +58,8 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
         raise DataAccountingError(f"evaluation saw {loss.numel()} samples, expected {expected}")
     values = (loss, correct, solved)  # in the order eval_metrics names them (--stop-at checks those names)
     out = {name: value.mean().item() for name, value in zip(eval_metrics(task.head), values)}
+    if task.language_model:  # per-token cross-entropy: its exponential is the perplexity
+        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 700.0))
     out["eval/samples"] = loss.numel()
     return out
 

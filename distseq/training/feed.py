@@ -14,18 +14,18 @@ from accelerate import Accelerator
 
 from distseq.config import TrainConfig
 from distseq.data.files import resolve_files
-from distseq.data.index import FileIndex, FileSource
 from distseq.data.stream import Layout, SampleSource, SyntheticFeed, micro_batches, train_loader
 from distseq.data.streaming import FileFeed, FileStream
 from distseq.errors import DistseqError
 from distseq.registry import TASKS
 from distseq.tasks import Batch
+from distseq.training.datasets import Index, train_source
 
 
 class TrainingFeed:
     """``next_step()``: the step's micro-batches (or None once every rank agreed the files are used up)."""
 
-    def __init__(self, cfg: TrainConfig, *, accelerator: Accelerator, layout: Layout, files: Optional[FileIndex]):
+    def __init__(self, cfg: TrainConfig, *, accelerator: Accelerator, layout: Layout, files: Optional[Index]):
         self.cfg, self.accelerator, self.layout, self.files = cfg, accelerator, layout, files
         self.feed = None
         self.restored: Optional[dict] = None  # a streamed position loaded before start()
@@ -50,12 +50,16 @@ class TrainingFeed:
                 stream.load_state_dict(self.restored)
             self.feed = FileFeed(stream, layout.grad_accum, self.accelerator)
             return
-        source = (FileSource(self.files, t.seed, spec.variable) if self.files is not None else
+        source = (train_source(self.cfg, self.files) if self.files is not None else
                   SampleSource(d.task, spec, t.seed, d.block_size, "train", d.dataset_size))
         loader = train_loader(source, layout, rank, step, t.max_steps - step, d.samples_per_example, d.num_workers,
                               pin_memory=self.accelerator.device.type == "cuda")
         self.examples = iter(loader)
         self.feed = SyntheticFeed(micro_batches(self.examples, layout.micro_batch), layout.grad_accum)
+
+    def source_size(self) -> int:
+        """Samples of the files training reads (the held-out share left out)."""
+        return train_source(self.cfg, self.files).count
 
     def next_step(self) -> Optional[List[Batch]]:
         try:

@@ -1,0 +1,359 @@
+"""--task lm on your own tokens: packing against a plain-Python reference, every file kind, the held-out
+share, bad data in one line, a byte-level model that learns, elastic and killed runs resumed exactly."""
+
+import json
+import math
+import signal
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import (
+    DISTSEQ,
+    accelerate_launch,
+    assert_bit_identical,
+    assert_ok,
+    free_port,
+    run_here,
+    run_until,
+    summary,
+    weights_at,
+)
+
+from distseq.data.index import FileSource
+from distseq.data.text import ByteCodec
+from distseq.data.tokens import TokenLayout, open_token_index
+from distseq.data.verify import Digest
+from distseq.tasks import IGNORE
+
+
+# --- a plain-Python reference of the windows ------------------------------------------------------
+def reference_windows(documents, eod, seq_len, packing):
+    """Every window as (x, y) lists, computed the slow and obvious way."""
+    pad = eod if eod is not None else 0
+    with_eod = [list(doc) + ([eod] if eod is not None else []) for doc in documents]
+    pieces = [sum(with_eod, [])] if packing == "packed" else with_eod
+    windows = []
+    for tokens in pieces:
+        for start in range(0, max(len(tokens) - 1, 0), seq_len):
+            window = tokens[start:start + seq_len + 1]
+            x = window[:seq_len] + [pad] * (seq_len - len(window[:seq_len]))
+            y = window[1:] + [IGNORE] * (seq_len - len(window[1:]))
+            windows.append((x, y))
+    return windows
+
+
+def random_documents(n, vocab, seed, low=1, high=30):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, rng.integers(low, high + 1)).tolist() for _ in range(n)]
+
+
+def write_jsonl(path, documents, column="tokens"):
+    path.write_text("".join(json.dumps({column: doc, "other": "kept out"}) + "\n" for doc in documents))
+    return path
+
+
+def write_parquet(path, documents, column="tokens", value=pa.int32()):
+    pq.write_table(pa.table({column: pa.array(documents, type=pa.list_(value))}), path)
+    return path
+
+
+def write_bin(path, documents, dtype=np.uint16, offsets=True):
+    np.concatenate([np.asarray(d, dtype=dtype) for d in documents]).tofile(path)
+    if offsets:
+        starts = np.concatenate([[0], np.cumsum([len(d) for d in documents])[:-1]]).astype(np.int64)
+        np.save(path.with_suffix(".offsets.npy"), starts)
+    return path
+
+
+def token_index(files, tmp_path, *, vocab, seq_len, eod=None, packing="packed", token_dtype="uint16", codec=None,
+                column="tokens"):
+    layout = TokenLayout("tokens", column, vocab, eod, token_dtype, "bytes" if codec else "none")
+    return open_token_index([str(f) for f in files], layout, codec, seq_len, packing, str(tmp_path / "cache"),
+                            say=lambda line: None, progress=False)
+
+
+def all_windows(index):
+    batch = index.take(torch.arange(index.rows))
+    return [(x.tolist(), y.tolist()) for x, y in zip(batch["x"], batch["y"])]
+
+
+@pytest.mark.parametrize("packing", ["packed", "document"])
+@pytest.mark.parametrize("eod", [None, 99], ids=["no-eod", "eod"])
+@pytest.mark.parametrize("seq_len", [1, 4, 7, 64])
+def test_windows_equal_the_reference_across_documents_and_files(packing, eod, seq_len, tmp_path):
+    """Documents in a JSON-lines file, a parquet file and a .bin with offsets, in that order: one token array.
+    Windows cross document and file boundaries (packed) or stop at each document's end (document), and the last
+    partial window is kept: every token is the target of exactly one window."""
+    documents = random_documents(23, 99, seed=seq_len) + [[5]]  # a one-token document too
+    files = [write_jsonl(tmp_path / "a.jsonl", documents[:8]), write_parquet(tmp_path / "b.parquet", documents[8:15]),
+             write_bin(tmp_path / "c.bin", documents[15:])]
+    index = token_index(files, tmp_path, vocab=100, seq_len=seq_len, eod=eod, packing=packing)
+    expected = reference_windows(documents, eod, seq_len, packing)
+    assert index.rows == len(expected)
+    assert all_windows(index) == expected
+    assert index.documents == len(documents) and index.tokens == sum(map(len, documents)) + (eod is not None) * 24
+    shuffled = torch.randperm(index.rows, generator=torch.Generator().manual_seed(0))
+    again = index.take(shuffled)  # any order, one batch
+    assert [(x.tolist(), y.tolist()) for x, y in zip(again["x"], again["y"])] == [expected[i] for i in shuffled]
+
+
+def test_a_bin_file_without_offsets_is_one_document_of_its_dtype(tmp_path):
+    tokens = np.arange(0, 70000, 7, dtype=np.uint32)  # ids past uint16
+    tokens.tofile(tmp_path / "big.bin")
+    index = token_index([tmp_path / "big.bin"], tmp_path, vocab=70000, seq_len=16, token_dtype="uint32")
+    assert index.documents == 1 and index.tokens == len(tokens)
+    assert all_windows(index) == reference_windows([tokens.tolist()], None, 16, "packed")
+
+
+def test_epochs_are_permutations_of_the_training_windows_and_the_held_out_share_is_never_among_them(tmp_path):
+    documents = random_documents(40, 50, seed=3)
+    index = token_index([write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path, vocab=51, seq_len=8, eod=50)
+    held = 5
+    train = FileSource(index, seed=7, variable=False, first=0, count=index.rows - held)
+    n = train.count
+    positions = torch.arange(0, 3 * n)
+    ids = train.row_ids(positions)
+    for epoch in range(3):
+        assert sorted(ids[epoch * n:(epoch + 1) * n].tolist()) == list(range(n))
+    assert ids[:n].tolist() != ids[n:2 * n].tolist()  # reshuffled each epoch
+    batch = train.samples(torch.arange(n - 3, n + 3))  # a batch that straddles the epoch boundary
+    windows = all_windows(index)
+    assert [(x.tolist(), y.tolist()) for x, y in zip(batch["x"], batch["y"])] == \
+        [windows[i] for i in ids[n - 3:n + 3].tolist()]
+    evaluation = FileSource(index, None, False, index.rows - held, held)
+    assert evaluation.row_ids(torch.arange(held)).tolist() == list(range(index.rows - held, index.rows))
+
+
+# --- text ---------------------------------------------------------------------------------------
+def english(n_lines, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "the quick brown fox jumps over a lazy dog while one cat sat on its mat".split()
+    return "".join(" ".join(rng.choice(words, rng.integers(4, 10))) + ".\n" for _ in range(n_lines))
+
+
+def test_text_files_are_their_bytes_with_byte_zero_ending_each_document(tmp_path):
+    (tmp_path / "a.txt").write_text("héllo\n")
+    (tmp_path / "b.txt").write_text("ok")
+    index = token_index([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path, vocab=256, seq_len=4, eod=0,
+                        codec=ByteCodec())
+    documents = [list("héllo\n".encode()), list(b"ok")]
+    assert all_windows(index) == reference_windows(documents, 0, 4, "packed")
+    assert ByteCodec().decode(list("héllo".encode())) == "héllo"
+
+
+LM = ["train", "--task", "lm", "--model", "decoder", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
+      "--no-progress", "--precision", "no", "--log-every", "10", "--checkpoint-every", "0"]
+
+
+def lm_args(files, run_dir, *extra):
+    return [*LM, "--data-files", ",".join(map(str, files)), "--run-dir", str(run_dir), *extra]
+
+
+def unigram_entropy(data: bytes) -> float:
+    counts = Counter(data)
+    return -sum(c / len(data) * math.log(c / len(data)) for c in counts.values())
+
+
+def test_a_byte_level_model_learns_a_text_file_below_its_unigram_entropy(tmp_path):
+    text = english(800)
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    run_dir = tmp_path / "run"
+    proc = run_here(lm_args([path], run_dir, "--seq-len", "64", "--global-batch-size", "16", "--max-steps", "200",
+                            "--lr", "0.01", "--eval-every", "0", "--eval-size", "1000000"))
+    assert_ok(proc)
+    result = summary(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["vocab_size"] == 256 and config["data"]["eod_id"] == 0
+    windows = math.ceil((len(text.encode()) + 1 - 1) / 64)
+    held = math.ceil(0.05 * windows)
+    assert f"{len(text.encode()) + 1} tokens in 1 document(s)" in proc.stdout and f"; {held} held out" in proc.stdout
+    entropy = unigram_entropy(text.encode())  # nats per byte, ~2.9 here
+    assert result["eval/samples"] == held
+    assert result["eval/loss"] < 0.7 * entropy, (result["eval/loss"], entropy)  # measured: 0.5 x
+    assert result["eval/perplexity"] == pytest.approx(math.exp(result["eval/loss"]), rel=1e-6)
+
+
+# --- bad data: one line naming the file and the row or offset, exit 2, nothing created ----------------
+def bad_cases(tmp: Path):
+    good = random_documents(5, 10, seed=1)
+    cases = {}
+    cases["jsonl-id-outside-vocab"] = (write_jsonl(tmp / "v.jsonl", good[:3] + [[1, 2, 10]] + good[3:]), (),
+                                       "v.jsonl: row 3 (from 0): token id 10 is outside [0, 10) (--vocab-size)")
+    cases["parquet-empty-document"] = (write_parquet(tmp / "e.parquet", good[:2] + [[]] + good[2:]), (),
+                                       "e.parquet: row 2 (from 0): an empty document")
+    cases["jsonl-not-integers"] = (write_jsonl(tmp / "f.jsonl", good[:1] + [[1, 2.5]]), (),
+                                   "f.jsonl: row 1 (from 0): 'tokens' must be a list of integer token ids")
+    cases["jsonl-missing-column"] = (tmp / "m.jsonl", (), "m.jsonl: row 1 (from 0): missing 'tokens'")
+    (tmp / "m.jsonl").write_text('{"tokens": [1, 2]}\n{"other": [1]}\n')
+    bin_path = write_bin(tmp / "t.bin", good, offsets=False)
+    with open(bin_path, "ab") as handle:
+        handle.write(b"\x01")  # half a uint16
+    size = bin_path.stat().st_size
+    cases["bin-truncated"] = (bin_path, (), f"t.bin: truncated: {size} bytes is not a whole number of uint16 tokens")
+    write_bin(tmp / "o.bin", [[1, 2, 3], [4, 5]])
+    np.save(tmp / "o.offsets.npy", np.array([0, 3, 3], dtype=np.int64))
+    cases["bin-empty-document"] = (tmp / "o.bin", (), "o.offsets.npy: document 1 (from 0) starts at token 3 and "
+                                                      "ends at 3: an empty document")
+    write_bin(tmp / "i.bin", [[1, 2, 3, 12, 4]], offsets=False)
+    cases["bin-id-outside-vocab"] = (tmp / "i.bin", (), "i.bin: token 3 (byte offset 6): token id 12 is outside "
+                                                        "[0, 10)")
+    (tmp / "nul.txt").write_bytes(b"abc\x00def")
+    cases["text-nul"] = (tmp / "nul.txt", ("--vocab-size", "8"), "nul.txt: byte offset 3 is NUL (0)")
+    return cases
+
+
+BAD = ["jsonl-id-outside-vocab", "parquet-empty-document", "jsonl-not-integers", "jsonl-missing-column",
+       "bin-truncated", "bin-empty-document", "bin-id-outside-vocab", "text-nul"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_token_data_is_one_line_naming_the_file_and_place(case, tmp_path):
+    path, extra, message = bad_cases(tmp_path)[case]
+    extra = () if case == "text-nul" else ("--vocab-size", "10", "--sequence-column", "tokens")
+    proc = run_here(lm_args([path], tmp_path / "run", "--seq-len", "4", "--max-steps", "1",
+                            "--data-cache", str(tmp_path / "cache"), *extra))
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and message in err, (proc.returncode, err)
+    assert not (tmp_path / "run").exists()
+    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("extra, option, message", [
+    ((), "--data-files", "--task lm learns your tokens: give token files"),
+    (("--data-files", "{tmp}/a.csv"), "--data-files", "--task lm reads token files (.bin, .parquet, .jsonl) or "
+                                                      "text files (.txt) (got .csv)"),
+    (("--data-files", "{tmp}/a.txt,{tmp}/a.jsonl"), "--data-files", "give either text files (.txt) or token files"),
+    (("--data-files", "{tmp}/a.txt", "--vocab-size", "300"), "--vocab-size", "300, but the text's ids come from "
+                                                                             "bytes, 256 of them"),
+    (("--data-files", "{tmp}/a.jsonl", "--tokenizer", "{tmp}/tok.json"), "--tokenizer", "reads text files (.txt)"),
+    (("--data-files", "{tmp}/a.jsonl", "--vocab-size", "10", "--eod-id", "10"), "--eod-id",
+     "10 is outside the vocabulary [0, 10)"),
+    (("--data-files", "{tmp}/a.txt", "--tokenizer", "{tmp}/missing.json"), "--tokenizer", "missing.json: cannot be "
+                                                                                          "read as a tokenizer.json"),
+    (("--data-files", "{tmp}/a.txt", "--eval-share", "0.5", "--eval-files", "{tmp}/a.txt"), "--eval-share",
+     "give one of them"),
+    (("--data-files", "{tmp}/a.txt", "--min-seq-len", "2"), "--min-seq-len", "the lm task has a fixed length"),
+    (("--data-files", "{tmp}/a.txt", "--data-streaming"), "--data-streaming", "leave it out"),
+    (("--data-files", "{tmp}/a.txt", "--eval-share", "0.99", "--seq-len", "2"), "--eval-share",
+     "nothing is left to train on"),
+])
+def test_lm_options_are_checked_before_anything_is_written(extra, option, message, tmp_path):
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "a.csv").write_text("1,2")
+    write_jsonl(tmp_path / "a.jsonl", [[1, 2, 3]])
+    args = [a.format(tmp=tmp_path) for a in extra]
+    proc = run_here([*LM, "--run-dir", str(tmp_path / "run"), "--seq-len", "4", *args])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"distseq train: error: {option}") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--tokenizer", "tok.json"), ("--eod-id", "1"), ("--packing", "document"),
+                                           ("--token-dtype", "uint32")])
+def test_token_options_are_refused_where_they_do_not_apply(option, value, tmp_path):
+    proc = run_here(["train", "--task", "induction", "--run-dir", str(tmp_path / "run"), option, value])
+    assert proc.returncode == 2 and f"error: {option}: applies to --task lm's --data-files" in proc.stderr
+
+
+# --- a tokenizer.json ---------------------------------------------------------------------------
+def word_tokenizer(path: Path, text: str) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|endoftext|>"]))
+    tokenizer.save(str(path))
+    return path
+
+
+def test_a_tokenizer_json_reads_text_and_a_non_utf8_byte_is_one_line(tmp_path):
+    text = english(50)
+    tok = word_tokenizer(tmp_path / "tokenizer.json", text)
+    (tmp_path / "a.txt").write_text(text)
+    run_dir = tmp_path / "run"
+    proc = run_here(lm_args([tmp_path / "a.txt"], run_dir, "--tokenizer", str(tok), "--seq-len", "8",
+                            "--global-batch-size", "4", "--max-steps", "2", "--eval-every", "0"))
+    assert_ok(proc)
+    config = json.loads((run_dir / "config.json").read_text())["data"]
+    from tokenizers import Tokenizer
+
+    loaded = Tokenizer.from_file(str(tok))
+    assert config["vocab_size"] == loaded.get_vocab_size() and config["eod_id"] == loaded.token_to_id("<|endoftext|>")
+    words = len(text.split()) + text.count(".")
+    assert f"{words + 1} tokens in 1 document(s)" in proc.stdout
+    (tmp_path / "bad.txt").write_bytes(text[:100].encode() + b"\xff" + b"more")
+    proc = run_here(lm_args([tmp_path / "bad.txt"], tmp_path / "run2", "--tokenizer", str(tok), "--seq-len", "8"))
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "bad.txt: byte offset 100 is not UTF-8" in err, err
+    assert not (tmp_path / "run2").exists()
+
+
+# --- resume -------------------------------------------------------------------------------------
+RESUME = ["--seq-len", "8", "--global-batch-size", "12", "--verify-data", "--hidden-size", "16", "--num-layers",
+          "1", "--log-every", "1", "--eval-every", "0"]
+
+
+def corpus(tmp_path):
+    documents = random_documents(60, 40, seed=5)
+    return [write_jsonl(tmp_path / "a.jsonl", documents[:30]), write_bin(tmp_path / "b.bin", documents[30:])]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_elastic_resume_on_token_files_continues_at_the_next_window(tmp_path):
+    """2 -> 1 -> 3 processes: each part reads exactly the next positions (--verify-data), and the end equals an
+    uninterrupted single-process run to float rounding."""
+    files = corpus(tmp_path)
+    common = [*RESUME, "--vocab-size", "41", "--eod-id", "40", "--sequence-column", "tokens"]
+    reference = tmp_path / "reference"
+    assert_ok(run_here(lm_args(files, reference, *common, "--max-steps", "12")))
+    run_dir = tmp_path / "run"
+    for part, (world, until) in enumerate([(2, 4), (1, 8), (3, 12)]):
+        args = lm_args(files, run_dir, *common, "--max-steps", str(until), "--checkpoint-every", "4")
+        if world == 1:
+            proc = run_here(args)
+        else:
+            launch = ["--multi_gpu", "--num_processes", str(world), "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+            proc = accelerate_launch(launch, args, timeout=180)
+        assert_ok(proc)
+        result = summary(run_dir)
+        assert result["world_size"] == world and result["step"] == until
+        start = until - 4
+        merged = None
+        for digest in (Digest(**d) for d in result["data_accounting"]["per_rank"]):
+            merged = digest if merged is None else merged.merge(digest)
+        assert merged == Digest.of_range(start * 12, until * 12), part
+    end, expected = weights_at(run_dir, 12), weights_at(reference, 12)
+    for key in expected:
+        torch.testing.assert_close(end[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_lm_run_resumes_bit_exact_and_refuses_other_tokens(tmp_path):
+    files = corpus(tmp_path)
+    common = [*RESUME, "--vocab-size", "41", "--eod-id", "40", "--sequence-column", "tokens", "--max-steps", "16",
+              "--checkpoint-every", "4", "--num-workers", "1"]
+    reference = tmp_path / "reference"
+    assert_ok(run_here(lm_args(files, reference, *common)))
+    run_dir = tmp_path / "run"
+    proc = run_until([*DISTSEQ, *lm_args(files, run_dir, *common)], "step=10/",
+                     lambda p: p.send_signal(signal.SIGKILL), tmp_path / "logs")
+    assert proc.returncode == -signal.SIGKILL
+    rerun = run_here(lm_args(files, run_dir, *common))
+    assert_ok(rerun)
+    assert "resuming from" in rerun.stdout
+    assert_bit_identical(weights_at(run_dir, 16), weights_at(reference, 16))
+    # other bytes (one id changed in the .bin: the same size) are refused by the checkpoint
+    tokens = np.fromfile(files[1], dtype=np.uint16)
+    tokens[3] = (tokens[3] + 1) % 40
+    tokens.tofile(files[1])
+    again = run_here(lm_args(files, run_dir, *common[:-4], "--max-steps", "20", "--checkpoint-every", "4"))
+    assert again.returncode != 0 and "data" in again.stderr.lower(), again.stderr[-2000:]
