@@ -225,7 +225,8 @@ def add_generate(commands) -> None:
         "rnn, gru, lstm) trained on a token task: greedy (--temperature 0) or sampled (--temperature, --top-k, "
         "--seed). A run on text (.txt --data-files, bytes or --tokenizer) writes text: the prompt, then what the "
         "model wrote. A run on token ids writes one JSON line {\"prompt\": [...], \"generated\": [...], "
-        "\"ended\": \"eod\" or \"max-new-tokens\"}. The model reads the last --seq-len tokens of its run; the "
+        "\"ended\": \"eod\" or \"max-new-tokens\"}. The model reads the last --seq-len tokens of its run (a longer "
+        "prompt is refused); the "
         "decoder and sliding-window keep a cache of keys and values, so each new token costs one position.",
     )
     generate.add_argument("--checkpoint", required=True, help="a checkpoint directory")

@@ -12,6 +12,10 @@ so both draw the same tokens: once the text passes the context, every position's
 change with each token that falls out, and the cache is rebuilt from the context each step (as costly
 as no cache). Models without a cached form (the other mixers, rnn, gru, lstm) recompute every step.
 
+Which models generate: a token task's per-step logits over its vocabulary, from a model whose ``causal``
+attribute is true (every ``MixerStack``; the recurrent models in one direction; a plugin model that sets
+it), so the logits at the last position read nothing that is not there yet.
+
 With a text run (``data.text.run_codec``: bytes or a tokenizer.json) a text prompt is encoded and the
 output is the text: the prompt followed by what the model wrote. A run on token ids takes ids and writes
 JSON: ``{"prompt": [...], "generated": [...], "ended": "eod" | "max-new-tokens"}``. The end-of-document
