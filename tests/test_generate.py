@@ -6,9 +6,9 @@
 - greedy is the uncached model's argmax step by step (the decoder; the models without a cache); top-k 1 is
   greedy; every draw of top-k is among the k largest; a seed gives the same tokens, another seed others;
   cached and uncached runs write the same tokens, greedy and sampled;
-- the command on real checkpoints (trained a few steps): ids as JSON, text through the run's codec, the
-  end-of-document id, stdout equal to --output; every bad input one line, exit 2, no file written;
-  non-causal models and tasks without next-token logits refused, naming them;
+- the command on real checkpoints (trained a few steps): ids as JSON, text through the run's codec (--task lm
+  on bytes and on a tokenizer.json), the end-of-document id, stdout equal to --output; every bad input one
+  line, exit 2, no file written; non-causal models and tasks without next-token logits refused, naming them;
 - the generation benchmark runs and reports its figures.
 """
 
@@ -25,7 +25,7 @@ from conftest import assert_ok, run_here
 
 from distseq.bench.generation import QUICK, generation_speed
 from distseq.config import ModelConfig, preset
-from distseq.data.text import ByteCodec
+from distseq.data.text import run_codec
 from distseq.errors import ConfigError, NonFiniteError
 from distseq.inference.export import model_from_checkpoint
 from distseq.inference.generate import Cached, Sampling, Uncached, check_generates, generate, next_token, stepper
@@ -33,15 +33,17 @@ from distseq.models import build_model
 from distseq.registry import TASKS
 from distseq.tasks import TaskSpec
 
-SEQ_LEN, VOCAB = 16, 256  # bytes fit the vocabulary: the same checkpoint serves the text tests
-TRAIN = ["train", "--preset", "induction", "--seq-len", str(SEQ_LEN), "--vocab-size", str(VOCAB),
-         "--hidden-size", "16", "--max-steps", "3", "--global-batch-size", "16", "--eval-every", "0",
-         "--eval-size", "16", "--no-progress"]
+SEQ_LEN, VOCAB = 16, 256
+SHORT = ["--seq-len", str(SEQ_LEN), "--hidden-size", "16", "--max-steps", "3", "--eval-every", "0", "--no-progress"]
+TRAIN = ["train", "--preset", "induction", "--vocab-size", str(VOCAB), "--global-batch-size", "16", "--eval-size",
+         "16", *SHORT]
+TRAIN_LM = ["train", "--task", "lm", "--model", "decoder", "--num-heads", "2", "--global-batch-size", "4", *SHORT]
+STORY = "once upon a time the fox sat on a mat.\nthe cat sat on the fox.\n"
 
 
-def trained(root: Path, *options: str) -> Path:
+def trained(root: Path, *options: str, command=TRAIN) -> Path:
     run = root / "run"
-    assert_ok(run_here([*TRAIN, "--run-dir", str(run), *options]))
+    assert_ok(run_here([*command, "--run-dir", str(run), *options]))
     return next((run / "checkpoints").iterdir())
 
 
@@ -49,6 +51,31 @@ def trained(root: Path, *options: str) -> Path:
 def decoder_checkpoint(tmp_path_factory) -> Path:
     """A decoder (rotary, short convolution) trained 3 steps on induction ids."""
     return trained(tmp_path_factory.mktemp("decoder"), "--short-conv", "3")
+
+
+def text_run(root: Path, *options: str) -> Path:
+    (root / "story.txt").write_text(STORY)
+    return trained(root, "--data-files", str(root / "story.txt"), *options, command=TRAIN_LM)
+
+
+@pytest.fixture(scope="module")
+def bytes_checkpoint(tmp_path_factory) -> Path:
+    """--task lm on a .txt file's bytes (byte 0 ends a document)."""
+    return text_run(tmp_path_factory.mktemp("bytes"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_checkpoint(tmp_path_factory) -> Path:
+    """--task lm on a .txt file through a word-level tokenizer.json (its <|endoftext|> ends a document)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    words = sorted(set(STORY.replace(".", " . ").split()))
+    vocab = {word: i for i, word in enumerate(["[UNK]", "<|endoftext|>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(root / "tokenizer.json"))
+    return text_run(root, "--tokenizer", str(root / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +91,6 @@ def edited(checkpoint: Path, to: Path, **data) -> Path:
     meta["config"]["data"].update(data)
     (to / "meta.json").write_text(json.dumps(meta))
     return to
-
-
-@pytest.fixture(scope="module")
-def text_checkpoint(decoder_checkpoint, tmp_path_factory) -> Path:
-    """The decoder as if its run had read a .txt file: byte-level text, byte 0 ends a document.
-    TODO: a checkpoint of --task lm on text once that task exists."""
-    root = tmp_path_factory.mktemp("text")
-    (root / "story.txt").write_text("once upon a time\n")
-    return edited(decoder_checkpoint, root / "step", data_files=str(root / "story.txt"))
 
 
 def argmax_run(model, prompt, steps, context):
@@ -230,21 +248,29 @@ def test_command_prompt_file_of_ids(decoder_checkpoint, tmp_path):
     assert json.loads(shown.stdout)["prompt"] == [1, 2, 3]
 
 
-def test_command_on_a_text_run_writes_the_prompt_and_its_continuation(text_checkpoint, decoder, tmp_path):
-    shown = run_generate(text_checkpoint, "--prompt", "Hi é", "--temperature", "0", "--max-new-tokens", "12",
-                         "--ignore-eod")
-    assert_ok(shown)
-    prompt = list("Hi é".encode())
-    want = generate(decoder, prompt, 12, Sampling(0.0), SEQ_LEN)
-    assert shown.stdout == ByteCodec().decode(prompt + want.tokens) + "\n"
-    assert shown.stdout.startswith("Hi é")
-    (tmp_path / "prompt.txt").write_text("Hi é")
+TEXT_PROMPTS = {"bytes": "the fox é", "tokenizer": "the cat sat"}
+
+
+@pytest.mark.parametrize("codec", TEXT_PROMPTS)
+def test_command_on_a_text_run_writes_the_prompt_and_its_continuation(codec, request, tmp_path):
+    checkpoint = request.getfixturevalue(f"{codec}_checkpoint")
+    model, cfg, _ = model_from_checkpoint(checkpoint)
+    runs_codec, text = run_codec(cfg.data.data_files, cfg.data.tokenizer), TEXT_PROMPTS[codec]
+    assert runs_codec.name == ("bytes" if codec == "bytes" else cfg.data.tokenizer) and cfg.data.eod_id is not None
+    prompt = runs_codec.encode(text)
+    for options in ([], ["--ignore-eod"]):
+        shown = run_generate(checkpoint, "--prompt", text, "--max-new-tokens", "12", "--seed", "3", *options)
+        assert_ok(shown)
+        want = generate(model, prompt, 12, Sampling(1.0, seed=3), SEQ_LEN, eod=None if options else cfg.data.eod_id)
+        assert shown.stdout == runs_codec.decode(prompt + want.tokens) + "\n"
+        assert shown.stdout.startswith(text)
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
     out = tmp_path / "out.txt"
-    assert_ok(run_generate(text_checkpoint, "--prompt-file", str(tmp_path / "prompt.txt"), "--temperature", "0",
-                           "--max-new-tokens", "12", "--ignore-eod", "--output", str(out)))
-    assert out.read_text() + "\n" == shown.stdout  # the file holds the text exactly, stdout adds a newline
-    ids = run_generate(text_checkpoint, "--prompt-ids", ",".join(map(str, prompt)), "--temperature", "0",
-                       "--max-new-tokens", "12", "--ignore-eod")
+    assert_ok(run_generate(checkpoint, "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "12",
+                           "--seed", "3", "--ignore-eod", "--output", str(out)))
+    assert out.read_text(encoding="utf-8") + "\n" == shown.stdout  # the file holds the text exactly
+    ids = run_generate(checkpoint, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "12",
+                       "--seed", "3", "--ignore-eod")
     assert ids.stdout == shown.stdout  # ids are accepted for a text run too; the output is still text
 
 
@@ -289,12 +315,20 @@ def test_command_bad_input_is_one_line_exit_2_and_no_file(case, decoder_checkpoi
     assert list(tmp_path.iterdir()) == []
 
 
-def test_command_empty_text_prompt_is_refused(text_checkpoint, tmp_path):
+def test_command_empty_text_prompt_is_refused(bytes_checkpoint, tokenizer_checkpoint, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    for options in (["--prompt", ""], ["--prompt-file", str(tmp_path / "empty.txt")]):
-        proc = run_generate(text_checkpoint, *options)
+    cases = [(bytes_checkpoint, ["--prompt", ""]), (bytes_checkpoint, ["--prompt-file", str(tmp_path / "empty.txt")]),
+             (tokenizer_checkpoint, ["--prompt", "  "])]  # whitespace: no word, no token
+    for checkpoint, options in cases:
+        proc = run_generate(checkpoint, *options)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "empty: give at least one token" in \
             proc.stderr, proc.stderr
+
+
+def test_command_text_prompt_longer_than_the_context_is_refused(bytes_checkpoint):
+    proc = run_generate(bytes_checkpoint, "--prompt", "x" * (SEQ_LEN + 1))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--prompt: {SEQ_LEN + 1} tokens, more than the model reads ({SEQ_LEN}" in proc.stderr
 
 
 @pytest.mark.parametrize("where", ["missing directory", "a directory", "empty"])
