@@ -209,10 +209,6 @@ def _check_data_files(cfg) -> None:
     _refuse_token_options(d, f"--task {d.task} reads rows")
     if d.eval_share is not None and d.data_streaming:
         raise ConfigError("--eval-share", streamed)
-    if TASKS[d.task].tokens:
-        raise ConfigError("--task", f"--data-files hold sequences of numbers; {d.task} takes token ids")
-    if TASKS[d.task].head == "per-step":
-        raise ConfigError("--task", f"--data-files needs one label per sequence; {d.task} has one per step")
     check_files(resolve_files(d.data_files), d.sequence_column, d.label_column)
     if d.eval_files is not None:
         check_files(resolve_files(d.eval_files, "--eval-files"), d.sequence_column, d.label_column)

@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 
 from distseq.errors import ConfigError, DataFileError
-from distseq.tasks import Task, TaskSpec
+from distseq.tasks import IGNORE, Task, TaskSpec
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKEN_SUFFIXES = {".bin", ".parquet", ".jsonl", ".json", ".txt", ".text"}  # --task lm's (data/tokens.py)
@@ -161,6 +161,27 @@ def _tokens_to_tensor(sequence, where: str, column: str, task: Task, spec: TaskS
     return padded, length
 
 
+def labels_to_tensor(label, length: int, where: str, column: str, task: Task, spec: TaskSpec) -> torch.Tensor:
+    """A per-step task's labels: a list as long as the sequence, a class per position or the ignore index (-100,
+    or null) where there is none -> (T,) int64, IGNORE past the sequence's end; DataFileError naming ``where``."""
+    classes = task.num_outputs(spec)
+    if not isinstance(label, list):
+        raise DataFileError(f"{where}: {column!r} must be a list of labels, one per position ({_shown(label)})")
+    if len(label) != length:
+        raise DataFileError(f"{where}: {column!r} holds {len(label)} labels for a sequence of {length}: one per "
+                            f"position (-100 or null where there is none)")
+    for position, value in enumerate(label):
+        if value is None or value == IGNORE and not isinstance(value, bool):
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != int(value) or \
+                not 0 <= value < classes:
+            raise DataFileError(f"{where}: {column!r} holds {_shown(value)} at position {position}: a label is a "
+                                f"class in 0..{classes - 1} for --task {task.name}, or -100 or null for none")
+    y = torch.full((spec.seq_len,), IGNORE, dtype=torch.int64)
+    y[:length] = torch.tensor([IGNORE if v is None else int(v) for v in label], dtype=torch.int64)
+    return y
+
+
 def _shown(value, limit: int = 60) -> str:
     """A value as an error message quotes it: its repr, cut to ``limit`` characters."""
     text = repr(value)
@@ -168,7 +189,8 @@ def _shown(value, limit: int = 60) -> str:
 
 
 def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task, spec: TaskSpec):
-    """One row -> (x (T, F) zero-padded, length, y); DataFileError naming the file and row otherwise."""
+    """One row -> (x (T, F) zero-padded, or (T,) ids, length, y: a number, or (T,) labels of a per-step task);
+    DataFileError naming the file and row otherwise."""
     where = f"{row['file']}: row {row['row']} (from 0)"
     data = row["data"]
     sequence, label = data.get(sequence_column), data.get(label_column)
@@ -176,6 +198,8 @@ def row_to_sample(row: dict, sequence_column: str, label_column: str, task: Task
         missing = sequence_column if sequence is None else label_column
         raise DataFileError(f"{where}: missing {missing!r}")
     x, length = sequence_to_tensor(sequence, where, sequence_column, task, spec)
+    if task.head == "per-step":
+        return x, length, labels_to_tensor(label, length, where, label_column, task, spec)
     if not isinstance(label, (int, float)) or isinstance(label, bool) or not math.isfinite(label):
         raise DataFileError(f"{where}: {label_column!r} is not a number ({_shown(label)})")
     if abs(label) > FLOAT32_MAX:

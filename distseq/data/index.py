@@ -57,7 +57,7 @@ from distseq.data.filestat import FileStat, difference
 from distseq.data.stream import LRU, derive_seed
 from distseq.errors import ConfigError, DataFileError, DistseqError, RunIOError
 from distseq.fsio import sha256_file, write_json
-from distseq.tasks import Batch, Task, TaskSpec
+from distseq.tasks import IGNORE, Batch, Task, TaskSpec
 from distseq.tasks.sampling import Permutation
 
 INDEX_VERSION = 1
@@ -105,18 +105,24 @@ class RowShape:
     min_seq_len: int
     features: int
     head: str
-    classes: int  # the classes head's count; 0 for the others
+    classes: int  # the classes head's count, a per-step head's outputs; 0 for the others
+    vocab: int = 0  # a token task's: x holds ids in [0, vocab) (exact in float32: MAX_VOCAB is 2**24)
 
     @classmethod
     def of(cls, task: Task, spec: TaskSpec, sequence_column: str, label_column: str) -> "RowShape":
-        classes = task.num_outputs(spec) if task.head == "classes" else 0
+        classes = task.num_outputs(spec) if task.head in ("classes", "per-step") else 0
         return cls(task.name, sequence_column, label_column, spec.seq_len, spec.min_seq_len, task.num_features(spec),
-                   task.head, classes)
+                   task.head, classes, task.vocab(spec) if task.tokens else 0)
+
+    @property
+    def per_step(self) -> bool:
+        return self.head == "per-step"
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one row in the index: x, y (int64 classes, else float32), length."""
-        return 4 * self.seq_len * self.features + (8 if self.head == "classes" else 4) + 4
+        """Bytes of one row in the index: x, y (int64 classes, T int64 per-step labels, else float32), length."""
+        label = 8 * self.seq_len if self.per_step else 8 if self.head == "classes" else 4
+        return 4 * self.seq_len * self.features + label + 4
 
 
 @dataclass
@@ -218,13 +224,15 @@ class FileIndex:
                                     f"damaged after this run opened it; restart the run")
             for batch in table.to_batches():
                 x = batch.column("x").flatten().to_numpy(zero_copy_only=True)
-                chunks.append((x.reshape(batch.num_rows, -1), batch.column("y").to_numpy(),
-                               batch.column("length").to_numpy()))
+                y = batch.column("y")
+                y = y.flatten().to_numpy().reshape(batch.num_rows, -1) if self.shape.per_step else y.to_numpy()
+                chunks.append((x.reshape(batch.num_rows, -1), y, batch.column("length").to_numpy()))
                 starts.append(starts[-1] + batch.num_rows)
         self._chunks, self._starts = chunks, np.asarray(starts, dtype=np.int64)
 
     def take(self, ids: torch.Tensor) -> Batch:
-        """Rows ``ids`` (int64, any order) -> ``x`` (n, T, F) float32, ``y`` (n,), ``lengths`` (n,) int64."""
+        """Rows ``ids`` (int64, any order) -> ``x`` (n, T, F) float32 (a token task's (n, T) int64 ids), ``y`` (n,)
+        (a per-step task's (n, T) int64), ``lengths`` (n,) int64."""
         if self._chunks is None:
             self._open()
         ids_np = ids.numpy()
@@ -232,7 +240,7 @@ class FileIndex:
         n, shape = len(ids_np), self.shape
         first = self._chunks[0]
         x = np.empty((n, first[0].shape[1]), dtype=np.float32)
-        y, lengths = np.empty(n, dtype=first[1].dtype), np.empty(n, dtype=np.int64)
+        y, lengths = np.empty((n, *first[1].shape[1:]), dtype=first[1].dtype), np.empty(n, dtype=np.int64)
         if n and chunk_of[0] == chunk_of[-1] and (chunk_of == chunk_of[0]).all():
             groups = [(int(chunk_of[0]), slice(None))]
         else:  # rows from several record batches: gather from each the rows it holds
@@ -243,8 +251,9 @@ class FileIndex:
             cx, cy, clen = self._chunks[chunk]
             local = ids_np[where] - self._starts[chunk]
             x[where], y[where], lengths[where] = cx[local], cy[local], clen[local]
-        return {"x": torch.from_numpy(x).view(n, shape.seq_len, shape.features), "y": torch.from_numpy(y),
-                "lengths": torch.from_numpy(lengths)}
+        inputs = torch.from_numpy(x)
+        inputs = inputs.view(n, shape.seq_len).long() if shape.vocab else inputs.view(n, shape.seq_len, shape.features)
+        return {"x": inputs, "y": torch.from_numpy(y), "lengths": torch.from_numpy(lengths)}
 
 
 _VERIFIED: Dict[str, FileStat] = {}  # index files whose bytes hashed as recorded, at this stat of theirs
@@ -357,7 +366,8 @@ def convert(table, first_row: int, path: str, task: Task, spec: TaskSpec, shape:
     n, T, F = len(sequence), shape.seq_len, shape.features
     depth = _list_depth(sequence.type)
     bad = np.zeros(n, dtype=bool)
-    if depth == 0 or (depth == 1 and F != 1) or not _is_number(label.type):
+    label_ok = _list_depth(label.type) == 1 if shape.per_step else _is_number(label.type)
+    if depth == 0 or (depth == 1 and F != 1) or not label_ok or (shape.vocab and depth != 1):
         bad[:] = True  # every row: the first one's message says what is wrong
         raise _first_bad_row(table, bad, first_row, path, task, spec, shape)
     bad |= sequence.is_null().to_numpy(zero_copy_only=False)
@@ -376,8 +386,13 @@ def convert(table, first_row: int, path: str, task: Task, spec: TaskSpec, shape:
     with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow becomes inf: flagged below
         numbers = pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False).astype(np.float32)
         bad[value_rows[~np.isfinite(numbers)]] = True  # nulls are NaN here
-        y = pc.cast(label, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # (n,), nulls NaN
-        bad |= ~np.isfinite(y) | ~np.isfinite(y.astype(np.float32))
+        if shape.vocab:  # token ids: integers in [0, vocab)
+            bad[value_rows[(numbers != np.floor(numbers)) | (numbers < 0) | (numbers >= shape.vocab)]] = True
+        if shape.per_step:
+            y = _step_labels(label, lengths, bad, shape)
+        else:
+            y = pc.cast(label, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # (n,), nulls NaN
+            bad |= ~np.isfinite(y) | ~np.isfinite(y.astype(np.float32))
         if shape.head == "binary":
             bad |= (y != 0) & (y != 1)
         elif shape.head == "classes":
@@ -391,8 +406,33 @@ def convert(table, first_row: int, path: str, task: Task, spec: TaskSpec, shape:
         row_starts = np.cumsum(lengths) - lengths
         step_in_row = np.arange(len(step_rows)) - np.repeat(row_starts, lengths)
         x[step_rows, step_in_row] = numbers.reshape(-1, F)
-    y_out = y.astype(np.int64) if shape.head == "classes" else y.astype(np.float32)
+    y_out = y if shape.per_step else y.astype(np.int64) if shape.head == "classes" else y.astype(np.float32)
     return x.reshape(n, T * F), y_out, lengths.astype(np.int32)
+
+
+def _step_labels(label, lengths: np.ndarray, bad: np.ndarray, shape: RowShape) -> np.ndarray:
+    """A per-step task's label lists -> (n, T) int64, IGNORE where null and past each row's end; flags in ``bad``
+    the rows whose list is missing, of another length than the sequence, or holds other than a class or -100."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n, T = len(label), shape.seq_len
+    count = pc.list_value_length(label).fill_null(-1).to_numpy(zero_copy_only=False)  # (n,)
+    bad |= label.is_null().to_numpy(zero_copy_only=False) | (count != lengths)
+    rows = pc.list_parent_indices(label).to_numpy()
+    values = pc.list_flatten(label)
+    with np.errstate(invalid="ignore"):
+        v = pc.cast(values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # nulls NaN
+        v = np.where(np.isnan(v) & values.is_null().to_numpy(zero_copy_only=False), IGNORE, v)
+        wrong = ~np.isfinite(v) | (v != np.floor(v)) | (((v < 0) | (v >= shape.classes)) & (v != IGNORE))
+    bad[rows[wrong]] = True
+    y = np.full((n, T), IGNORE, dtype=np.int64)
+    fits = ~bad[rows]
+    starts = np.cumsum(count.clip(0)) - count.clip(0)
+    step = np.arange(len(rows)) - starts[rows]
+    keep = fits & (step < T)
+    y[rows[keep], step[keep]] = v[keep].astype(np.int64)
+    return y
 
 
 JSON_GROUP_LINES = 4096  # lines parsed at once while looking for the row pyarrow refuses
@@ -440,8 +480,10 @@ def _json_options(shape: RowShape, nested: bool):
     import pyarrow as pa
     import pyarrow.json as pj
 
-    step_type = pa.list_(pa.float64()) if nested or shape.features > 1 else pa.float64()
-    schema = pa.schema([(shape.sequence_column, pa.list_(step_type)), (shape.label_column, pa.float64())])
+    number = pa.int64() if shape.vocab else pa.float64()  # token ids: a float among them is a bad row
+    step_type = pa.list_(number) if nested or shape.features > 1 else number
+    label = pa.list_(pa.int64()) if shape.per_step else pa.float64()
+    schema = pa.schema([(shape.sequence_column, pa.list_(step_type)), (shape.label_column, label)])
     return pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
 
 
@@ -537,8 +579,10 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
     renamed); returns (rows, sha256 of the file's bytes, sha256 of the index's)."""
     import pyarrow as pa
 
-    schema = pa.schema([("x", pa.list_(pa.float32(), shape.seq_len * shape.features)),
-                        ("y", pa.int64() if shape.head == "classes" else pa.float32()), ("length", pa.int32())])
+    label = (pa.list_(pa.int64(), shape.seq_len) if shape.per_step else
+             pa.int64() if shape.head == "classes" else pa.float32())
+    schema = pa.schema([("x", pa.list_(pa.float32(), shape.seq_len * shape.features)), ("y", label),
+                        ("length", pa.int32())])
     tmp = arrow.with_name(f".tmp-{os.getpid()}-{arrow.name}")
     rows_per_chunk = max(1, CHUNK_BYTES // shape.row_bytes)
     reading = JsonReading(nested=False, block_bytes=JSON_BLOCK_BYTES)
@@ -553,7 +597,9 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
                     for table, covered in tables:
                         x, y, lengths = convert(table, rows, path, task, spec, shape)
                         flat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-                        writer.write_batch(pa.record_batch([flat, pa.array(y), pa.array(lengths)], schema=schema))
+                        labels = (pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), shape.seq_len)
+                                  if shape.per_step else pa.array(y))
+                        writer.write_batch(pa.record_batch([flat, labels, pa.array(lengths)], schema=schema))
                         rows += len(y)
                         covered = min(covered, size - reported)
                         advance(covered)

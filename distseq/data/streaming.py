@@ -80,7 +80,8 @@ class FileStream:
             return None
         xs, lengths, ys = zip(*samples)
         y_type = torch.int64 if self.task.head == "classes" else torch.float32
-        batch = {"x": torch.stack(xs), "y": torch.tensor(ys, dtype=y_type)}  # (b, T, F), (b,)
+        y = torch.stack(ys) if self.task.head == "per-step" else torch.tensor(ys, dtype=y_type)  # (b, T) or (b,)
+        batch = {"x": torch.stack(xs), "y": y}  # x (b, T, F), or (b, T) token ids
         batch["index"] = torch.zeros(len(samples), dtype=torch.int64)  # streamed rows carry no stream position
         if self.spec.variable:
             batch["lengths"] = torch.tensor(lengths, dtype=torch.int64)
