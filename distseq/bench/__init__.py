@@ -25,7 +25,7 @@ from distseq.fsio import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",
-               "startup", "sweep", "mixers")
+               "startup", "sweep", "mixers", "tokens")
 ON_REQUEST = ("zoology",)  # run only when named: longer than all the others together
 BACKENDS = ("local", "slurm")  # where the zoology suite's sweep runs
 
@@ -43,6 +43,7 @@ HEADLINES = {
     "startup": ("startup_seconds",),
     "sweep": ("sweep_overhead_s_per_point", "sweep_pool_ratio"),
     "mixers": ("mixer_speed_table",),
+    "tokens": ("lm_files_ratio", "lm_index_seconds", "generation_cache_speedup"),
     "zoology": ("zoology_table",),
 }
 

@@ -22,6 +22,8 @@ GOALS = {
     "files_ratio": (">=", 0.5),
     "files_seek_ratio": ("<=", 1.1),
     "files_index_seconds": ("<=", 60),
+    "lm_files_ratio": (">=", 0.9),
+    "lm_index_seconds": ("<=", 60),
     "async_block_ratio": ("<=", 0.2),
     "sweep_overhead_s_per_point": ("<=", 1.0),
     "sweep_pool_ratio": (">=", 1.7),
@@ -61,6 +63,11 @@ def headline_rows(bench: Dict) -> List[tuple]:
         "files_seek_ratio": "first batch of --data-files at position 10^7 / at 0 (opening the cached index)",
         "files_index_seconds": "seconds to index a generated parquet file (10^7 rows, seq 10; 10^5 with --quick)",
         "files_index_mb": "that index's size on disk (MB)",
+        "lm_files_ratio": "training tokens/s of the decoder (2x64, seq 256) on --task lm windows of a .bin token "
+                          "file / the same model and loss on the synthetic token stream",
+        "lm_index_seconds": "seconds to index a .bin of 10^8 uint16 tokens with offsets (2x10^5 with --quick)",
+        "generation_cache_speedup": "distseq generate tokens/s with the decoder's key/value cache / without "
+                                    "(2x64, 224 tokens after a 32-token prompt, greedy)",
         "async_block_ratio": "seconds the loop is blocked by an --async-checkpoint save / by a synchronous one "
                              "(151 MB of weights + AdamW state, one process)",
         "sweep_overhead_s_per_point": "seconds a sweep of pool 1 adds per point to the same distseq train runs "
@@ -297,6 +304,15 @@ def details(suites: Dict) -> List[str]:
         from .stream import stream_table
 
         lines += ["- **stream**:", "", "```", stream_table(suites["stream"]), "```"]
+    if "tokens" in suites:
+        t, g = suites["tokens"], suites["tokens"]["generation"]
+        lines.append(f"- **tokens**: training from a token file {t['files_tokens_per_sec']:,.0f} tokens/s vs the "
+                     f"synthetic stream {t['stream_tokens_per_sec']:,.0f} (best of {t['sizes']['rounds']} alternating "
+                     f"runs of {t['sizes']['steps']} steps, fp32, in one process); indexing "
+                     f"{t['lm_index']['tokens']:,} tokens of .bin took {t['lm_index_seconds']:.1f} s, "
+                     f"{t['lm_index_parquet']['tokens']:,} of parquet lists {t['lm_index_parquet_seconds']:.1f} s; "
+                     f"generation {g['cached_tokens_per_s']:,.0f} tokens/s with the cache, "
+                     f"{g['uncached_tokens_per_s']:,.0f} without ({g['threads']} threads).")
     if "files" in suites:
         from .files import files_table
 

@@ -26,6 +26,7 @@ from .scaling import scaling_suite
 from .startup import startup_suite
 from .stream import stream_suite
 from .sweep import sweep_suite
+from .tokens import tokens_suite
 from .zoology import zoology_suite
 
 SUITES = {
@@ -41,6 +42,7 @@ SUITES = {
     "startup": startup_suite,
     "sweep": sweep_suite,
     "mixers": mixer_speed_suite,
+    "tokens": tokens_suite,
     "zoology": zoology_suite,
 }
 WRITES_FILES = ("zoology",)  # suites that write more than their JSON into OUT (and may resume from it)

@@ -303,15 +303,18 @@ class TokenCache(IndexCache):
 
 
 def companion_state(path: str, known: Optional[dict] = None) -> Optional[dict]:
-    """A .bin file's offsets file as a record keeps it (stat and sha256), None when there is none. The bytes are
-    hashed only when the stat differs from ``known``'s."""
+    """A .bin file's offsets file as a record keeps it (stat and sha256), None when there is none: ``known`` itself
+    while it holds the same bytes (read only when the stat cannot vouch for them, as ``filestat`` decides)."""
     companion = offsets_file(path)
     if token_format(path) != "bin" or not companion.is_file():
         return None
-    stat = FileStat.of(str(companion)).fields()
-    if known is not None and all(known.get(k) == v for k, v in stat.items()):
+    stat = FileStat.of(str(companion))
+    if known is not None and stat.vouches_for(known):
         return known
-    return {**stat, "sha256": sha256_file(companion)}
+    sha = sha256_file(companion)
+    if known is not None and known.get("sha256") == sha:
+        return known
+    return {**stat.fields(), "sha256": sha}
 
 
 class TokenIndex:
