@@ -453,3 +453,23 @@ def test_a_token_id_outside_the_vocabulary_in_a_row_file_names_the_row(tmp_path)
                      "--data-cache", str(tmp_path / "cache"), "--max-steps", "1"])
     assert proc.returncode == 2 and "ids.jsonl: row 1 (from 0): 'sequence' holds a token id outside [0, 32)" in \
         proc.stderr, proc.stderr
+
+
+def test_a_bin_files_offsets_are_part_of_its_identity(tmp_path, monkeypatch):
+    """The offsets file settling (its stat trusted later) is no change; other offsets are, under a running job and
+    at the next start, which indexes the file again with their documents."""
+    from distseq.data import filestat
+
+    documents = random_documents(6, 20, seed=2, low=3)
+    path = write_bin(tmp_path / "a.bin", documents)
+    monkeypatch.setattr(filestat, "RACY_NS", 10**15)  # every stat just taken: recorded without its ctime
+    index = token_index([path], tmp_path, vocab=21, seq_len=4, eod=20)
+    monkeypatch.setattr(filestat, "RACY_NS", 0)  # now every stat is settled
+    assert index.changed() is None
+    np.save(path.with_suffix(".offsets.npy"), np.array([0, len(documents[0])], dtype=np.int64))
+    assert index.changed() == f"{path.with_suffix('.offsets.npy')} changed"
+    said = []
+    again = open_token_index([str(path)], index.layout, None, 4, "packed", str(tmp_path / "cache"), said.append,
+                             progress=False)
+    assert again.documents == 2 and any("has another a.offsets.npy since it was indexed" in line for line in said)
+    assert again.identity()["sha256"] != index.identity()["sha256"]
