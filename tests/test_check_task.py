@@ -14,7 +14,7 @@ from distseq.data.stream import SampleSource
 from distseq.errors import ConfigError
 from distseq.registry import TASKS
 
-BUILTINS = sorted(TASKS)
+BUILTINS = sorted(name for name in TASKS if not TASKS[name].language_model)  # lm's windows: tests/test_lm_data.py
 # small token shapes that still exercise every part: 3 pairs fill all 3 query slots of mqar's 12 steps
 TOKEN_SHAPES = {"mqar": dict(vocab_size=16, num_kv_pairs=3), "induction": dict(vocab_size=5),
                 "selective-copy": dict(vocab_size=5, copy_len=4)}
@@ -288,6 +288,13 @@ def test_a_task_depending_on_n_keeps_the_contract(register):
 
 
 # --- the command line ----------------------------------------------------------------------------------
+def test_cli_check_task_on_lm_says_its_samples_are_the_files():
+    result = run_here(["check-task", "lm"])
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "distseq check-task: error: TASK: lm's samples are windows of your --data-files, not drawn by the task: "
+        "check-task proves the contract of a task that draws its own")
+
+
 def test_cli_check_task_prints_one_ok_line_per_property():
     result = run_here(["check-task", "sum-sign"])
     assert result.returncode == 0, result.stderr

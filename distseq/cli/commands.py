@@ -114,6 +114,11 @@ def probe(args: argparse.Namespace) -> None:
 def check_task(args: argparse.Namespace) -> None:
     from distseq.data.contract import check_task, format_findings
 
+    from distseq.registry import TASKS
+
+    if args.task in TASKS and TASKS[args.task].language_model:
+        raise ConfigError("TASK", f"{args.task}'s samples are windows of your --data-files, not drawn by the task: "
+                                  f"check-task proves the contract of a task that draws its own")
     # a token task's preset has its shape; any other task starts from the default configuration
     cfg = from_sources(args.task if args.task in PRESETS else "default",
                        overrides={"data.task": args.task, **overrides(args)})
