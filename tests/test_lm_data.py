@@ -473,3 +473,47 @@ def test_a_bin_files_offsets_are_part_of_its_identity(tmp_path, monkeypatch):
                              progress=False)
     assert again.documents == 2 and any("has another a.offsets.npy since it was indexed" in line for line in said)
     assert again.identity()["sha256"] != index.identity()["sha256"]
+
+
+def test_eval_files_are_evaluated_in_order_and_distseq_eval_reports_the_perplexity(tmp_path):
+    """--eval-files replace the held-out share (nothing of --data-files is held out); `distseq eval` of a run
+    without them evaluates the same held-out share the run did, and writes the perplexity."""
+    (tmp_path / "train.txt").write_text(english(60, seed=1))
+    (tmp_path / "valid.txt").write_text(english(10, seed=2))
+    common = ["--seq-len", "16", "--global-batch-size", "8", "--max-steps", "4", "--eval-every", "0"]
+    with_files = run_here(lm_args([tmp_path / "train.txt"], tmp_path / "a", *common, "--eval-files",
+                                  str(tmp_path / "valid.txt"), "--eval-size", "10"))
+    assert_ok(with_files)
+    assert "held out" not in with_files.stdout
+    assert summary(tmp_path / "a")["eval/samples"] == 10  # --eval-size caps the valid file's windows
+    shared = run_here(lm_args([tmp_path / "train.txt"], tmp_path / "b", *common, "--eval-share", "0.1"))
+    assert_ok(shared)
+    windows = math.ceil(len((tmp_path / "train.txt").read_bytes()) / 16)  # + the end-of-document byte, - 1
+    held = math.ceil(0.1 * windows)
+    assert f"; {held} held out" in shared.stdout and summary(tmp_path / "b")["eval/samples"] == held
+    proc = run_here(["eval", "--run-dir", str(tmp_path / "b"), "--output", str(tmp_path / "eval.json")])
+    assert_ok(proc)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["samples"] == held and result["data"] == f"the last {held} of {windows} samples of --data-files"
+    assert result["loss"] == pytest.approx(summary(tmp_path / "b")["eval/loss"], rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-9)
+
+
+def test_row_files_take_eval_files_and_a_held_out_share_too(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"sequence": rng.normal(size=6).tolist()} for _ in range(40)]
+    for row in rows:
+        row["label"] = int(sum(row["sequence"]) > 0)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:30]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[30:]))
+    common = ["train", "--data-files", str(tmp_path / "a.jsonl"), "--seq-len", "6", "--global-batch-size", "4",
+              "--max-steps", "2", "--eval-every", "0", "--no-progress", "--checkpoint-every", "0"]
+    proc = run_here([*common, "--eval-files", str(tmp_path / "b.jsonl"), "--run-dir", str(tmp_path / "r1")])
+    assert_ok(proc)
+    assert summary(tmp_path / "r1")["eval/samples"] == 10
+    proc = run_here([*common, "--eval-share", "0.2", "--run-dir", str(tmp_path / "r2")])
+    assert_ok(proc)
+    assert "; 6 held out" in proc.stdout and summary(tmp_path / "r2")["eval/samples"] == 6
+    bad = run_here([*common, "--eval-files", str(tmp_path / "missing.jsonl"), "--run-dir", str(tmp_path / "r3")])
+    assert bad.returncode == 2 and "error: --eval-files: no such file" in bad.stderr
+    assert not (tmp_path / "r3").exists()

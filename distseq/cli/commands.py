@@ -113,7 +113,6 @@ def probe(args: argparse.Namespace) -> None:
 
 def check_task(args: argparse.Namespace) -> None:
     from distseq.data.contract import check_task, format_findings
-
     from distseq.registry import TASKS
 
     if args.task in TASKS and TASKS[args.task].language_model:
