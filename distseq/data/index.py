@@ -573,6 +573,32 @@ def _json_error(path: str, shape: RowShape, task: Task, spec: TaskSpec, reading:
                          f"[v] lists cannot be read together)")
 
 
+@contextlib.contextmanager
+def index_writer(arrow: Path, schema) -> Iterator:
+    """An Arrow stream writer into a temporary name beside ``arrow``: synced and renamed to ``arrow`` when the
+    block ends, removed when it raises (nobody ever reads half of an index)."""
+    import pyarrow as pa
+
+    tmp = arrow.with_name(f".tmp-{os.getpid()}-{arrow.name}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            yield writer
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, arrow)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def finish_index(path: str, arrow: Path) -> Tuple[str, str]:
+    """(sha256 of the file's bytes, sha256 of its new index); this process has just read the index, so it is
+    not hashed again when opened."""
+    index_sha = sha256_file(arrow)
+    _VERIFIED[str(arrow)] = FileStat.of(str(arrow))
+    return sha256_file(path), index_sha
+
+
 def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, advance: Callable[[int], None]
            ) -> Tuple[int, str, str]:
     """Validate and convert ``path`` into the Arrow file ``arrow`` (written under a temporary name, then
@@ -583,42 +609,32 @@ def _build(path: str, arrow: Path, shape: RowShape, task: Task, spec: TaskSpec, 
              pa.int64() if shape.head == "classes" else pa.float32())
     schema = pa.schema([("x", pa.list_(pa.float32(), shape.seq_len * shape.features)), ("y", label),
                         ("length", pa.int32())])
-    tmp = arrow.with_name(f".tmp-{os.getpid()}-{arrow.name}")
     rows_per_chunk = max(1, CHUNK_BYTES // shape.row_bytes)
     reading = JsonReading(nested=False, block_bytes=JSON_BLOCK_BYTES)
     size, reported = os.path.getsize(path), 0  # bytes of the file the progress bar was told of
-    try:
-        while True:
-            rows = 0
-            tables = (_read_parquet(path, shape, rows_per_chunk) if file_format(path) == "parquet" else
-                      _read_json(path, shape, task, spec, rows_per_chunk, reading))
-            try:
-                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                    for table, covered in tables:
-                        x, y, lengths = convert(table, rows, path, task, spec, shape)
-                        flat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
-                        labels = (pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), shape.seq_len)
-                                  if shape.per_step else pa.array(y))
-                        writer.write_batch(pa.record_batch([flat, labels, pa.array(lengths)], schema=schema))
-                        rows += len(y)
-                        covered = min(covered, size - reported)
-                        advance(covered)
-                        reported += covered
-                break
-            except ReadAgain as again:
-                reading = again.args[0]
-        advance(size - reported)
-        if rows == 0:
-            raise DataFileError(f"{path} has no rows (every file of --data-files must hold some)")
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, arrow)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    index_sha = sha256_file(arrow)
-    _VERIFIED[str(arrow)] = FileStat.of(str(arrow))  # this process has just read it: not again at open
-    return rows, sha256_file(path), index_sha
+    while True:
+        rows = 0
+        tables = (_read_parquet(path, shape, rows_per_chunk) if file_format(path) == "parquet" else
+                  _read_json(path, shape, task, spec, rows_per_chunk, reading))
+        try:
+            with index_writer(arrow, schema) as writer:
+                for table, covered in tables:
+                    x, y, lengths = convert(table, rows, path, task, spec, shape)
+                    flat = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+                    labels = (pa.FixedSizeListArray.from_arrays(pa.array(y.reshape(-1)), shape.seq_len)
+                              if shape.per_step else pa.array(y))
+                    writer.write_batch(pa.record_batch([flat, labels, pa.array(lengths)], schema=schema))
+                    rows += len(y)
+                    covered = min(covered, size - reported)
+                    advance(covered)
+                    reported += covered
+                advance(size - reported)
+                if rows == 0:
+                    raise DataFileError(f"{path} has no rows (every file of --data-files must hold some)")
+            break
+        except ReadAgain as again:
+            reading = again.args[0]
+    return (rows, *finish_index(path, arrow))
 
 
 class IndexCache:

@@ -37,7 +37,16 @@ import numpy as np
 import torch
 
 from distseq.data.filestat import FileStat
-from distseq.data.index import _VERIFIED, DamagedIndex, IndexCache, IndexedFile, cache_root, index_files, index_intact
+from distseq.data.index import (
+    DamagedIndex,
+    IndexCache,
+    IndexedFile,
+    cache_root,
+    finish_index,
+    index_files,
+    index_intact,
+    index_writer,
+)
 from distseq.data.text import is_text
 from distseq.errors import ConfigError, DataFileError
 from distseq.fsio import sha256_file
@@ -251,28 +260,16 @@ def build_token_index(path: str, arrow: Path, layout: TokenLayout, codec, advanc
                       ) -> Tuple[int, str, str]:
     """Read, check and pack ``path`` into the Arrow file ``arrow`` (a temporary name, then renamed): (documents,
     sha256 of the file, sha256 of the index)."""
-    import contextlib
-
     import pyarrow as pa
 
     ids, lengths = read_documents(path, layout, codec)
     tokens, offsets = pack_documents(ids, lengths, layout.eod_id, layout.storage)
     documents = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens))
     schema = pa.schema([("document", documents.type)])
-    tmp = arrow.with_name(f".tmp-{os.getpid()}-{arrow.name}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            writer.write_batch(pa.record_batch([documents], schema=schema))  # one batch: one values buffer
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, arrow)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with index_writer(arrow, schema) as writer:
+        writer.write_batch(pa.record_batch([documents], schema=schema))  # one batch: one values buffer
     advance(os.path.getsize(path))
-    index_sha = sha256_file(arrow)
-    _VERIFIED[str(arrow)] = FileStat.of(str(arrow))
-    return len(lengths), sha256_file(path), index_sha
+    return (len(lengths), *finish_index(path, arrow))
 
 
 class TokenCache(IndexCache):
