@@ -199,7 +199,7 @@ def test_malformed_row_names_file_and_row(line, message, streaming, tmp_path, ca
     (["--data-files", "/nonexistent/x.jsonl"], "--data-files"),
     (["--sequence-column", "nope"], "--sequence-column"),
     (["--label-column", "nope"], "--label-column"),
-    (["--task", "copy", "--copy-len", "2"], "--task"),
+    (["--task", "copy", "--copy-len", "2"], "row 0 (from 0): each step of 'seq' must hold"),  # copy's rows: F numbers
     (["--dataset-size", "10"], "--dataset-size"),
     (["--data-streaming", "--num-workers", "2"], "--num-workers"),
     (["--data-streaming", "--verify-data"], "--verify-data"),

@@ -255,7 +255,7 @@ TEXT_PROMPTS = {"bytes": "the fox é", "tokenizer": "the cat sat"}
 def test_command_on_a_text_run_writes_the_prompt_and_its_continuation(codec, request, tmp_path):
     checkpoint = request.getfixturevalue(f"{codec}_checkpoint")
     model, cfg, _ = model_from_checkpoint(checkpoint)
-    runs_codec, text = run_codec(cfg.data.data_files, cfg.data.tokenizer), TEXT_PROMPTS[codec]
+    runs_codec, text = run_codec(cfg.data.tokenizer), TEXT_PROMPTS[codec]
     assert runs_codec.name == ("bytes" if codec == "bytes" else cfg.data.tokenizer) and cfg.data.eod_id is not None
     prompt = runs_codec.encode(text)
     for options in ([], ["--ignore-eod"]):

@@ -215,7 +215,8 @@ BAD = ["jsonl-id-outside-vocab", "parquet-empty-document", "jsonl-not-integers",
 @pytest.mark.parametrize("case", BAD)
 def test_bad_token_data_is_one_line_naming_the_file_and_place(case, tmp_path):
     path, extra, message = bad_cases(tmp_path)[case]
-    extra = () if case == "text-nul" else ("--vocab-size", "10", "--sequence-column", "tokens")
+    extra = () if case == "text-nul" else ("--vocab-size", "10")
+    extra += ("--sequence-column", "tokens") if path.suffix in (".jsonl", ".parquet") else ()
     proc = run_here(lm_args([path], tmp_path / "run", "--seq-len", "4", "--max-steps", "1",
                             "--data-cache", str(tmp_path / "cache"), *extra))
     err = proc.stderr.strip()
@@ -415,6 +416,8 @@ def test_mqar_from_a_parquet_file_trains_like_the_synthetic_stream_of_the_same_s
 
 LABEL_CASES = [
     ("short", lambda ids, labels: labels[:-1], "'label' holds 31 labels for a sequence of 32"),
+    ("nan", lambda ids, labels: labels[:2] + [float("nan")] + labels[3:], "'label' holds nan at position 2"),
+    ("infinite", lambda ids, labels: labels[:2] + [float("inf")] + labels[3:], "'label' holds inf at position 2"),
     ("outside", lambda ids, labels: labels[:5] + [32] + labels[6:], "'label' holds 32 at position 5: a label is a "
                                                                     "class in 0..31 for --task mqar"),
     ("not-a-list", lambda ids, labels: 3, "'label' must be a list of labels"),
@@ -423,7 +426,7 @@ LABEL_CASES = [
 
 # a parquet column holds one type: a number among lists cannot be written there
 LABEL_FILES = [(fmt, *case) for fmt in ("jsonl", "parquet") for case in LABEL_CASES
-               if (fmt, case[0]) != ("parquet", "not-a-list")]
+               if (fmt, case[0]) != ("parquet", "not-a-list")] + [("streamed", *LABEL_CASES[1])]
 
 
 @pytest.mark.parametrize("fmt, case, change, message", LABEL_FILES, ids=[f"{c[0]}-{c[1]}" for c in LABEL_FILES])
@@ -431,17 +434,18 @@ def test_a_bad_label_list_is_one_line_naming_the_file_and_row(fmt, case, change,
     x, y = mqar_samples(6)
     rows = [{"sequence": ids, "label": change(ids, labels) if i == 4 else labels}
             for i, (ids, labels) in enumerate(zip(x, y))]
-    path = tmp_path / f"bad.{fmt}"
-    if fmt == "jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    else:
+    path = tmp_path / f"bad.{'parquet' if fmt == 'parquet' else 'jsonl'}"
+    if fmt == "parquet":
         pq.write_table(pa.table({"sequence": [r["sequence"] for r in rows], "label": [r["label"] for r in rows]}), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    streamed = ["--data-streaming", "--global-batch-size", "4"] if fmt == "streamed" else []
     proc = run_here(["train", *MQAR_ARGS, "--data-files", str(path), "--run-dir", str(tmp_path / "run"),
-                     "--data-cache", str(tmp_path / "cache"), "--max-steps", "1"])
+                     "--data-cache", str(tmp_path / "cache"), "--max-steps", "2", *streamed])
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
-    assert f"bad.{fmt}: row 4 (from 0): {message}" in err, err
-    assert not (tmp_path / "run").exists()
+    assert f"{path.name}: row 4 (from 0): {message}" in err, err
+    assert fmt == "streamed" or not (tmp_path / "run").exists()  # streamed: found when the row is reached
 
 
 def test_a_token_id_outside_the_vocabulary_in_a_row_file_names_the_row(tmp_path):
@@ -517,3 +521,142 @@ def test_row_files_take_eval_files_and_a_held_out_share_too(tmp_path):
     bad = run_here([*common, "--eval-files", str(tmp_path / "missing.jsonl"), "--run-dir", str(tmp_path / "r3")])
     assert bad.returncode == 2 and "error: --eval-files: no such file" in bad.stderr
     assert not (tmp_path / "r3").exists()
+
+
+# --- what the files decide is recorded, and checked on resume -------------------------------------------
+def test_a_resume_that_would_move_the_held_out_boundary_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text(english(30))
+    (tmp_path / "v.txt").write_text(english(5, seed=1))
+    common = ["--seq-len", "16", "--global-batch-size", "4", "--eval-every", "0", "--checkpoint-every", "2"]
+    assert_ok(run_here(lm_args([tmp_path / "a.txt"], tmp_path / "run", *common, "--max-steps", "2")))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert (config["eval_share"], config["tokenizer"], config["eod_id"]) == (0.05, "bytes", 0)
+    proc = run_here(lm_args([tmp_path / "a.txt"], tmp_path / "run", *common, "--max-steps", "4", "--eval-files",
+                            str(tmp_path / "v.txt")))
+    assert proc.returncode == 2 and "was written with --eval-share 0.05; this run has None" in proc.stderr, \
+        proc.stderr
+    assert_ok(run_here(lm_args([tmp_path / "a.txt"], tmp_path / "run", *common, "--max-steps", "4")))
+
+
+def test_a_tokenizer_is_its_bytes_not_its_path(tmp_path):
+    """A copy at another path resumes (and generates); the same path with other ids is other data, refused by
+    a resume and by generate."""
+    text = english(40)
+    (tmp_path / "a.txt").write_text(text)
+    tok = word_tokenizer(tmp_path / "tokenizer.json", text)
+    common = ["--seq-len", "8", "--global-batch-size", "4", "--eval-every", "0", "--checkpoint-every", "2"]
+    run_dir = tmp_path / "run"
+    assert_ok(run_here(lm_args([tmp_path / "a.txt"], run_dir, *common, "--max-steps", "2", "--tokenizer", str(tok))))
+    copy = tmp_path / "copy.json"
+    copy.write_bytes(tok.read_bytes())
+    moved = run_here(lm_args([tmp_path / "a.txt"], run_dir, *common, "--max-steps", "4", "--tokenizer", str(copy)))
+    assert_ok(moved)
+    assert "resuming from" in moved.stdout
+    spec = json.loads(tok.read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = "the", "fox"
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same size, other ids
+    copy.write_text(json.dumps(spec))
+    refused = run_here(lm_args([tmp_path / "a.txt"], run_dir, *common, "--max-steps", "6", "--tokenizer", str(copy)))
+    assert refused.returncode == 2 and "was trained on other data" in refused.stderr, refused.stderr
+    checkpoint = run_dir / "checkpoints" / "step-00000004"
+    proc = run_here(["generate", "--checkpoint", str(checkpoint), "--prompt", "the", "--max-new-tokens", "2"])
+    assert proc.returncode == 2 and "is not the tokenizer.json the run trained with" in proc.stderr, proc.stderr
+
+
+def test_a_tokenizer_reads_a_file_as_it_reads_a_prompt(tmp_path):
+    """The whole text at once: a pre-tokenizer that marks the start of the text would mark every line if the file
+    were encoded line by line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from distseq.data.text import TokenizerCodec
+
+    text = "one two\nthree four\n\nfive\n"
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tokenizer.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    tokenizer.save(str(tmp_path / "t.json"))
+    codec = TokenizerCodec(str(tmp_path / "t.json"))
+    assert codec.encode_file(text.encode(), "t.txt").tolist() == codec.encode(text) == \
+        tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("files, extra, option, message", [
+    (["a.txt"], ("--token-dtype", "uint32"), "--token-dtype", "is the id type of .bin files; none is given"),
+    (["a.bin"], ("--sequence-column", "ids", "--vocab-size", "10"), "--sequence-column",
+     "names the column of parquet or JSON-lines files"),
+    (["a.txt"], ("--label-column", "y"), "--label-column", "--task lm's labels are the next tokens"),
+    (["a.txt"], ("--eod-id", "10"), "--eod-id", "byte-level text ends each document with byte 0"),
+    (["a.txt"], ("--eval-files", "{tmp}/a.bin"), "--eval-files", "hold token ids, the run's --data-files text"),
+    (["a.txt"], ("--eval-files", "{tmp}/a.txt,{tmp}/a.bin"), "--eval-files", "give either text files"),
+    (["empty.parquet"], ("--vocab-size", "10", "--sequence-column", "tokens"), "", "empty.parquet has no documents"),
+    (["blank.jsonl"], ("--vocab-size", "10"), "", "blank.jsonl has no documents"),
+    (["zero.jsonl"], ("--vocab-size", "10"), "", "zero.jsonl has no documents"),
+    (["a.txt"], ("--eval-files", "{tmp}/nul.txt"), "", "nul.txt: byte offset 1 is NUL"),  # before the run dir
+    (["tiny.txt"], (), "--eval-share", "0.05 (--task lm's default without --eval-files) of 1 samples holds out 1"),
+    (["a.bin"], ("--vocab-size", "10"), "", "a.offsets.npy: document 1 (from 0) starts at token 9, past the file's 4 "
+                                            "tokens"),
+])
+def test_options_and_files_that_do_not_fit_are_one_line_and_create_nothing(files, extra, option, message, tmp_path):
+    (tmp_path / "a.txt").write_text(english(5))
+    (tmp_path / "tiny.txt").write_text("hi")
+    (tmp_path / "nul.txt").write_bytes(b"a\x00b")
+    write_bin(tmp_path / "a.bin", [[1, 2, 3, 4]], offsets=False)
+    np.save(tmp_path / "a.offsets.npy", np.array([0, 9], dtype=np.int64))
+    write_parquet(tmp_path / "empty.parquet", [])
+    (tmp_path / "blank.jsonl").write_text("\n\n  \n")
+    (tmp_path / "zero.jsonl").write_text("")
+    args = [a.format(tmp=tmp_path) for a in extra]
+    proc = run_here(lm_args([tmp_path / f for f in files], tmp_path / "run", "--seq-len", "4", "--max-steps", "1",
+                            "--data-cache", str(tmp_path / "cache"), *args))
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"distseq train: error: {option}") and message in err, err  # data: the file, not an option
+    assert not (tmp_path / "run").exists()
+
+
+def test_held_out_figures_of_a_language_model_are_per_token():
+    """Windows with 3 and 1 labelled tokens: the loss is the mean over the 4 tokens, not over the 2 windows."""
+    from accelerate import Accelerator
+
+    from distseq.registry import TASKS
+    from distseq.training.evaluation import evaluate
+
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([[1, 2, 3], [4, IGNORE, IGNORE]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, lengths=None):
+            return logits[: len(x)]
+
+    batch = {"x": torch.zeros(2, 3, dtype=torch.int64), "y": y, "index": torch.arange(2)}
+    out = evaluate(Accelerator(cpu=True), Fixed(), TASKS["lm"], [batch], 2, False)
+    per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), y.reshape(-1), ignore_index=IGNORE)
+    assert out["eval/loss"] == pytest.approx(per_token.item(), rel=1e-6)
+    right = (logits.argmax(-1) == y)[y != IGNORE].float().mean().item()
+    assert out["eval/accuracy"] == pytest.approx(right) and out["eval/perplexity"] == pytest.approx(
+        math.exp(per_token.item()), rel=1e-6)
+
+
+def test_distseq_eval_reads_files_of_the_runs_kind(tmp_path):
+    """A per-step task's row files evaluate (every row once); a text run refuses token files, and a token run text."""
+    x, y = mqar_samples(40)
+    pq.write_table(pa.table({"sequence": x, "label": y}), tmp_path / "mqar.parquet")
+    assert_ok(run_here(["train", *MQAR_ARGS, "--data-files", str(tmp_path / "mqar.parquet"), "--max-steps", "2",
+                        "--global-batch-size", "8", "--run-dir", str(tmp_path / "mqar")]))
+    proc = run_here(["eval", "--run-dir", str(tmp_path / "mqar"), "--data-files", str(tmp_path / "mqar.parquet"),
+                     "--output", str(tmp_path / "mqar.json")])
+    assert_ok(proc)
+    assert json.loads((tmp_path / "mqar.json").read_text())["samples"] == 40
+    (tmp_path / "a.txt").write_text(english(20))
+    write_bin(tmp_path / "a.bin", [[1, 2, 3, 4, 5]], offsets=False)
+    assert_ok(run_here(lm_args([tmp_path / "a.txt"], tmp_path / "text", "--seq-len", "8", "--max-steps", "1",
+                               "--global-batch-size", "2", "--eval-every", "0")))
+    assert_ok(run_here(lm_args([tmp_path / "a.bin"], tmp_path / "ids", "--seq-len", "2", "--max-steps", "1",
+                               "--global-batch-size", "2", "--eval-every", "0", "--vocab-size", "8")))
+    for run, files, message in (("text", "a.bin", "hold token ids, the run's --data-files text"),
+                                ("ids", "a.txt", "hold text, the run's --data-files token ids")):
+        proc = run_here(["eval", "--run-dir", str(tmp_path / run), "--data-files", str(tmp_path / files),
+                         "--output", str(tmp_path / f"{run}.json")])
+        assert proc.returncode == 2 and f"error: --data-files: {message}" in proc.stderr, proc.stderr
+        assert not (tmp_path / f"{run}.json").exists()

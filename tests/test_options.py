@@ -76,7 +76,8 @@ def test_every_config_field_declares_what_a_resume_does_with_it():
     identity = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in facts(cls) if f.resume == IDENTITY}
     assert identity == {"data.task", "data.seq_len", "data.min_seq_len", "data.vocab_size", "data.dataset_size",
                         "data.block_size", "data.data_files", "data.data_streaming", "data.sequence_column",
-                        "data.label_column", "model.kind", "model.hidden_size", "model.num_layers",
+                        "data.label_column", "data.eval_share", "data.token_dtype", "data.eod_id", "data.packing",
+                        "model.kind", "model.hidden_size", "model.num_layers",
                         "train.global_batch_size", "train.seed"}
     per_start = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in facts(cls) if f.resume == PER_START}
     assert per_start == {"train.run_dir", "train.start_step", "checkpoint.resume", "checkpoint.overwrite"}

@@ -200,7 +200,8 @@ def add_eval(commands) -> None:
     evaluate.add_argument("--run-dir", required=True, help="the run directory (eval.json is written there)")
     evaluate.add_argument("--checkpoint", help="a checkpoint directory (default: the newest intact one)")
     evaluate.add_argument("--eval-size", type=int, help="held-out samples (default: the run's --eval-size)")
-    evaluate.add_argument("--data-files", help="evaluate on these parquet/jsonl files instead (the run's columns)")
+    evaluate.add_argument("--data-files", help="evaluate on these files instead, every sample once in order (the kind "
+                                               "the run read: rows with its columns, or its token files or text)")
     evaluate.add_argument("--output", metavar="FILE", help="write the result here (default: RUN/eval.json)")
 
 

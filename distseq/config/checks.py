@@ -225,29 +225,52 @@ def _refuse_token_options(d, why: str) -> None:
             raise ConfigError("--" + name.replace("_", "-"), f"applies to --task lm's --data-files; {why}")
 
 
+DEFAULT_LM_SHARE = 0.05  # --task lm's held-out share when neither --eval-files nor --eval-share is given
+
+
 def _check_token_files(cfg) -> None:
-    """--task lm: token or text files (not both), the vocabulary of text (the codec's, which --vocab-size left at
-    its default becomes) and the end-of-document id (the codec's unless --eod-id says), both set on ``cfg``."""
+    """--task lm: token or text files (not both, in --eval-files alike), and what the files decide, set on ``cfg``
+    so that config.json and every checkpoint record it: the codec of text (``--tokenizer``: ``bytes``, or the
+    tokenizer.json's absolute path), its vocabulary (which --vocab-size left at its default becomes) and its
+    end-of-document id, and the held-out share (--task lm's default without --eval-files). Options that apply to
+    no file given are refused."""
     from distseq.data.files import resolve_files
-    from distseq.data.text import END_OF_TEXT, is_text, load_codec
-    from distseq.data.tokens import check_token_files
+    from distseq.data.text import BYTES, END_OF_TEXT, load_codec
+    from distseq.data.tokens import check_token_files, token_format
 
     d = cfg.data
     files = resolve_files(d.data_files, tokens=True)
-    check_token_files(files)
+    text = check_token_files(files)
+    every = files
     if d.eval_files is not None:
-        check_token_files(files + resolve_files(d.eval_files, "--eval-files", tokens=True))
-    if not is_text(files[0]):
+        evaluated = resolve_files(d.eval_files, "--eval-files", tokens=True)
+        check_token_files(evaluated, "--eval-files", text=text)
+        every = files + evaluated
+    defaults = {f.name: f.default for f in facts(type(d))}
+    formats = {token_format(f) for f in every}
+    for option, applies, why in (
+            ("--token-dtype", "bin" in formats, "is the id type of .bin files; none is given"),
+            ("--sequence-column", formats & {"parquet", "json"}, "names the column of parquet or JSON-lines files; "
+                                                                 "none is given"),
+            ("--label-column", False, "--task lm's labels are the next tokens; leave it out")):
+        name = option[2:].replace("-", "_")
+        if not applies and getattr(d, name) != defaults[name]:
+            raise ConfigError(option, why)
+    if not text:
         if d.tokenizer is not None:
             raise ConfigError("--tokenizer", "reads text files (.txt); --data-files hold token ids already")
     else:
         codec = load_codec(d.tokenizer)
-        default = next(f.default for f in facts(type(d)) if f.name == "vocab_size")
-        if d.vocab_size == default:
+        d.tokenizer = BYTES if codec.name == BYTES else str(Path(d.tokenizer).absolute())
+        if d.vocab_size == defaults["vocab_size"]:
             d.vocab_size = codec.vocab_size
         elif d.vocab_size != codec.vocab_size:
             raise ConfigError("--vocab-size", f"{d.vocab_size}, but the text's ids come from {codec.name}, "
-                                              f"{codec.vocab_size} of them: leave --vocab-size out")
+                                              f"{codec.vocab_size} of them: give {codec.vocab_size} or leave it at "
+                                              f"its default (a preset's or config file's value counts as given)")
+        if codec.name == BYTES and d.eod_id not in (None, 0):
+            raise ConfigError("--eod-id", f"byte-level text ends each document with byte 0 (got {d.eod_id}); "
+                                          f"leave it out")
         if d.eod_id is None:
             if codec.eod_id is None:
                 raise ConfigError("--eod-id", f"{d.tokenizer} has no end-of-text token (one of "
@@ -255,6 +278,8 @@ def _check_token_files(cfg) -> None:
             d.eod_id = codec.eod_id
     if d.eod_id is not None and d.eod_id >= d.vocab_size:
         raise ConfigError("--eod-id", f"{d.eod_id} is outside the vocabulary [0, {d.vocab_size}) (--vocab-size)")
+    if d.eval_files is None and d.eval_share is None:
+        d.eval_share = DEFAULT_LM_SHARE
 
 
 def profile_range(text: Optional[str], max_steps: int) -> Optional[Tuple[int, int]]:

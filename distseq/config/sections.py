@@ -111,8 +111,8 @@ class DataConfig(_OwnsOptions):
     min_seq_len: Optional[int] = option(
         None, "shortest sequence; lengths are uniform in [--min-seq-len, --seq-len]; absent = all --seq-len",
         low=1, high=MAX_SEQ_LEN)
-    vocab_size: int = option(8, "token vocabulary of the token tasks (mqar, induction, selective-copy) and symbols "
-                                "of the copy task", low=2, high=MAX_VOCAB)
+    vocab_size: int = option(8, "token vocabulary of the token tasks (mqar, induction, selective-copy, lm; text sets "
+                                "it from its codec) and symbols of the copy task", low=2, high=MAX_VOCAB)
     dataset_size: Optional[int] = option(
         None, "number of distinct training samples, reshuffled and cycled each epoch; absent = an infinite stream",
         low=1, high=MAX_POSITION)
@@ -129,28 +129,32 @@ class DataConfig(_OwnsOptions):
     eval_size: int = option(4096, "held-out samples per evaluation (drawn with a separate key, never trained on)",
                             resume=CHANGEABLE, low=1, high=MAX_POSITION)
     data_files: Optional[str] = option(
-        None, "train on your own parquet or JSON-lines files (paths or globs, comma-separated, in that order) "
-        "instead of the synthetic stream: indexed once (cached), every row checked, reshuffled each epoch and cycled "
-        "until --max-steps; --task picks the loss and the held-out set")
+        None, "train on your own files (paths or globs, comma-separated, in that order) instead of the synthetic "
+        "stream: parquet or JSON-lines rows (a sequence and its label), or for --task lm token files (.bin, lists of "
+        "ids in parquet/JSON lines) or text (.txt); indexed once (cached), every row checked, reshuffled each epoch "
+        "and cycled until --max-steps; --task picks the loss")
     data_streaming: bool = option(
         False, "read --data-files once, in order, without an index (data that does not fit on local disk): training "
         "ends when a process runs out of rows, and a run resumes only on the same number of processes")
     data_cache: Optional[str] = option(
         None, "directory of the --data-files index (default: $DISTSEQ_CACHE, else $XDG_CACHE_HOME/distseq or "
         "~/.cache/distseq; keep it on local disk)", resume=CHANGEABLE)
-    sequence_column: str = option("sequence", "column of --data-files holding each sequence (a list of numbers)")
+    sequence_column: str = option("sequence", "column of --data-files holding each sequence (a list of numbers, "
+                                              "or of token ids)")
     label_column: str = option("label", "column of --data-files holding each label (a list per position for a "
                                         "per-step task, the ignore index -100 or null where there is none)")
     eval_files: Optional[str] = option(
         None, "held-out files of the same kind as --data-files (paths or globs, comma-separated), evaluated in "
-        "their order instead of the task's synthetic held-out set", resume=CHANGEABLE)
+        "their order (their first --eval-size samples) instead of a held-out share of --data-files or the task's "
+        "synthetic held-out set", resume=CHANGEABLE)
     eval_share: Optional[float] = option(
         None, "share of the --data-files' samples (rows, or windows of --task lm) held out for evaluation and never "
         "trained on: the last ones in the files' order (default: 0.05 for --task lm without --eval-files, else none)",
         above=0.0, below=1.0)
     tokenizer: Optional[str] = option(
-        None, "a tokenizer.json (the tokenizers library) that reads .txt --data-files; absent: their bytes "
-        "(vocabulary 256, byte 0 ends a document)")
+        None, "a tokenizer.json (the tokenizers library, read from the file: nothing is downloaded) that reads .txt "
+        "--data-files; absent or 'bytes': their bytes (vocabulary 256, byte 0 ends a document). A resume compares the "
+        "ids, not the path", resume=CHANGEABLE)
     token_dtype: Literal["uint16", "uint32"] = option(
         "uint16", "token ids of a .bin --data-files (a flat array, as nanoGPT's prepare.py writes; NAME.offsets.npy "
         "beside it, int64 document starts, is read when present)")

@@ -18,11 +18,14 @@ from typing import List, Optional
 
 import torch
 
+from distseq.data.text import TEXT_SUFFIXES
 from distseq.errors import ConfigError, DataFileError
 from distseq.tasks import IGNORE, Task, TaskSpec
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-TOKEN_SUFFIXES = {".bin", ".parquet", ".jsonl", ".json", ".txt", ".text"}  # --task lm's (data/tokens.py)
+# --task lm's files (data/tokens.py), by suffix: token ids, or text read through a codec
+TOKEN_FORMATS = {".bin": "bin", ".parquet": "parquet", ".jsonl": "json", ".json": "json",
+                 **{suffix: "text" for suffix in TEXT_SUFFIXES}}
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -49,9 +52,9 @@ def resolve_files(pattern: str, option: str = "--data-files", tokens: bool = Fal
         seen[real] = path
     suffixes = {Path(f).suffix.lower() if tokens else Path(f).suffix for f in files}
     if tokens:
-        if not suffixes <= TOKEN_SUFFIXES:
+        if not suffixes <= TOKEN_FORMATS.keys():
             raise ConfigError(option, f"--task lm reads token files (.bin, .parquet, .jsonl) or text files (.txt) "
-                                      f"(got {', '.join(sorted(suffixes - TOKEN_SUFFIXES))})")
+                                      f"(got {', '.join(sorted(suffixes - TOKEN_FORMATS.keys()))})")
         return files
     if not suffixes <= FORMATS.keys() or len({FORMATS[s] for s in suffixes}) != 1:
         raise ConfigError(option, "files must all be .jsonl/.json or all .parquet "
@@ -171,11 +174,12 @@ def labels_to_tensor(label, length: int, where: str, column: str, task: Task, sp
         raise DataFileError(f"{where}: {column!r} holds {len(label)} labels for a sequence of {length}: one per "
                             f"position (-100 or null where there is none)")
     for position, value in enumerate(label):
-        if value is None or value == IGNORE and not isinstance(value, bool):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if value is None or number and value == IGNORE:
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != int(value) or \
-                not 0 <= value < classes:
-            raise DataFileError(f"{where}: {column!r} holds {_shown(value)} at position {position}: a label is a "
+        if not number or value != int(value) or not 0 <= value < classes:
+            shown = int(value) if number and value == int(value) else value  # JSON's 32 is read as 32.0
+            raise DataFileError(f"{where}: {column!r} holds {_shown(shown)} at position {position}: a label is a "
                                 f"class in 0..{classes - 1} for --task {task.name}, or -100 or null for none")
     y = torch.full((spec.seq_len,), IGNORE, dtype=torch.int64)
     y[:length] = torch.tensor([IGNORE if v is None else int(v) for v in label], dtype=torch.int64)

@@ -482,7 +482,7 @@ def _json_options(shape: RowShape, nested: bool):
 
     number = pa.int64() if shape.vocab else pa.float64()  # token ids: a float among them is a bad row
     step_type = pa.list_(number) if nested or shape.features > 1 else number
-    label = pa.list_(pa.int64()) if shape.per_step else pa.float64()
+    label = pa.list_(pa.float64()) if shape.per_step else pa.float64()  # integers checked after: 1.0 is a class
     schema = pa.schema([(shape.sequence_column, pa.list_(step_type)), (shape.label_column, label)])
     return pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
 

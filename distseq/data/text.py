@@ -1,7 +1,7 @@
 """Text as token ids: its bytes (vocabulary 256), or a user's own ``tokenizer.json`` (the ``tokenizers``
 library, read from the file given: nothing is ever downloaded).
 
-A ``Codec`` turns text into ids and back; the language-modelling index (``data/tokens.py``) encodes the
+A codec turns text into ids and back; the language-modelling index (``data/tokens.py``) encodes the
 ``.txt`` files of ``--data-files`` with it, and ``distseq generate`` encodes a prompt and decodes what the
 model writes with the codec of the run it loads. Byte 0 (NUL, which text does not hold) ends a document
 at byte level; a tokenizer's own end-of-text token does with a tokenizer.
@@ -57,7 +57,7 @@ class ByteCodec:
 class TokenizerCodec:
     """Text through a ``tokenizer.json``: its vocabulary (added tokens included) and end-of-text token."""
 
-    def __init__(self, path: str, eod_id: Optional[int] = None):
+    def __init__(self, path: str):
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -70,27 +70,22 @@ class TokenizerCodec:
         self.path, self.name = str(path), str(path)
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         found = (self.tokenizer.token_to_id(token) for token in END_OF_TEXT)
-        self.eod_id = eod_id if eod_id is not None else next((i for i in found if i is not None), None)
+        self.eod_id = next((i for i in found if i is not None), None)
 
     def identity(self) -> dict:
         from distseq.fsio import sha256_file
 
-        return {"codec": "tokenizer", "sha256": sha256_file(self.path), "vocab_size": self.vocab_size}
+        return {"codec": "tokenizer", "sha256": sha256_file(self.path)}
 
     def encode_file(self, data: bytes, path: str) -> np.ndarray:
-        """A UTF-8 file's ids (n,) uint32, encoded a line at a time (so memory stays bounded by a batch of lines;
-        the pre-tokenizers of common tokenizers split at whitespace anyway)."""
+        """A UTF-8 file's ids (n,) uint32: the whole text encoded at once, exactly as ``encode`` (a prompt) and the
+        tokenizer itself would (pre-tokenizers may join across lines: cutting the text would change its ids)."""
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:
             raise DataFileError(f"{path}: byte offset {error.start} is not UTF-8 ({error.reason}); a tokenizer reads "
                                 f"UTF-8 text") from None
-        lines = text.splitlines(keepends=True)
-        parts = []
-        for start in range(0, len(lines), 8192):
-            encoded = self.tokenizer.encode_batch(lines[start:start + 8192], add_special_tokens=False)
-            parts += [np.asarray(e.ids, dtype=np.uint32) for e in encoded]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
 
     def encode(self, text: str) -> List[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -99,16 +94,14 @@ class TokenizerCodec:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_codec(tokenizer: Optional[str], eod_id: Optional[int] = None):
+def load_codec(tokenizer: Optional[str]):
     """The codec of ``--tokenizer``: bytes when absent (or ``bytes``), else the tokenizer.json it names."""
     if tokenizer is None or tokenizer == BYTES:
         return ByteCodec()
-    return TokenizerCodec(tokenizer, eod_id)
+    return TokenizerCodec(tokenizer)
 
 
-def run_codec(data_files: Optional[str], tokenizer: Optional[str]):
-    """The codec a run's text was read with (None when its data is not text): what ``generate`` decodes with."""
-    if not data_files:
-        return None
-    parts = [p.strip() for p in data_files.split(",") if p.strip()]
-    return load_codec(tokenizer) if parts and all(is_text(p) for p in parts) else None
+def run_codec(tokenizer: Optional[str]):
+    """The codec a run's text was read with, from its recorded ``--tokenizer`` (``bytes`` or a tokenizer.json's
+    absolute path, as validation resolves it for text); None when its data were token ids."""
+    return None if tokenizer is None else load_codec(tokenizer)

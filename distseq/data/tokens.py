@@ -29,15 +29,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from distseq.data.files import TOKEN_FORMATS, first_json_row
 from distseq.data.filestat import FileStat
 from distseq.data.index import (
+    JSON_BLOCK_BYTES,
+    MAX_JSON_BLOCK_BYTES,
     DamagedIndex,
     IndexCache,
     IndexedFile,
@@ -53,10 +56,7 @@ from distseq.fsio import sha256_file
 from distseq.tasks import Batch
 from distseq.tasks.heads import IGNORE
 
-TOKEN_FORMATS = {".bin": "bin", ".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text",
-                 ".text": "text"}
 OFFSETS_SUFFIX = ".offsets.npy"
-JSON_BLOCK_BYTES = 64 << 20
 
 
 def offsets_file(path: str) -> Path:
@@ -104,9 +104,11 @@ def read_documents(path: str, layout: TokenLayout, codec) -> Tuple[np.ndarray, n
         ids = codec.encode_file(data, path)
         lengths = np.array([len(ids)], dtype=np.int64)
         if not len(ids):
-            raise DataFileError(f"{path} is empty (an empty document)")
+            raise DataFileError(f"{path} has no documents (every file of --data-files must hold some)")
     else:
         ids, lengths = _read_lists(path, layout, fmt)
+    if not len(lengths):
+        raise DataFileError(f"{path} has no documents (every file of --data-files must hold some)")
     _check_range(ids, lengths, layout, path, fmt)
     return ids, lengths
 
@@ -120,7 +122,7 @@ def _read_bin(path: str, layout: TokenLayout) -> Tuple[np.ndarray, np.ndarray]:
                             f"({dtype.itemsize} bytes each); the last token, at byte offset {whole}, is cut "
                             f"(--token-dtype says the id type)")
     if size == 0:
-        raise DataFileError(f"{path} is empty (an empty document)")
+        raise DataFileError(f"{path} has no documents (every file of --data-files must hold some)")
     ids = np.memmap(path, dtype=dtype, mode="r")
     companion = offsets_file(path)
     if not companion.exists():
@@ -132,10 +134,16 @@ def _read_bin(path: str, layout: TokenLayout) -> Tuple[np.ndarray, np.ndarray]:
     if starts.ndim != 1 or not np.issubdtype(starts.dtype, np.integer) or not len(starts):
         raise DataFileError(f"{companion}: must be a 1-D integer array of document starts (got shape "
                             f"{starts.shape}, {starts.dtype})")
+    if starts.dtype == np.uint64 and starts.max() > np.iinfo(np.int64).max:
+        raise DataFileError(f"{companion}: a start past the file's {len(ids)} tokens ({int(starts.max())})")
     starts = starts.astype(np.int64)
     ends = np.append(starts[1:], len(ids))
     if starts[0] != 0:
         raise DataFileError(f"{companion}: the first document must start at token 0 (got {int(starts[0])})")
+    past = np.flatnonzero(starts >= len(ids))
+    if len(past):
+        raise DataFileError(f"{companion}: document {int(past[0])} (from 0) starts at token {int(starts[past[0]])}, "
+                            f"past the file's {len(ids)} tokens")
     bad = np.flatnonzero(ends <= starts)
     if len(bad):
         i = int(bad[0])
@@ -193,12 +201,14 @@ def _read_json(path: str, layout: TokenLayout):
 
     schema = pa.schema([(layout.column, pa.list_(pa.int64()))])
     options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    if first_json_row(path) is None:  # no line holds anything: pyarrow would say "Empty JSON file"
+        return pa.table({layout.column: pa.array([], type=pa.list_(pa.int64()))})
     block = JSON_BLOCK_BYTES
     while True:
         try:
             return pj.read_json(path, read_options=pj.ReadOptions(block_size=block), parse_options=options)
         except pa.ArrowInvalid as error:
-            if "straddl" in str(error) and block < 1 << 30:
+            if "straddl" in str(error) and block < MAX_JSON_BLOCK_BYTES:
                 block *= 8
                 continue
             raise DataFileError(_json_problem(path, layout) or f"{path}: cannot parse: "
@@ -225,6 +235,9 @@ def _json_problem(path: str, layout: TokenLayout) -> Optional[str]:
             ids = data[layout.column]
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 return f"{where}: {layout.column!r} must be a list of integer token ids"
+            outside = next((t for t in ids if not 0 <= t < layout.vocab), None)
+            if outside is not None:
+                return f"{where}: token id {outside} is outside [0, {layout.vocab}) (--vocab-size)"
     return None
 
 
@@ -236,8 +249,8 @@ def _check_range(ids: np.ndarray, lengths: np.ndarray, layout: TokenLayout, path
     if low >= 0 and high < layout.vocab:
         return
     k = int(np.flatnonzero((ids < 0) | (ids >= layout.vocab))[0])
-    where = (f"token {k} (byte offset {k * ids.dtype.itemsize})" if fmt in ("bin", "text") else
-             f"row {int(np.searchsorted(np.cumsum(lengths), k, side='right'))} (from 0)")
+    where = (f"token {k} (byte offset {k * ids.dtype.itemsize})" if fmt == "bin" else f"token {k}" if fmt == "text"
+             else f"row {int(np.searchsorted(np.cumsum(lengths), k, side='right'))} (from 0)")
     source = "the tokenizer's vocabulary" if fmt == "text" else "--vocab-size"
     raise DataFileError(f"{path}: {where}: token id {int(ids[k])} is outside [0, {layout.vocab}) ({source})")
 
@@ -281,7 +294,13 @@ class TokenCache(IndexCache):
         self.codec = codec
 
     def _build_file(self, path: str, arrow: Path, advance: Callable[[int], None]) -> Tuple[int, str, str]:
-        return build_token_index(path, arrow, self.shape, self.codec, advance)
+        before = companion_state(path)  # what the record will say: the offsets as they were read
+        built = build_token_index(path, arrow, self.shape, self.codec, advance)
+        if companion_state(path, before) != before:
+            raise DataFileError(f"{offsets_file(path)} changed while {path} was being indexed; run again when it "
+                                f"is complete")
+        self._companion = before
+        return built
 
     def _fits(self, table, record: dict) -> bool:
         column = table.schema.field("document").type
@@ -289,7 +308,7 @@ class TokenCache(IndexCache):
         return table.num_rows == record.get("rows") and stored == self.shape.storage
 
     def _extra(self, path: str) -> dict:
-        return {"companion": companion_state(path)}
+        return {"companion": self.__dict__.pop("_companion", None) or companion_state(path)}
 
     def _look(self, path: str):
         reason, record, now = super()._look(path)
@@ -355,7 +374,9 @@ class TokenIndex:
         for f, record in zip(self.files, self.records):
             companion = (record.get("companion") or {}).get("sha256", "")
             digest.update(f"{f.sha256}:{companion}:{f.rows};".encode())
-        return {"rows": self.rows, "files": len(self.files), "tokens": self.tokens, "sha256": digest.hexdigest()}
+        digest.update(json.dumps(asdict(self.layout), sort_keys=True).encode())  # the codec, the ids appended
+        return {"rows": self.rows, "files": len(self.files), "tokens": self.tokens, "sha256": digest.hexdigest(),
+                "codec": self.layout.codec}
 
     def changed(self) -> Optional[str]:
         for f, record in zip(self.files, self.records):
@@ -445,18 +466,26 @@ def document_windows(document_starts: List[np.ndarray], seq_len: int) -> Tuple[n
     return first + within * seq_len, np.repeat(ends, counts)
 
 
-def check_token_files(files: List[str]) -> None:
-    """Token files of one kind each; a .txt among token files or the reverse is refused (their ids differ)."""
-    kinds = {"text" if is_text(f) else "tokens" for f in files}
+def check_token_files(files: List[str], option: str = "--data-files", text: Optional[bool] = None) -> bool:
+    """Whether ``files`` are text (else token ids): all one kind (their ids are not the same vocabulary), and the
+    kind ``text`` says when given (held-out files of the training files' kind)."""
+    kinds = {is_text(f) for f in files}
     if len(kinds) > 1:
-        raise ConfigError("--data-files", "give either text files (.txt) or token files (.bin, .parquet, .jsonl), "
-                                          "not both: their ids are not the same vocabulary")
+        raise ConfigError(option, "give either text files (.txt) or token files (.bin, .parquet, .jsonl), not both: "
+                                  "their ids are not the same vocabulary")
+    (is_text_now,) = kinds
+    if text is not None and is_text_now != text:
+        what = {True: "text", False: "token ids"}
+        raise ConfigError(option, f"hold {what[is_text_now]}, the run's --data-files {what[text]}: give files of "
+                                  f"the same kind")
+    return is_text_now
 
 
 def open_token_index(files: List[str], layout: TokenLayout, codec, seq_len: int, packing: str,
-                     cache: Optional[str], say: Callable[[str], None], progress: bool) -> TokenIndex:
+                     cache: Optional[str], say: Callable[[str], None], progress: bool,
+                     option: str = "--data-files") -> TokenIndex:
     """The token index of ``files`` (built where missing or stale, with a progress bar), ready to read."""
-    check_token_files(files)
+    check_token_files(files, option)
     token_cache = TokenCache(cache_root(cache), layout, codec)
     indexed, seconds = index_files(files, token_cache, say, progress)
     records = [token_cache.record(f.path) or {} for f in indexed]

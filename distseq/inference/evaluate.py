@@ -16,7 +16,7 @@ from distseq.data.index import FileSource, check_same_everywhere
 from distseq.data.stream import eval_batches
 from distseq.distributed.accelerator import fresh_accelerator, print0
 from distseq.distributed.agree import main_decides
-from distseq.errors import CheckpointError, ConfigError
+from distseq.errors import CheckpointError
 from distseq.fsio import write_json
 from distseq.inference.export import model_from_checkpoint
 from distseq.registry import TASKS
@@ -52,9 +52,6 @@ def _eval_checkpoint(accelerator, run_dir: str, checkpoint: Optional[str], eval_
     rank, world = accelerator.process_index, accelerator.num_processes
     started = time.perf_counter()
     if data_files:
-        if task.head == "per-step" and not task.language_model:
-            raise ConfigError("--data-files", f"needs one label per sequence; this checkpoint's task {cfg.data.task} "
-                                              f"has one per step")
         index = open_data_files(cfg, data_files, quiet=not accelerator.is_main_process)
         check_same_everywhere(index, accelerator)
         expected = index.rows  # every sample once, in the files' order

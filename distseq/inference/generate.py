@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from distseq.config import TrainConfig
-from distseq.errors import ConfigError, NonFiniteError
+from distseq.errors import ConfigError, DataFileError, NonFiniteError
 from distseq.fsio import write_text_atomically
 from distseq.options import MAX_SEED
 from distseq.registry import TASKS
@@ -215,13 +215,17 @@ def render(result: Generated, codec) -> str:
 def generate_command(checkpoint: str, prompt: Tuple[str, str], max_new_tokens: int, sampling: Sampling,
                      cache: bool, stop_at_eod: bool, output: Optional[str]) -> None:
     """``distseq generate``: ``prompt`` is (its option, its value); options and ``output`` checked already."""
-    from distseq.data.text import run_codec
+    from distseq.data.text import BYTES, run_codec
     from distseq.inference.export import model_from_checkpoint
 
-    model, cfg, _ = model_from_checkpoint(Path(checkpoint))
+    model, cfg, meta = model_from_checkpoint(Path(checkpoint))
     check_generates(model, cfg)
     task, spec = TASKS[cfg.data.task], cfg.task_spec()
-    codec = run_codec(cfg.data.data_files, cfg.data.tokenizer)
+    codec = run_codec(cfg.data.tokenizer)
+    trained = (meta.get("data") or {}).get("codec")
+    if codec is not None and trained is not None and codec.identity().get("sha256", BYTES) != trained:
+        raise DataFileError(f"{cfg.data.tokenizer} is not the tokenizer.json the run trained with (its sha256 "
+                            f"differs): restore that file to decode this model's ids")
     ids = prompt_ids(*prompt, codec, task.vocab(spec), spec.seq_len)
     eod = end_of_document(cfg, codec) if stop_at_eod else None
     text = render(generate(model, ids, max_new_tokens, sampling, spec.seq_len, cache, eod), codec)

@@ -16,7 +16,7 @@ from distseq.config import LoopConfig
 from distseq.config.threshold import Threshold, eval_metrics
 from distseq.distributed.agree import any_rank
 from distseq.errors import DataAccountingError
-from distseq.tasks import Batch, Task
+from distseq.tasks import IGNORE, Batch, Task
 from distseq.training.metrics import log_line
 
 EVAL_BATCH = 1024  # held-out samples per forward pass, at most
@@ -49,16 +49,19 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
         with accelerator.autocast():
             logits = forward(model, batch, accelerator.device, variable_length)
         y = batch["y"].to(accelerator.device)
-        per_sample = torch.stack([task.loss(logits, y), *task.scores(logits, y)], 1)  # (n, 3): loss, correct, solved
+        # a language model weighs each window by its labelled tokens: its figures are per token, as perplexity is
+        weight = (y != IGNORE).sum(1).float() if task.language_model else torch.ones(len(y), device=y.device)
+        per_sample = torch.stack([task.loss(logits, y), *task.scores(logits, y), weight], 1)  # (n, 4)
         keep = accelerator.gather_for_metrics(batch["index"].to(accelerator.device)) >= 0  # padding rows are -1
-        results.append(accelerator.gather_for_metrics(per_sample)[keep])  # (valid, 3)
+        results.append(accelerator.gather_for_metrics(per_sample)[keep])  # (valid, 4)
     model.train(was_training)
-    loss, correct, solved = torch.cat(results).double().unbind(1)
+    loss, correct, solved, weight = torch.cat(results).double().unbind(1)
     if expected is not None and loss.numel() != expected:
         raise DataAccountingError(f"evaluation saw {loss.numel()} samples, expected {expected}")
     values = (loss, correct, solved)  # in the order eval_metrics names them (--stop-at checks those names)
-    out = {name: value.mean().item() for name, value in zip(eval_metrics(task.head), values)}
-    if task.language_model:  # per-token cross-entropy: its exponential is the perplexity
+    total = weight.sum().clamp(min=1)
+    out = {name: ((value * weight).sum() / total).item() for name, value in zip(eval_metrics(task.head), values)}
+    if task.language_model:  # the mean cross-entropy per token: its exponential is the perplexity
         out["eval/perplexity"] = math.exp(min(out["eval/loss"], 700.0))
     out["eval/samples"] = loss.numel()
     return out
