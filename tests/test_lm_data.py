@@ -477,6 +477,7 @@ def test_a_bin_files_offsets_are_part_of_its_identity(tmp_path, monkeypatch):
                              progress=False)
     assert again.documents == 2 and any("has another a.offsets.npy since it was indexed" in line for line in said)
     assert again.identity()["sha256"] != index.identity()["sha256"]
+    assert again.files[0].arrow != index.files[0].arrow  # never the name a running job mapped
 
 
 def test_eval_files_are_evaluated_in_order_and_distseq_eval_reports_the_perplexity(tmp_path):

@@ -749,7 +749,7 @@ class IndexCache:
         a build killed half-way) is no one's: it is removed (a job that maps an older index keeps its copy
         on a local file system)."""
         stat = FileStat.of(path)
-        arrow = self.dir / f"{name}-{stat.mtime_ns}-{stat.size}.arrow"
+        arrow = self.dir / f"{name}-{stat.mtime_ns}-{stat.size}{self._version_tag(path)}.arrow"
         started = time.perf_counter()
         record = {"path": os.path.abspath(path), **stat.fields(), "shape": asdict(self.shape),
                   "version": INDEX_VERSION, "built_by": builder()}
@@ -771,6 +771,11 @@ class IndexCache:
                       seconds=round(time.perf_counter() - started, 3), **self._extra(path))
         write_json(self.dir / f"{name}.json", record)
         self._remove_others(name, keep=arrow)
+
+    def _version_tag(self, path: str) -> str:
+        """More of an index file's name, for what else its version depends on: a new version never takes the name
+        a running job mapped (it would read that as damage)."""
+        return ""
 
     def _extra(self, path: str) -> dict:
         """More of the record, for a kind of index whose identity has more than the file (a .bin's offsets)."""

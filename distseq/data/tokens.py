@@ -307,6 +307,10 @@ class TokenCache(IndexCache):
         stored = np.dtype(column.value_type.to_pandas_dtype())
         return table.num_rows == record.get("rows") and stored == self.shape.storage
 
+    def _version_tag(self, path: str) -> str:
+        companion = companion_state(path)
+        return "" if companion is None else f"-{companion['sha256'][:12]}"
+
     def _extra(self, path: str) -> dict:
         return {"companion": self.__dict__.pop("_companion", None) or companion_state(path)}
 
