@@ -136,7 +136,7 @@ def profile_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     """One profiled ``distseq train`` of the overhead config: the share of step time per phase."""
     from distseq.training.loop import train
 
-    steps, window = (12, "2:12") if quick else (100, "20:70")
+    steps, window = (6, "2:6") if quick else (100, "20:70")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = overhead_config(steps, tmp)
         cfg.log.profile_steps = window

@@ -71,7 +71,9 @@ def startup_suite(quick: bool, log: Callable[[str], None] = print) -> Dict:
     runs: Dict[str, List[Dict]] = {str(world): [] for world in counts}
     with tempfile.TemporaryDirectory() as tmp:
         # untimed: the first launch after a while reads torch from disk and would charge that to 1 process
-        measure(1, Path(tmp) / "warm-up")
+        # (--quick skips it: its figures are a smoke test of the plumbing, not worth one launch more)
+        if not quick:
+            measure(1, Path(tmp) / "warm-up")
         for repeat in range(repeats):
             for world in counts:  # alternating, so the machine's drift falls on every count
                 run = measure(world, Path(tmp) / f"{world}-{repeat}")
