@@ -160,6 +160,10 @@ def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_fig
         assert row["state_size"] == summary(point)["state_size_per_layer"] > 0
         assert row["parameters"] == summary(point)["parameters"]
     assert result["complete"] and result["sweep_exit_code"] == 0
+    # a suite named alone: bench.json holds that suite only, its headline, and no other suite's goals
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["suites_run"] == ["zoology"] and bench["quick"] is True and bench["zoology_table"] == rows
+    assert bench["goals"] == {} and set(bench["peak_rss_mb"]) == set(bench["suites"]) == {"zoology"}
     table = (tmp_path / "zoology.md").read_text()
     assert table.startswith("| model | seq 16, 2 pairs, width 16 |") and "| attention |" in table
     for name in ("zoology_width.png", "zoology_state.png"):
@@ -247,15 +251,15 @@ def test_a_run_resumed_inside_the_profiled_range_profiles_from_its_first_step(tm
     assert json.loads((tmp_path / "profile.json").read_text())["steps"] == [4, 6]
 
 
-def test_bench_quick_checkpoint_suite_measures_sync_async_and_a_resharded_load(tmp_path):
-    proc = run_distseq(["bench", "checkpoint", "--quick", "--out", str(tmp_path)], timeout=300)
-    assert_ok(proc)
-    result = json.loads((tmp_path / "checkpoint.json").read_text())
-    bench = json.loads((tmp_path / "bench.json").read_text())
-    assert bench["suites_run"] == ["checkpoint"] and bench["quick"] is True
+def test_bench_quick_checkpoint_suite_measures_sync_async_and_a_resharded_load(quick_bench):
+    out, proc = quick_bench  # the quick run of every suite: its checkpoint suite, read here in detail
+    result = json.loads((out / "checkpoint.json").read_text())
+    bench = json.loads((out / "bench.json").read_text())
+    assert "checkpoint" in bench["suites_run"] and bench["quick"] is True
     headlines = ("async_block_ratio", "save_mb_per_s", "load_mb_per_s", "reshard_load_seconds")
     assert all(bench[key] == result[key] for key in headlines)
-    assert set(bench["goals"]) == {"async_block_ratio"} and isinstance(bench["goals"]["async_block_ratio"]["met"], bool)
+    assert isinstance(bench["goals"]["async_block_ratio"]["met"], bool)
+    assert result["goals"] == {"async_block_ratio": bench["goals"]["async_block_ratio"]}
     for key in (*headlines, "state_mb", "state_tensor_mb", "sync_block_seconds", "async_block_seconds",
                 "async_total_seconds", "load_seconds", "verify_seconds", "reshard_state_mb"):
         assert finite(result[key]) and result[key] > 0, key
