@@ -20,11 +20,12 @@ from distseq.sweep.spec import load_spec
 
 TINY = {"seq-len": 6, "hidden-size": 8, "global-batch-size": 16, "max-steps": 8, "eval-every": 4, "eval-size": 64,
         "log-with": "none", "precision": "no", "log-every": 4}
-# a token task, 2 models x 2 widths x 2 learning rates x 2 seeds; long enough to be stopped part-way
+# a token task, 2 models x 2 widths x 2 learning rates, 2 at a time; each point long enough to be stopped part-way,
+# and points enough that each of the three sweeps of the test below has some left to run
 TOKENS = {"base": {"preset": "induction", "options": {
     "seq-len": 8, "vocab-size": 6, "num-layers": 1, "global-batch-size": 16, "max-steps": 24, "eval-every": 8,
     "eval-size": 64, "checkpoint-every": 4, "log-every": 4, "log-with": "tensorboard", "precision": "no"}},
-    "grid": {"model": ["decoder", "lstm"], "hidden-size": [8, 16], "lr": [0.01, 0.003], "seed": [0, 1]}, "pool": 2}
+    "grid": {"model": ["decoder", "lstm"], "hidden-size": [8, 16], "lr": [0.01, 0.003]}, "pool": 2}
 
 
 def write_spec(path: Path, spec: dict) -> Path:
@@ -149,7 +150,7 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
     cmd = [*DISTSEQ, "sweep", str(path), "--dir", str(root)]
 
     with Started(cmd, tmp_path / "logs") as sweep:  # SIGTERM once two points are complete and more have saved
-        sweep.wait_for_line("sweep: 2/16 complete", 240)
+        sweep.wait_for_line("sweep: 2/8 complete", 240)
         wait_for(lambda: saved_and_running(root), 120)
         sweep.popen.send_signal(signal.SIGTERM)
         assert sweep.finish(120).returncode == 143
@@ -177,7 +178,7 @@ def test_a_sweep_stopped_any_way_resumes_bit_exact_and_leaves_finished_points_al
     assert all(point_status(root / name)[0] == "complete" for name in names)
     assert {name: tree_digest(root / name) for name in complete} == untouched
     again = run_distseq(["sweep", str(path), "--dir", str(root)], timeout=120)
-    assert again.returncode == 0 and "sweep: 0 of 16 point(s) to run" in again.stdout
+    assert again.returncode == 0 and "sweep: 0 of 8 point(s) to run" in again.stdout
 
     resumed = saved[0]  # the same options alone, never stopped
     argv = next(p["argv"] for p in read_manifest(root)["points"] if p["name"] == resumed)
