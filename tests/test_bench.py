@@ -74,6 +74,16 @@ def test_bench_quick_writes_every_key(quick_bench):
         assert ("activation_mb" in row) == (row["seq_len"] == 64) and row.get("activation_mb", 1) > 0
         assert ("peak_rss_mb" in row) == (row["seq_len"] == 64)
         assert row.get("peak_rss_mb", 1000) > bench["suites"]["mixers"]["process_baseline_mb"] > 50
+    # the tokens suite: training from a token file against the stream, the index of 2x10^5 ids, generation both ways
+    tokens = bench["suites"]["tokens"]
+    assert finite(bench["lm_files_ratio"]) and 0 < bench["lm_files_ratio"] < 5
+    assert bench["lm_files_ratio"] == tokens["files_tokens_per_sec"] / tokens["stream_tokens_per_sec"]
+    assert tokens["lm_index"]["tokens"] == 200_200 and tokens["lm_index"]["documents"] == 200  # + an end id each
+    assert bench["lm_index_seconds"] == tokens["lm_index"]["seconds"] > 0
+    assert tokens["lm_index_parquet"]["tokens"] == 20_020 and tokens["lm_index_parquet_seconds"] > 0
+    generation = tokens["generation"]
+    assert generation["same_tokens"] is True and generation["new_tokens"] == 16
+    assert bench["generation_cache_speedup"] == generation["cached_tokens_per_s"] / generation["uncached_tokens_per_s"]
     assert set(bench["goals"]) == set(GOALS)
     assert all(isinstance(g["met"], bool) for g in bench["goals"].values())
 
@@ -210,7 +220,7 @@ def test_bench_zoology_on_slurm_submits_one_array_and_reports_what_is_not_done(t
 def test_bench_names_the_suites_it_knows(tmp_path):
     proc = run_distseq(["bench", "zoo", "--out", str(tmp_path)])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(", sweep, mixers, zoology)")
+    assert proc.stderr.strip().splitlines()[-1].endswith(", sweep, mixers, tokens, zoology)")
 
 
 def test_profile_steps_writes_a_trace_and_the_shares(tmp_path):
