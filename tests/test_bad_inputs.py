@@ -203,7 +203,7 @@ CASES = [
      "--min-seq-len: the mqar task has a fixed length; leave --min-seq-len out"),
     ("data files with a token task", train("--task", "induction", "--data-files", T + "/d.jsonl"),
      a_file("d.jsonl", '{"sequence": [0.1], "label": 1}\n'), 2,
-     "--task: --data-files hold sequences of numbers; induction takes token ids"),
+     "d.jsonl: row 0 (from 0): 'sequence' must be a list of integer token ids"),
     # eval
     ("eval without checkpoints", ["eval", "--run-dir", T], setup_nothing, 2, "no intact checkpoint under"),
     ("eval output dir missing", ["eval", "--run-dir", R, "--output", T + "/no/e.json"], setup_nothing, 2,
