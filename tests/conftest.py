@@ -264,11 +264,25 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
                                   f"stderr:\n{proc.stderr[-3000:]}")
 
 
+# The files that take longest, longest first (each file's durations summed, `./launch/test --durations=0`, on the
+# 2-core box). ./launch/test's workers take whole files in the order collected (--no-loadscope-reorder), so these
+# start first and the short ones fill in at the end; xdist's own order (most tests first) left files of few, long
+# tests to the end (test_bench.py's quick bench, test_slurm.py, test_scale.py), run by one worker while the other
+# had nothing left. A file not listed keeps its place after them.
+LONGEST_FILES = ("test_bench.py", "test_sharding.py", "test_operations.py", "test_slurm.py", "test_mixers.py",
+                 "test_recovery.py", "test_sweep.py", "test_check_task.py", "test_files.py", "test_plugins.py",
+                 "test_signals.py", "test_launch.py", "test_multiprocess.py", "test_use.py", "test_train.py",
+                 "test_lm_data.py", "test_scale.py", "test_io_errors.py")
+
+
 def pytest_collection_modifyitems(items):
-    """Every test that starts real processes is slow too: the fast tier runs in one process."""
+    """Every test that starts real processes is slow too: the fast tier runs in one process. The longest files
+    first (a stable sort: each file's tests stay together and in their order)."""
     for item in items:
         if item.get_closest_marker("multiproc"):
             item.add_marker(pytest.mark.slow)
+    first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
 @pytest.fixture(autouse=True, scope="session")
