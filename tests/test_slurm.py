@@ -95,9 +95,14 @@ ARGS = ["--max-steps", "600", "--checkpoint-every", "50", "--log-every", "20", "
         "--eval-size", "64", "--global-batch-size", "64", "--hidden-size", "16", "--no-progress", "--precision", "no"]
 
 
-def submit(slurm, run_dir: Path, out_dir: Path) -> str:
+# A job a test interrupts after step 100 runs at least this long per step, so the 500 steps left outlast the
+# signal's way through slurmctld on a loaded machine (the sleep changes no number the test compares).
+INTERRUPTED = {"DISTSEQ_SLOW_RANK": "0:10"}
+
+
+def submit(slurm, run_dir: Path, out_dir: Path, **extra_env: str) -> str:
     env = {**slurm, "DISTSEQ_PYTHON": sys.executable, "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **extra_env}
     out_dir.mkdir(exist_ok=True)
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--chdir={REPO}", f"--output={out_dir}/job-%j.txt",
                            str(REPO / "launch" / "slurm.sbatch"), *ARGS, "--run-dir", str(run_dir)],
@@ -140,7 +145,7 @@ def test_a_crashed_rank_heals_in_place_without_a_requeue(slurm, reference, tmp_p
     import psutil
 
     run_dir = tmp_path / "crashed"
-    job = submit(slurm, run_dir, tmp_path / "out")
+    job = submit(slurm, run_dir, tmp_path / "out", **INTERRUPTED)
     log = tmp_path / "out" / f"job-{job}.txt"
     wait_for_line(log, "step=100/")
     ranks = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and "distseq.cli" in p.info["cmdline"]
@@ -160,7 +165,7 @@ def test_a_crashed_rank_heals_in_place_without_a_requeue(slurm, reference, tmp_p
 def test_preempted_job_is_requeued_and_ends_like_an_uninterrupted_one(slurm, reference, tmp_path):
 
     run_dir = tmp_path / "preempted"
-    job = submit(slurm, run_dir, tmp_path / "out")
+    job = submit(slurm, run_dir, tmp_path / "out", **INTERRUPTED)
     log = tmp_path / "out" / f"job-{job}.txt"
     wait_for_line(log, "step=100/")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True)
@@ -186,7 +191,7 @@ def test_a_sweep_on_slurm_runs_a_task_per_point_and_a_preempted_one_is_requeued(
     spec = tmp_path / "s.yaml"
     spec.write_text(yaml.safe_dump({"base": {"options": options}, "grid": {"seed": [0, 1, 2]}, "backend": "slurm"}))
     root = tmp_path / "sweep"
-    env = {**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **INTERRUPTED}
     sweep = [sys.executable, "-m", "distseq.cli", "sweep", str(spec), "--dir", str(root)]
     submitted = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert submitted.returncode == 0, submitted.stderr
@@ -207,7 +212,7 @@ def test_a_sweep_on_slurm_runs_a_task_per_point_and_a_preempted_one_is_requeued(
     argv = [a for p in json.loads((root / "sweep.json").read_text())["points"] if p["name"] == "seed=1"
             for a in p["argv"]]
     proc = subprocess.run([sys.executable, "-m", "distseq.cli", "train", *argv, "--run-dir", str(alone)],
-                          env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+                          env={**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (checkpoint_weights(d / "checkpoints" / "step-00000600") for d in (alone, root / "seed=1"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

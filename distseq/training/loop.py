@@ -256,8 +256,9 @@ def check_files_unchanged(run: Run, done: int) -> None:
 
 def stop(run: Run, done: int, signum: int) -> None:
     """Every rank saved at ``done`` on a stop signal: write the summary and raise Stopped."""
-    run.checkpoints.wait()
-    run.logger.close()
+    with run.clock.pause():  # the checkpoint's train seconds were taken at its save: nothing after counts
+        run.checkpoints.wait()
+        run.logger.close()
     code, name, how = exit_code(signum), signal_name(signum), status(signum)
     run.say(f"distseq: {name}: saved {run.checkpoints.newest} at step {done}; exiting {code}")
     if run.cfg.train.requeue and how == "preempted" and run.accelerator.is_main_process:
@@ -268,7 +269,8 @@ def stop(run: Run, done: int, signum: int) -> None:
 
 def finish(run: Run, done: int) -> dict:
     """The run reached --max-steps, or the data files ran out first (closed at the last full step)."""
-    run.logger.close()
+    with run.clock.pause():
+        run.logger.close()
     if done < run.cfg.train.max_steps and not run.progress.stopped_at:
         if done == run.start and not run.resumed_from:
             raise DataFileError(f"--data-files hold fewer rows than one global batch ({run.layout.global_batch}) "
@@ -278,7 +280,8 @@ def finish(run: Run, done: int) -> dict:
             run.logger.log(done, run.scheduler.get_last_lr()[0], run.progress.skipped_steps)
         run.evaluator.run(done)
         save(run, done, exhausted=True)
-    run.checkpoints.wait()  # the last checkpoint is complete before the summary names it
+    with run.clock.pause():  # the last checkpoint is complete before the summary names it; waiting is not training
+        run.checkpoints.wait()
     out = write_summary(run, done, "complete")
     board = (f"\n  tensorboard tensorboard --logdir {run.path / 'tensorboard'}"
              if "tensorboard" in run.cfg.trackers() else "")
