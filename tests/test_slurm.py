@@ -212,7 +212,8 @@ def test_a_sweep_on_slurm_runs_a_task_per_point_and_a_preempted_one_is_requeued(
     argv = [a for p in json.loads((root / "sweep.json").read_text())["points"] if p["name"] == "seed=1"
             for a in p["argv"]]
     proc = subprocess.run([sys.executable, "-m", "distseq.cli", "train", *argv, "--run-dir", str(alone)],
-                          env={**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=240, cwd=REPO)
+                          env={**slurm, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (checkpoint_weights(d / "checkpoints" / "step-00000600") for d in (alone, root / "seed=1"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
