@@ -63,6 +63,20 @@ class _Late(BaseException):
     """The bound expired: a BaseException, so that no ``except Exception`` of a tracker's retry loop takes it."""
 
 
+def import_libraries(accelerator: Accelerator) -> None:
+    """Import each tracker's library (mlflow, wandb, ...) now, outside ``within``'s timer: a timer that fired
+    inside an import on a loaded machine would leave the library half-imported for the next import."""
+    import importlib
+
+    for tracker in accelerator.log_with or []:
+        name = getattr(tracker, "name", tracker)
+        if isinstance(name, str) and name != "tensorboard":
+            try:
+                importlib.import_module(name)
+            except Exception:  # not installed, or broken: init_trackers reports it in its own words
+                pass
+
+
 def within(seconds: float, work: Callable[[], None], late: Callable[[], Exception]) -> None:
     """``work()``, or ``late()`` raised once ``seconds`` have passed. In the main thread itself (a tracker
     keeps its active run per thread): a timer signal interrupts even a blocking socket call. Elsewhere no
@@ -110,6 +124,7 @@ def start_tracking(accelerator: Accelerator, flat_config: dict, purge_step: Opti
     kwargs = {"tensorboard": {"purge_step": purge_step}} if purge_step else {}
 
     def start() -> None:
+        import_libraries(accelerator)  # the bound is on the server's answer: a slow import is no silence
         within(timeout_s, lambda: accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config),
                                                             init_kwargs=kwargs), did_not_answer)
 
