@@ -1,11 +1,13 @@
-"""What the release before this layout wrote still works: its checkpoints resume bit-exactly and its
-exports load.
+"""What the release before this layout wrote still works: its checkpoints resume and its exports load.
 
 tests/fixtures/release-0.1 was written by distseq at the commit in made-by.txt (before options moved to
 their owners, when every saved config held every model's and task's options): the step-2 checkpoint of
 three runs (a tied decoder on mqar, a bidirectional LSTM on sum-sign, a GRU on streamed files, whose
 per-rank position was data-rank0.json), the whole weights that run reached at step 4
-(weights-step-4.safetensors), and an export of the decoder at step 4. Each run's step-00000002 is stored
+(weights-step-4.safetensors), and an export of the decoder at step 4. That release stepped the unfused
+AdamW; this one steps the fused kernel (one pass over every parameter; it skips a non-finite step on the
+device), whose operations round in another order: the resumed weights agree with the release's to float
+rounding, not to the bit. Each run's step-00000002 is stored
 beside its run dir's files rather than under checkpoints/ (which version control ignores everywhere); the
 fixture puts it back where the release wrote it.
 """
@@ -52,7 +54,7 @@ def release(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_a_checkpoint_of_the_release_before_resumes_bit_exact(name, release, capsys):
+def test_a_checkpoint_of_the_release_before_resumes_where_it_left_off(name, release, capsys):
     proc = run_main(["train", *RUNS[name], *QUIET, "--max-steps", "4", "--run-dir", name], capsys)
     assert proc.returncode == 0, proc.stderr
     assert f"resuming from {release / name / 'checkpoints' / 'step-00000002'}" in proc.stdout
@@ -60,8 +62,8 @@ def test_a_checkpoint_of_the_release_before_resumes_bit_exact(name, release, cap
     want = load_file(release / name / "weights-step-4.safetensors")
     got = checkpoint_weights(release / name / "checkpoints" / "step-00000004")
     assert sorted(got) == sorted(want)
-    for key in want:
-        assert torch.equal(got[key], want[key]), key
+    for key in want:  # two fused AdamW steps from the same state: float rounding apart, not a different run
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
     assert summary(release / name)["step"] == 4
 
 

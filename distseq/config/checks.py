@@ -112,6 +112,9 @@ def _check_combinations(cfg, world_size: int) -> None:
     if d.dataset_size is not None and d.dataset_size // d.block_size > MAX_BLOCKS:  # one permutation per epoch
         raise ConfigError("--dataset-size", f"{d.dataset_size} samples are more than {MAX_BLOCKS} blocks of "
                                             f"--block-size {d.block_size}; choose a larger --block-size")
+    if t.compile_backend != "inductor" and not t.compile:
+        raise ConfigError("--compile-backend", f"{t.compile_backend} applies under --compile; add --compile or "
+                                               f"leave it out")
     if t.start_step >= t.max_steps:
         raise ConfigError("--start-step", f"must be below --max-steps {t.max_steps} (got {t.start_step})")
     if t.max_steps * t.global_batch_size > MAX_POSITION:

@@ -247,6 +247,18 @@ class LoopConfig:
         "whole model, gradients are all-reduced; fsdp = parameters, gradients and optimizer state are sharded "
         "(FSDP2 per block and at the root, on CPU as on GPU); auto = fsdp under an accelerate FSDP config, else ddp "
         "on several processes, none on one", resume=CHANGEABLE)
+    compile: bool = option(
+        False, "compile the model with torch.compile (inductor): each block under --sharding fsdp, the whole model "
+        "otherwise; compiling is the start-up phase 'compile' (not training time), evaluation runs eagerly, and "
+        "checkpoints are the same as without (a run resumes with or without it)", resume=CHANGEABLE)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = option(
+        "inductor", "torch.compile's backend under --compile: inductor generates fused kernels (the speed); aot_eager "
+        "and eager only capture the graphs (dynamo, and AOTAutograd's backward) and run them eagerly: seconds to "
+        "compile, to check that a model compiles", resume=CHANGEABLE)
+    activation_checkpointing: Literal["none", "full", "selective"] = option(
+        "none", "keep fewer activations for the backward and recompute them: full = each block keeps only its "
+        "input; selective = each block keeps its matrix multiplies' and attention's outputs and recomputes the "
+        "rest; same results, less memory, more compute", resume=CHANGEABLE)
 
 
 @dataclass(slots=True)

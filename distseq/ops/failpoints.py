@@ -1,4 +1,5 @@
-"""Failpoints: named places where a test can make this process die by SIGKILL, pause it, or slow a rank.
+"""Failpoints: named places where a test can make this process die by SIGKILL, pause it, slow a rank, or
+forbid host synchronisation.
 
 ``DISTSEQ_FAILPOINT=name`` (or ``name@step``) kills the process the moment it reaches that place, so
 tests can prove recovery from a crash at an exact, otherwise unreachable instant (half-way through a
@@ -48,3 +49,14 @@ def _for_rank(variable: str, rank: int) -> float:
         return 0.0
     chosen, _, amount = target.partition(":")
     return float(amount) if int(chosen) == rank else 0.0
+
+
+def strict_sync(ordinary: bool) -> None:
+    """``DISTSEQ_SYNC_DEBUG=1`` on a CUDA device: torch raises on any call that makes the host wait for the
+    device during an ordinary step (not a log, evaluation or checkpoint step), so a GPU run proves the step
+    path free of them (``launch/gpu-check``); unset or without CUDA, one lookup."""
+    if os.environ.get("DISTSEQ_SYNC_DEBUG") == "1":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("error" if ordinary else "default")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from accelerate import Accelerator
@@ -49,6 +49,8 @@ from distseq.ops.signals import StopSignals
 from distseq.ops.startup import StartupTimeline
 from distseq.registry import REPLACED, TASKS, replacements_in
 from distseq.tasks import Task, TaskSpec
+from distseq.training.agreement import StepAgreement
+from distseq.training.compiled import CompileWatch, compile_model
 from distseq.training.datasets import Index, held_out, open_files
 from distseq.training.evaluation import Evaluator, eval_batch_size
 from distseq.training.feed import TrainingFeed
@@ -58,6 +60,7 @@ from distseq.training.precision import Precision, resolve_precision
 from distseq.training.preflight import preflight
 from distseq.training.profiling import StepProfiler
 from distseq.training.progress import Progress
+from distseq.training.recompute import check_recompute, recompute_blocks
 from distseq.training.resume import resume
 from distseq.training.trackers import start_tracking, trackers
 
@@ -93,12 +96,14 @@ class Run:
     model_name: str = ""  # --model, or the class of a module given to train(model=...)
     flops_per_token: float = 0.0  # training FLOPs per token of this model (models/flops.py)
     sharding: str = "none"  # --sharding as it applies: none, ddp or fsdp
-    sharded: str = ""  # under fsdp, the line saying what was sharded
+    sharded: List[str] = field(default_factory=list)  # what was done to the model: recompute, compile, fsdp
+    compiled: Optional[CompileWatch] = None  # under --compile: its phase and the recompilations after it
     startup: StartupTimeline = field(default_factory=StartupTimeline)  # process start to the first step
     replaced: dict = field(default_factory=dict)  # the task and model names a plugin replaced, as recorded
     stop_at: Optional[Threshold] = None  # --stop-at, parsed
     parameters: int = 0  # of the model as built (whole, before sharding)
     state_size: Optional[int] = None  # numbers one layer carries from token to token (None: the model does not say)
+    agreement: StepAgreement = field(default_factory=StepAgreement)  # the steps' agreed flags the host has not read
 
     @property
     def path(self) -> Path:
@@ -172,6 +177,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
     model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else build_model(cfg.model, task, spec)
     preflight(cfg, model, model_name, local_device())  # a plugin's wrong shapes: one line, not a traceback
+    check_recompute(model, t.activation_checkpointing, model_name)
     startup.mark("model")
     sharding = resolve_sharding(t.sharding, world)
     # probes this very model, as it will run: under FSDP2's policy when sharded
@@ -215,16 +221,22 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
                checkpoints=checkpoints, progress=progress, feed=feed, config=config, start=t.start_step,
                model_name=model_name, flops_per_token=model_flops, files=files, sharding=sharding, startup=startup,
                sharded=sharded, replaced=replaced, parameters=parameters, state_size=state,
+               compiled=CompileWatch() if t.compile else None,
                stop_at=Threshold.parse(t.stop_at, task.head) if t.stop_at else None)
 
 
 def _place(model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, sharding: str, precision: Precision):
-    """The model sharded (FSDP2, before the optimizer exists: it must hold the shards) or wrapped (DDP), its
-    optimizer and schedule; and the line saying what was sharded ("" when nothing was)."""
-    sharded = ""
+    """The model with activation checkpointing, compiled, then sharded (FSDP2, before the optimizer exists: it
+    must hold the shards) or wrapped (DDP) (torchtitan's order), its optimizer and schedule; and the lines
+    saying what was done to it."""
+    t = cfg.train
+    said = [recompute_blocks(model, t.activation_checkpointing)]
+    if t.compile:
+        said.append(compile_model(model, per_block=sharding == "fsdp", backend=t.compile_backend))
     if sharding == "fsdp":
-        sharded = shard_model(model, precision.name, accelerator.device)
+        said.append(shard_model(model, precision.name, accelerator.device))
         quiet_fsdp_warnings()
+    sharded = [line for line in said if line]
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.max_steps)
     if sharding == "fsdp":
         optimizer = accelerator.prepare(optimizer)
@@ -254,8 +266,8 @@ def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
             f"({run.precision.reason}) micro_batch={layout.micro_batch} grad_accum={layout.grad_accum} "
             f"global_batch={layout.global_batch} run_dir={run.path}")
     run.say(f"distseq: model={run.model_name} {run.model_figures_line()}")
-    if run.sharded:
-        run.say(f"distseq: {run.sharded}")
+    for line in run.sharded:
+        run.say(f"distseq: {line}")
     if run.files is not None:
         trained = run.feed.source_size()
         run.say(f"distseq: data: {run.files.describe()}; one epoch = {trained / layout.global_batch:.6g} steps of "

@@ -42,6 +42,12 @@ def evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], 
     """Loss and accuracy over every real sample of ``batches`` (exactly ``expected`` when given); for a
     per-step head also the fraction of samples with every answer right (``eval/sequence_accuracy``)."""
     model = accelerator.unwrap_model(model)
+    with torch.compiler.set_stance("force_eager"):  # --compile's graphs are the training step's (compiled.py)
+        return _evaluate(accelerator, model, task, batches, expected, variable_length)
+
+
+def _evaluate(accelerator: Accelerator, model, task: Task, batches: List[Batch], expected: Optional[int],
+              variable_length: bool) -> Dict[str, float]:
     was_training = model.training
     model.eval()
     results = []

@@ -4,8 +4,9 @@
 steps) + ``finish``. Components decide their own timing: the step logger when to log, the evaluator
 when to evaluate, the checkpoint manager when to save, the profiler when to record; the loop asks
 them in order. Counted in optimizer steps; each step consumes ``grad_accum_steps`` micro-batches per
-rank inside ``accelerator.accumulate``. The one read every step is two flags all ranks agree on (a
-non-finite loss or gradient, a stop signal), so every rank takes the same branch.
+rank inside ``accelerator.accumulate``. Every step all ranks agree on two flags (a non-finite loss or
+gradient, a stop signal), so every rank takes the same branch; the device skips a non-finite step itself
+and the host reads the flags a step later (``agreement.py``): an ordinary step never waits for the device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import gc
 import math
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,28 +27,29 @@ from distseq.distributed.accelerator import is_collective_failure
 from distseq.distributed.agree import any_rank, max_over_ranks
 from distseq.distributed.sharding import full_value, set_gradient_sync
 from distseq.errors import DataFileError, DistseqError, NonFiniteError, Stopped
-from distseq.ops.failpoints import pause_point, slow_rank_seconds
+from distseq.ops.failpoints import pause_point, slow_rank_seconds, strict_sync
 from distseq.ops.hangs import HangReport
 from distseq.ops.signals import StopSignals, exit_code, signal_name, status
 from distseq.ops.slurm import request_requeue
 from distseq.registry import REPLACED
 from distseq.training.build import Run, build_run
+from distseq.training.compiled import gradient_sync_off
 from distseq.training.evaluation import forward
 from distseq.training.metrics import summary, throughput
+from distseq.training.optim import skip_step_where
 from distseq.training.profiling import format_profile
 
 
 @dataclass
 class Outcome:
-    """One optimizer step as every rank agreed on it."""
+    """One optimizer step, on the device: nothing here has made the host wait."""
 
-    loss: torch.Tensor  # summed over the step's samples on this rank, on the device
+    loss: torch.Tensor  # summed over the step's samples on this rank
     correct: torch.Tensor
     solved: torch.Tensor
-    tokens: int  # time steps of the step's samples on this rank, padding excluded
+    tokens: int  # time steps of the step's samples on this rank, padding excluded (counted on the host)
     grad_norm: torch.Tensor
-    skipped: bool  # non-finite loss or gradient on some rank: no update anywhere
-    stop: int  # a stop signal's number on some rank, else 0
+    skipped: torch.Tensor  # () 1.0 where some rank saw a non-finite loss or gradient: no update anywhere
 
 
 def train(cfg: TrainConfig, model: Optional[nn.Module] = None) -> dict:
@@ -114,6 +115,8 @@ def run_loop(run: Run) -> int:
     run.clock.begin_training()
     own_work, slow_seconds = run.logger.ranks.own_work, slow_rank_seconds(run.accelerator.process_index)
     for step in range(run.start, run.cfg.train.max_steps):
+        # the first two steps compile, warm up and settle; from then on an ordinary step never waits for the device
+        strict_sync(step > run.start + 1 and not reads_now(run, step + 1))
         run.profiler.begin(step)
         with run.profiler.span("data"), own_work():
             micro = run.feed.next_step()
@@ -121,13 +124,18 @@ def run_loop(run: Run) -> int:
                 time.sleep(slow_seconds)
         if micro is None:  # every rank agreed the data files are used up
             break
+        if run.compiled is not None and step == run.start:
+            warm_up(run, micro[0])
         done = step + 1
         outcome = train_step(run, micro, done)
         if done == run.start + 1:
             run.startup.mark("first_step")
             run.say(run.startup.line())
         with run.profiler.span("logging"):
-            record(run, micro, done, outcome)
+            stop = settle(run, done, reads_now(run, done))
+            if stop:
+                strict_sync(False)  # saving on a signal waits for the device, as it must
+            record(run, micro, done, outcome, stop)
         if run.profiler.end(done) and run.accelerator.is_main_process:
             run.logger.emit(format_profile(run.profiler.result))
             run.write("profile.json", run.profiler.result)
@@ -137,15 +145,59 @@ def run_loop(run: Run) -> int:
             solved = run.evaluator.reached()
         if solved:  # the run is complete here: a stop signal at this step changes nothing
             record_stop_at(run, done)
-        elif outcome.stop:
+        elif stop:
             pause_point("stopping")
-        if run.checkpoints.due(done, bool(outcome.stop) or solved):
+        if run.checkpoints.due(done, bool(stop) or solved):
             save(run, done)
         if solved:
             break
-        if outcome.stop:
-            stop(run, done, outcome.stop)
+        if stop:
+            end_on_signal(run, done, stop)
+    strict_sync(False)
+    settle(run, done, now=True)  # the data ran out: the last step's flags (a stop signal there changes nothing)
     return done
+
+
+def warm_up(run: Run, batch: dict) -> None:
+    """--compile: compile on the first micro-batch before the first step (the start-up phase ``compile``,
+    outside training time); the step then runs as an eager run's would."""
+    model, device = run.model, run.accelerator.device
+
+    def run_batch() -> torch.Tensor:
+        return run.task.loss(forward(model, batch, device, run.spec.variable), batch["y"].to(device)).mean()
+
+    with run.clock.pause():
+        run.compiled.warm_up(model, run_batch, gradient_sync_off(run.accelerator, model), device, run.model_name)
+    run.startup.mark("compile")
+
+
+def reads_now(run: Run, done: int) -> bool:
+    """Whether the host waits for the device after step ``done`` anyway (a log line, an evaluation, a
+    checkpoint, the last step): then every pending step's flags are read at once, so that what it
+    reports or saves is exact."""
+    return (run.logger.due(done) or run.evaluator.due(done) or run.checkpoints.due(done, False)
+            or done == run.cfg.train.max_steps)
+
+
+def settle(run: Run, done: int, now: bool) -> int:
+    """Count the steps whose agreed flags are read here (skipped ones; --on-nonfinite stop raises); the
+    number of a stop signal one of them carried, else 0."""
+    t, progress, stop = run.cfg.train, run.progress, 0
+    for verdict in run.agreement.settle(now):
+        stop = stop or verdict.stop
+        if not verdict.skipped:
+            continue
+        if t.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite loss or gradient at step {verdict.step}; stopped without saving "
+                                 f"(--on-nonfinite skip skips such steps)")
+        progress.skipped_steps += 1
+        run.logger.window.skipped += 1
+        if progress.skipped_steps > math.floor(t.max_skipped_fraction * t.max_steps):
+            raise NonFiniteError(
+                f"{progress.skipped_steps} optimizer steps skipped for non-finite values by step {done}, more "
+                f"than --max-skipped-fraction {t.max_skipped_fraction:g} of --max-steps {t.max_steps}; stopped "
+                f"without saving" + (f" (kept {run.checkpoints.newest})" if run.checkpoints.newest else ""))
+    return stop
 
 
 def record_stop_at(run: Run, done: int) -> None:
@@ -177,52 +229,46 @@ def train_step(run: Run, micro: list, done: int) -> Outcome:
                 if accelerator.sync_gradients:
                     outcome = optimizer_step(run, loss, correct, solved, tokens, done)
                 run.optimizer.zero_grad(set_to_none=True)
-    with run.profiler.span("optimizer"), (warnings.catch_warnings() if outcome.skipped else contextlib.nullcontext()):
-        if outcome.skipped:  # a skipped step still advances the schedule (a function of the step): expected
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-        run.scheduler.step()
+    with run.profiler.span("optimizer"):
+        run.scheduler.step()  # a skipped step advances the schedule too: it is a function of the step
     return outcome
 
 
 def optimizer_step(run: Run, loss: torch.Tensor, correct: torch.Tensor, solved: torch.Tensor, tokens: int,
                    done: int) -> Outcome:
-    """Clip, agree with every rank on non-finite values and stop signals, then step unless non-finite."""
-    accelerator, t = run.accelerator, run.cfg.train
+    """Clip, agree with every rank on non-finite values and stop signals (one all-reduce, on the device),
+    then step: the fused optimizer leaves the update out where the agreed flag is set."""
+    accelerator = run.accelerator
     grad_norm = full_value(accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip or math.inf))
     bad = ~torch.isfinite(loss)
     if run.precision.name != "fp16":  # under fp16 the grad scaler owns overflow: it skips those steps itself
         bad |= ~torch.isfinite(grad_norm)
-    flags = torch.stack([bad.float(), torch.tensor(float(run.signals.received), device=accelerator.device)])
-    skipped, stop = max_over_ranks(accelerator, flags).tolist()  # one all-reduce
-    if skipped and t.on_nonfinite == "stop":
-        raise NonFiniteError(f"non-finite loss or gradient at step {done}; stopped without saving "
-                             f"(--on-nonfinite skip skips such steps)")
-    if not skipped:
-        with run.logger.ranks.own_work():
-            run.optimizer.step()
+    # the signal's number is filled in on the device: a tensor made from a Python number would be a copy
+    # the host waits for
+    flags = torch.stack([bad.float(), loss.new_full((), float(run.signals.received))])
+    agreed = max_over_ranks(accelerator, flags)  # (2,) one all-reduce
+    run.agreement.add(done, agreed)
+    with run.logger.ranks.own_work():
+        skip_step_where(run.optimizer, agreed[0])
+        run.optimizer.step()
     run.logger.ranks.step_done()
-    return Outcome(loss, correct, solved, tokens, grad_norm, bool(skipped), int(stop))
+    return Outcome(loss, correct, solved, tokens, grad_norm, agreed[0])
 
 
-def record(run: Run, micro: list, done: int, outcome: Outcome) -> None:
-    """After a step: the log window, skipped-step accounting, the data digest, the log line when due."""
-    t, progress, global_batch = run.cfg.train, run.progress, run.layout.global_batch
+def record(run: Run, micro: list, done: int, outcome: Outcome, stop: int) -> None:
+    """After a step: the log window, the data digest, the log line when due."""
     run.logger.record(outcome.loss, outcome.correct, outcome.solved, outcome.tokens, outcome.grad_norm,
                       outcome.skipped)
-    if outcome.skipped:
-        progress.skipped_steps += 1
     if run.accounting:
         for batch in micro:
             run.accounting.window.add(batch["index"])
-        if run.logger.due(done) or run.evaluator.due(done) or outcome.stop:
-            run.accounting.check(run.accelerator, done * global_batch)
+        if run.logger.due(done) or run.evaluator.due(done) or stop:
+            run.accounting.check(run.accelerator, done * run.layout.global_batch)
     if run.logger.due(done):
-        run.logger.log(done, run.scheduler.get_last_lr()[0], progress.skipped_steps)
-    if outcome.skipped and progress.skipped_steps > math.floor(t.max_skipped_fraction * t.max_steps):
-        raise NonFiniteError(
-            f"{progress.skipped_steps} optimizer steps skipped for non-finite values by step {done}, more than "
-            f"--max-skipped-fraction {t.max_skipped_fraction:g} of --max-steps {t.max_steps}; stopped without "
-            f"saving" + (f" (kept {run.checkpoints.newest})" if run.checkpoints.newest else ""))
+        run.logger.log(done, run.scheduler.get_last_lr()[0], run.progress.skipped_steps)
+        news = run.compiled.news() if run.compiled is not None else None
+        if news:
+            run.logger.emit(news)
 
 
 def save(run: Run, done: int, exhausted: bool = False) -> None:
@@ -254,7 +300,7 @@ def check_files_unchanged(run: Run, done: int) -> None:
                             f"saving ({run.checkpoints.kept()}): {remedy}")
 
 
-def stop(run: Run, done: int, signum: int) -> None:
+def end_on_signal(run: Run, done: int, signum: int) -> None:
     """Every rank saved at ``done`` on a stop signal: write the summary and raise Stopped."""
     with run.clock.pause():  # the checkpoint's train seconds were taken at its save: nothing after counts
         run.checkpoints.wait()
@@ -316,6 +362,8 @@ def write_summary(run: Run, done: int, status: str) -> dict:
         extra["startup"] = run.startup.report()
     if run.profiler.result:
         extra["profile"] = run.profiler.result
+    if run.compiled is not None:
+        extra["compile"] = run.compiled.report()
     if run.accounting:
         extra["data_accounting"] = run.accounting.report()
     out = summary(

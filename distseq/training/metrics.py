@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -20,18 +21,23 @@ from distseq.ops.stragglers import RankTimes
 @dataclass
 class Window:
     """What happened since the last log step. Loss and correct-count sums stay on the device (read
-    with one sync on log steps); they cover applied steps only, never a skipped one."""
+    with one sync on log steps); they cover applied steps only, never a skipped one (masked on the
+    device by the agreed flag, so no step waits to learn it)."""
 
     loss: torch.Tensor
     correct: torch.Tensor
     solved: torch.Tensor  # samples with every answer right (per-step heads)
-    grad_norm: Optional[torch.Tensor] = None
-    applied: int = 0
-    skipped: int = 0
+    grad_norm: torch.Tensor  # of the newest applied step (NaN before any)
+    steps: int = 0
+    skipped: int = 0  # counted by the loop as it reads the agreed flags (every one is read by a log step)
 
     @classmethod
     def empty(cls, device: torch.device) -> "Window":
-        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+        return cls(*(torch.zeros((), device=device) for _ in range(3)), torch.full((), math.nan, device=device))
+
+    @property
+    def applied(self) -> int:
+        return self.steps - self.skipped
 
 
 class StepLogger:
@@ -57,16 +63,16 @@ class StepLogger:
                         disable=not (accelerator.is_main_process and show_progress(cfg.progress)))
 
     def record(self, loss: torch.Tensor, correct: torch.Tensor, solved: torch.Tensor, tokens: int,
-               grad_norm: torch.Tensor, skipped: bool) -> None:
+               grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
+        """One step; ``skipped`` () 1.0 where the step was left out (its figures are then not added)."""
         self.bar.update(1)
         self.tokens_pending += tokens  # a skipped step's forward and backward ran all the same
-        if skipped:
-            self.window.skipped += 1
-        else:
-            self.window.loss += loss
-            self.window.correct += correct
-            self.window.solved += solved
-            self.window.grad_norm, self.window.applied = grad_norm, self.window.applied + 1
+        window, applied = self.window, skipped == 0
+        window.loss += torch.where(applied, loss, 0.0)  # a skipped step's loss may be NaN: never added
+        window.correct += torch.where(applied, correct, 0.0)
+        window.solved += torch.where(applied, solved, 0.0)
+        window.grad_norm = torch.where(applied, grad_norm.float(), window.grad_norm)
+        window.steps += 1
 
     def due(self, done: int) -> bool:
         return done % self.every == 0 or done == self.max_steps
@@ -92,7 +98,7 @@ class StepLogger:
             if self.per_step:
                 scalars["train/sequence_accuracy"] = totals[2] / samples
         scalars["train/lr"] = lr
-        if window.grad_norm is not None:
+        if window.applied:
             scalars["train/grad_norm"] = float(window.grad_norm)
         scalars["train/skipped_steps"] = skipped_total
         scalars["train/skipped_steps_window"] = window.skipped
@@ -107,7 +113,7 @@ class StepLogger:
     @property
     def pending(self) -> bool:
         """Steps since the last log line."""
-        return self.window.applied + self.window.skipped > 0
+        return self.window.steps > 0
 
     def emit(self, line: str) -> None:
         """One line from the main process, above the bar when there is one."""
