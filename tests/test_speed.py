@@ -137,6 +137,41 @@ def test_the_export_of_a_compiled_run_loads_in_a_fresh_interpreter(inductor, tmp
     assert proc.stdout.strip() == "OK method torch.Size([2, 32, 32])"
 
 
+@pytest.mark.multiproc
+def test_under_fsdp_each_block_compiles_and_recomputes_and_trains_as_one_eager_process(tmp_path):
+    """2 ranks, FSDP2 over compiled (per block) and fully checkpointed blocks: the losses of plain FSDP2."""
+    def sharded_run(run_dir, *extra):
+        proc = accelerate_launch(two_process_args(), [*tiny("decoder", run_dir, 20, "--num-layers", "2"),
+                                                      "--sharding", "fsdp", *extra])
+        assert_ok(proc)
+        return proc
+
+    sharded_run(tmp_path / "eager")
+    sharded = tmp_path / "sharded"
+    proc = sharded_run(sharded, "--compile", "--compile-backend", "aot_eager", "--activation-checkpointing", "full")
+    for line in ("distseq: activation checkpointing: full over 2 block(s)",
+                 "distseq: compile: 2 block(s) (torch.compile, aot_eager)",
+                 "distseq: fsdp: 2 block(s) + root sharded over 2 process(es)"):
+        assert line in proc.stdout
+    got, want = summary(sharded), summary(tmp_path / "eager")
+    assert got["world_size"] == 2 and got["sharding"] == "fsdp" and got["compile"]["recompiles"] == 0
+    assert got["eval/loss"] == pytest.approx(want["eval/loss"], rel=1e-5)
+
+
+@pytest.mark.multiproc
+def test_a_compiled_model_under_ddp_accumulates_gradients_as_an_eager_one(tmp_path):
+    """DDP over the whole compiled model, 2 micro-batches a step (the first without the all-reduce)."""
+    accumulate = ["--num-layers", "2", "--grad-accum-steps", "2"]
+    assert_ok(run_here([*tiny("decoder", tmp_path / "eager", 20), *accumulate]))
+    compiled = tmp_path / "compiled"
+    proc = accelerate_launch(two_process_args(), [*tiny("decoder", compiled, 20), *accumulate, "--compile",
+                                                  "--compile-backend", "aot_eager"])
+    assert_ok(proc)
+    got, want = summary(compiled), summary(tmp_path / "eager")
+    assert got["world_size"] == 2 and got["sharding"] == "ddp" and got["compile"]["recompiles"] == 0
+    assert got["eval/loss"] == pytest.approx(want["eval/loss"], rel=1e-5)
+
+
 class Recompiling(torch.nn.Module):
     """Reads a Python counter that changes every call: dynamo guards on its value, so every step compiles."""
 

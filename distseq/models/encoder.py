@@ -55,7 +55,8 @@ class TransformerClassifier(nn.Module):
         h = self.embed(x) + self.positions[:steps]  # (B, T, D)
         padding = None
         if lengths is not None:
-            padding = torch.arange(steps, device=x.device)[None, :] >= lengths.to(x.device)[:, None]  # (B, T)
+            lengths = lengths.to(x.device, non_blocking=True)  # from pinned memory on a GPU: no wait
+            padding = torch.arange(steps, device=x.device)[None, :] >= lengths[:, None]  # (B, T)
         h = self.norm(self.encoder(h, src_key_padding_mask=padding))  # (B, T, D)
         if self.per_step:
             return self.head(h)  # (B, T, C)

@@ -114,8 +114,8 @@ class MixerStack(nn.Module):
         h = self.norm(h)  # (B, T, D)
         if self.per_step:
             return self.head(h)  # (B, T, C)
-        last = (lengths.to(h.device) - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1,
-                                                                                 device=h.device)
+        last = (lengths.to(h.device, non_blocking=True) - 1) if lengths is not None else \
+            torch.full((h.shape[0],), h.shape[1] - 1, device=h.device)
         return head_output(self.head(h[torch.arange(h.shape[0], device=h.device), last]))  # (B,) or (B, C)
 
     def new_cache(self) -> Optional[DecodeCache]:

@@ -31,7 +31,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from distseq.distributed.sharding import blocks, set_gradient_sync
+from distseq.distributed.sharding import blocks, is_sharded
 from distseq.errors import ConfigError
 
 
@@ -75,7 +75,7 @@ class CompileWatch:
     def warm_up(self, model: nn.Module, run_batch: Callable[[], torch.Tensor], no_sync: Callable,
                 device: torch.device, name: str) -> None:
         """Compile by running ``run_batch`` (forward and loss of the first micro-batch) and its backward once,
-        under ``no_sync`` (no gradient reduction); gradients and random state as they were."""
+        under ``no_sync``; gradients and random state as they were."""
         began = time.perf_counter()
         devices = [device] if device.type == "cuda" else []
         try:
@@ -118,15 +118,9 @@ def what_failed(error: Exception, limit: int = 400) -> str:
 
 
 def gradient_sync_off(accelerator, model: nn.Module) -> Callable:
-    """A context factory: no gradient reduction in the backward it holds (DDP's ``no_sync``, FSDP2's flag)."""
-
-    @contextlib.contextmanager
-    def off():
-        set_gradient_sync(model, False)
-        try:
-            with accelerator.no_sync(model):
-                yield
-        finally:
-            set_gradient_sync(model, True)
-
-    return off
+    """A context factory for the warm-up's backward: DDP's ``no_sync`` (the gradients stay in ``.grad``,
+    which the warm-up clears). Under FSDP2 the gradients are reduced as usual: with its reduction off it
+    would keep them in an unsharded buffer of its own that the next step's reduction adds in."""
+    if is_sharded(model):
+        return contextlib.nullcontext
+    return lambda: accelerator.no_sync(model)
