@@ -70,6 +70,18 @@ def test_every_built_in_model_compiles_and_trains_as_it_does_eagerly(every_model
     assert compiled["eval/accuracy"] == pytest.approx(eager["eval/accuracy"], abs=1e-6)
 
 
+@pytest.mark.parametrize("model", ["transformer", "lstm"])
+def test_variable_lengths_compile_once(model, tmp_path):
+    """Samples of 3..10 steps: every batch is padded to --seq-len, the lengths are values (a padding mask, or
+    packing), so the graphs compile once; the losses are the eager run's."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "--compile-backend", "aot_eager"])):
+        assert_ok(run_here([*tiny(model, tmp_path / name, 12), "--min-seq-len", "3", *extra]))
+        runs[name] = summary(tmp_path / name)
+    assert runs["compiled"]["compile"]["recompiles"] == 0
+    assert runs["compiled"]["eval/loss"] == pytest.approx(runs["eager"]["eval/loss"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def inductor(tmp_path_factory):
     """The decoder with inductor: eager throughout (``eager``); eager to step 10 then resumed compiled with
