@@ -152,6 +152,56 @@ def test_report_without_matplotlib_says_how_to_get_plots(quick_bench, tmp_path, 
     assert "pip install -e '.[bench]'" in PLOTS_HINT
 
 
+def test_bench_quick_speed_suite_compares_compile_and_checkpointing(quick_bench):
+    out, proc = quick_bench  # the quick run of every suite: its compile and checkpointing comparisons, in detail
+    result = json.loads((out / "speed.json").read_text())
+    bench = json.loads((out / "bench.json").read_text())
+    headlines = [f"{key}_{name}" for key in ("compile_ratio", "compile_vs_plain", "compile_seconds")
+                 for name in ("decoder", "lstm")]
+    headlines += [f"ac_{mode}_{figure}" for mode in ("full", "selective") for figure in ("memory_cut", "tokens_cost")]
+    assert all(bench[key] == result[key] for key in headlines)
+    for name in ("decoder", "lstm"):
+        compared = result[f"compile_{name}"]
+        rates = compared["tokens_per_sec"]
+        assert set(rates) == {"compiled", "eager", "plain"} and all(finite(v) and v > 0 for v in rates.values())
+        assert all(len(values) == 1 for values in compared["repeats"].values())  # --quick: one repeat
+        assert result[f"compile_ratio_{name}"] == pytest.approx(rates["compiled"] / rates["eager"])
+        assert result[f"compile_vs_plain_{name}"] == pytest.approx(rates["compiled"] / rates["plain"])
+        # the compile phase is summary.json's, outside training time; the fixed shapes compile once
+        assert result[f"compile_seconds_{name}"] == compared["compile"][0]["seconds"] > 0
+        assert [c["recompiles"] for c in compared["compile"]] == [0]
+        assert compared["dynamo"]["frames_total"] >= 1 and compared["dynamo"]["ops_captured"] >= 1
+    # the decoder's whole forward is one graph; dynamo leaves the LSTM's recurrence to eager, and the suite says so
+    assert result["compile_decoder"]["dynamo"]["left_to_eager"] == []
+    assert result["compile_decoder"]["dynamo"]["ops_captured"] > result["compile_lstm"]["dynamo"]["ops_captured"]
+    assert "dynamo does not trace nn.LSTM" in proc.stdout
+    # activation checkpointing: one fresh process per mode, memory above what was resident before the first step
+    checkpointing = result["checkpointing"]
+    assert checkpointing["sizes"] == {"seq_len": 2048, "batch": 2, "steps": 2, "repeats": 1, "num_layers": 2,
+                                      "hidden_size": 64}
+    assert result["compile_decoder"]["backend"] == result["compile_lstm"]["backend"] == "aot_eager"  # --quick
+    on_cpu = result["machine"]["device"] == "cpu"
+    assert checkpointing["measure"].startswith("resident peak over the training steps" if on_cpu else "cuda")
+    rows = {row["mode"]: row for row in checkpointing["table"]}
+    assert set(rows) == {"none", "full", "selective"}
+    for row in rows.values():
+        assert row["training_peak_mb"] > 1 and row["tokens_per_sec"] > 0
+        assert 50 < row["before_first_step_mb"] < 4000 if on_cpu else row["before_first_step_mb"] >= 0
+    assert 0 < result["ac_full_memory_cut"] < 1 and result["ac_selective_memory_cut"] < 1
+    assert result["ac_full_memory_cut"] == pytest.approx(1 - rows["full"]["training_peak_mb"] /
+                                                         rows["none"]["training_peak_mb"])
+    assert result["ac_full_tokens_cost"] == pytest.approx(1 - rows["full"]["tokens_per_sec"] /
+                                                          rows["none"]["tokens_per_sec"])
+    assert all(finite(result[f"ac_{mode}_tokens_cost"]) and result[f"ac_{mode}_tokens_cost"] < 1
+               for mode in ("full", "selective"))
+    for key in ("compile_ratio_decoder", "ac_full_memory_cut", "ac_full_tokens_cost"):
+        assert key in GOALS and isinstance(bench["goals"][key]["met"], bool)
+    machine = result["machine"]
+    assert machine["device"] in ("cpu", "cuda:0") and isinstance(machine["cpu_flags"], list)
+    assert machine["aten_cpu_capability"] and machine["threads"] >= 1
+    assert "compile_ratio_decoder" in proc.stdout and "| `ac_full_memory_cut` |" in (out / "report.md").read_text()
+
+
 def test_bench_zoology_quick_is_a_sweep_that_resumes_and_ends_in_a_table_and_figures(tmp_path):
     """--quick: two models, one width, one cell, one learning rate; a second run finds every point complete and
     rebuilds the same table from the run dirs alone."""
@@ -220,7 +270,7 @@ def test_bench_zoology_on_slurm_submits_one_array_and_reports_what_is_not_done(t
 def test_bench_names_the_suites_it_knows(tmp_path):
     proc = run_distseq(["bench", "zoo", "--out", str(tmp_path)])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(", sweep, mixers, tokens, zoology)")
+    assert proc.stderr.strip().splitlines()[-1].endswith(", sweep, mixers, tokens, speed, zoology)")
 
 
 def test_profile_steps_writes_a_trace_and_the_shares(tmp_path):

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
@@ -25,7 +25,7 @@ from distseq.fsio import write_json
 from .report import GOALS  # re-exported: the goals live with the report that judges them
 
 SUITE_NAMES = ("overhead", "scaling", "stream", "files", "accuracy", "precision", "profile", "recall", "checkpoint",
-               "startup", "sweep", "mixers", "tokens")
+               "startup", "sweep", "mixers", "tokens", "speed")
 ON_REQUEST = ("zoology",)  # run only when named: longer than all the others together
 BACKENDS = ("local", "slurm")  # where the zoology suite's sweep runs
 
@@ -44,6 +44,9 @@ HEADLINES = {
     "sweep": ("sweep_overhead_s_per_point", "sweep_pool_ratio"),
     "mixers": ("mixer_speed_table",),
     "tokens": ("lm_files_ratio", "lm_index_seconds", "generation_cache_speedup"),
+    "speed": ("compile_ratio_decoder", "compile_vs_plain_decoder", "compile_seconds_decoder", "compile_ratio_lstm",
+              "compile_vs_plain_lstm", "compile_seconds_lstm", "ac_full_memory_cut", "ac_full_tokens_cost",
+              "ac_selective_memory_cut", "ac_selective_tokens_cost"),
     "zoology": ("zoology_table",),
 }
 
@@ -60,6 +63,22 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# the vector-ISA flags of /proc/cpuinfo that decide which kernels ATen and inductor pick
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "sve2")
+
+
+def cpu_flags() -> List[str]:
+    """This CPU's flags among ``ISA_FLAGS``, in that order ([] without /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    present = set(line.split(":", 1)[-1].split())
+    return [flag for flag in ISA_FLAGS if flag in present]
 
 
 def machine() -> Dict:

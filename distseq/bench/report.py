@@ -27,6 +27,9 @@ GOALS = {
     "async_block_ratio": ("<=", 0.2),
     "sweep_overhead_s_per_point": ("<=", 1.0),
     "sweep_pool_ratio": (">=", 1.7),
+    "compile_ratio_decoder": (">=", 1.0),
+    "ac_full_memory_cut": (">=", 0.40),
+    "ac_full_tokens_cost": ("<=", 0.35),
 }
 
 PLOTS_HINT = plots_hint("distseq bench")
@@ -76,6 +79,18 @@ def headline_rows(bench: Dict) -> List[tuple]:
         "save_mb_per_s": "synchronous checkpoint: MB of state / seconds blocked (DCP write, fsync, sha256, rename)",
         "load_mb_per_s": "MB of state / seconds to load a checkpoint into a fresh model and optimizer",
         "reshard_load_seconds": "seconds for one process to load the checkpoint of 2 FSDP ranks",
+        "compile_ratio_decoder": "distseq train --compile tokens/s / eager distseq train (decoder 2x64, mqar seq 256, "
+                                 "batch 32, fp32; compile time not counted)",
+        "compile_vs_plain_decoder": "distseq train --compile tokens/s / the plain eager PyTorch loop (same decoder)",
+        "compile_seconds_decoder": "seconds of the decoder's first compile (the warm-up before step 1)",
+        "compile_ratio_lstm": "distseq train --compile tokens/s / eager distseq train (LSTM h256, seq 32, batch 256)",
+        "compile_vs_plain_lstm": "distseq train --compile tokens/s / the plain eager PyTorch loop (same LSTM)",
+        "compile_seconds_lstm": "seconds of the LSTM's first compile",
+        "ac_full_memory_cut": "1 - training's peak memory with --activation-checkpointing full / none (decoder 4x128, "
+                              "seq 2048, batch 4; 2x64, batch 2 with --quick; above the memory before the first step)",
+        "ac_full_tokens_cost": "1 - tokens/s with --activation-checkpointing full / none (same runs)",
+        "ac_selective_memory_cut": "1 - training's peak memory with --activation-checkpointing selective / none",
+        "ac_selective_tokens_cost": "1 - tokens/s with --activation-checkpointing selective / none",
         "time_to_99_s": "training seconds of the default preset to 0.99 held-out accuracy",
         "seed_recipe_seconds": "training seconds of the original recipe (10 epochs, plain script)",
         "seed_recipe_accuracy": "its held-out accuracy",
@@ -322,6 +337,30 @@ def details(suites: Dict) -> List[str]:
                   "(untimed), medians "
                   f"of {f['sizes']['repeats']} alternating repeats; first batch: medians of {f['seek_repeats']} "
                   f"alternating repeats ({f['seek_note']}).", "", "```", files_table(f), "```"]
+    if "speed" in suites:
+        lines += speed_details(suites["speed"])
+    return lines
+
+
+def speed_details(result: Dict) -> List[str]:
+    """The report's lines: both sides of every ratio, what dynamo left to eager, the checkpointing table."""
+    m, c = result["machine"], result["checkpointing"]
+    lines = [f"- **speed** on {m['device']} ({m['cpu']}; flags {' '.join(m['cpu_flags']) or '-'}; ATen "
+             f"{m['aten_cpu_capability']}, inductor {m['inductor_vec_isa']}; {m['threads']} threads):"]
+    for name in ("decoder", "lstm"):
+        w, d = result[f"compile_{name}"], result[f"compile_{name}"]["dynamo"]
+        eager = f"; left to eager: {'; '.join(d['left_to_eager'])}" if d["left_to_eager"] else ""
+        lines.append(f"  - {name}: `--compile` {w['tokens_per_sec']['compiled']:,.0f} tokens/s, eager "
+                     f"{w['tokens_per_sec']['eager']:,.0f}, plain loop {w['tokens_per_sec']['plain']:,.0f} (medians of "
+                     f"{len(w['repeats']['plain'])} rotating repeats of {w['steps']} steps); first compile "
+                     f"{w['compile_seconds']:.1f} s, dynamo captured {d['ops_captured']} op(s) in {d['graphs']} "
+                     f"graph(s){eager}.")
+    sizes = c["sizes"]
+    lines.append(f"  - activation checkpointing, decoder at seq {sizes['seq_len']}, batch {sizes['batch']}, "
+                 f"{sizes['steps']} steps, a fresh process per run, medians of {sizes['repeats']} (memory: "
+                 f"{c['measure']}): " + ", ".join(
+                     f"{r['mode']} {r['training_peak_mb']:.0f} MB at {r['tokens_per_sec']:,.0f} tokens/s"
+                     for r in c["table"]) + ".")
     return lines
 
 

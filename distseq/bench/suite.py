@@ -23,6 +23,7 @@ from .overhead import overhead_suite, profile_suite
 from .precision import precision_suite
 from .recall import recall_suite
 from .scaling import scaling_suite
+from .speed import speed_suite
 from .startup import startup_suite
 from .stream import stream_suite
 from .sweep import sweep_suite
@@ -43,6 +44,7 @@ SUITES = {
     "sweep": sweep_suite,
     "mixers": mixer_speed_suite,
     "tokens": tokens_suite,
+    "speed": speed_suite,
     "zoology": zoology_suite,
 }
 WRITES_FILES = ("zoology",)  # suites that write more than their JSON into OUT (and may resume from it)

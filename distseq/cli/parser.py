@@ -176,16 +176,18 @@ def add_bench(commands) -> None:
         "checkpoint (blocked seconds per save, sync vs async), "
         "startup (seconds from launch to the first optimizer step on 1, 2, 4 and 8 processes, by phase: a figure, "
         "not a ratio), sweep (what distseq sweep adds per point), mixers (tokens/s of each sequence mixer against "
-        "attention at seq 256 and 2,048, and activation memory). On request only: zoology (Zoology's MQAR figure: "
+        "attention at seq 256 and 2,048, and activation memory), speed (--compile against eager distseq train and a "
+        "plain loop on the decoder and the LSTM, and --activation-checkpointing's memory cut and tokens/s cost at seq "
+        "2,048). On request only: zoology (Zoology's MQAR figure: "
         "six models x widths x cells x learning rates as a resumable sweep under OUT/zoology-sweep; about an hour "
-        "on 2 cores). The default run takes about 20 minutes on 2 cores.",
+        "on 2 cores). The default run takes about 25 minutes on 2 cores.",
     )
     bench.add_argument("suites", nargs="*", metavar="SUITE",
                        help="suites to run, from: " + ", ".join(SUITE_NAMES + ON_REQUEST)
                        + " (default: all but " + ", ".join(ON_REQUEST) + ")")
     bench.add_argument("--out", default="bench-out", help="output directory (default: bench-out)")
     bench.add_argument("--quick", action="store_true",
-                       help="short measurements (about 2 minutes in all): checks the suites run, not for comparison")
+                       help="short measurements (about 3 minutes in all): checks the suites run, not for comparison")
     bench.add_argument("--backend", choices=BACKENDS, default="local",
                        help="where the zoology suite's sweep runs: local processes, or a SLURM job array (run the "
                             "same command again when the array has ended: it builds the table from the run dirs)")
