@@ -201,7 +201,8 @@ class StopSignals:
     """The stop signals from start-up to the end of a run.
 
     During start-up a signal stops the process at once (``StartupStopped``: nothing was saved yet). Once
-    the loop runs it only sets ``received``; every rank agrees on it at the next step boundary, saves and
+    the loop runs it only sets ``received``; every rank agrees on it at a step boundary (a step later: the
+    loop reads the agreed flags one step late, ``training/agreement.py``), saves and
     exits with the table's code. A second SIGINT exits at once: checkpoints are written atomically, so
     the newest complete one stays intact.
     """
