@@ -252,6 +252,24 @@ def test_a_model_that_cannot_be_compiled_is_one_line_before_the_first_step(plugi
     assert not (tmp_path / "run" / "checkpoints").exists() and "step=" not in proc.stdout
 
 
+def test_a_model_given_to_train_is_the_callers_again_afterwards(tmp_path):
+    """train(cfg, model=m) with --compile and checkpointing replaces forwards for the run only."""
+    import distseq
+    from distseq.models import build_model
+    from distseq.registry import TASKS
+
+    cfg = distseq.preset("mqar")
+    cfg.data.seq_len, cfg.data.vocab_size, cfg.data.num_kv_pairs, cfg.data.eval_size = 32, 32, 4, 32
+    cfg.model.hidden_size, cfg.model.num_layers = 16, 2
+    cfg.train.max_steps, cfg.train.global_batch_size, cfg.train.run_dir = 2, 8, str(tmp_path / "run")
+    cfg.train.compile, cfg.train.compile_backend, cfg.train.activation_checkpointing = True, "aot_eager", "full"
+    cfg.log.progress, cfg.log.log_with = False, "none"
+    model = build_model(cfg.model, TASKS[cfg.data.task], cfg.task_spec())
+    result = distseq.train(cfg, model=model)
+    assert result["compile"]["recompiles"] == 0
+    assert [unit for unit in [model, *model.blocks] if "forward" in unit.__dict__] == []
+
+
 def test_options_of_compile_that_apply_without_it_are_refused(tmp_path):
     proc = run_here(["train", "--compile-backend", "eager", "--run-dir", tmp_path / "run"])
     assert proc.returncode == 2

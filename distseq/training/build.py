@@ -38,7 +38,7 @@ from distseq.distributed.accelerator import (
     set_cpu_threads,
 )
 from distseq.distributed.agree import any_rank
-from distseq.distributed.sharding import quiet_fsdp_warnings, shard_model
+from distseq.distributed.sharding import blocks, quiet_fsdp_warnings, shard_model
 from distseq.errors import RunIOError
 from distseq.fsio import write_json
 from distseq.models import build_model
@@ -204,6 +204,8 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
     model_flops = flops_per_token(model, spec.seq_len)  # of the model as built, before any wrapper
     parameters = sum(p.numel() for p in model.parameters())
     state = state_size(model, spec.seq_len)
+    if t.compile or t.activation_checkpointing != "none":  # a model given to train() is the caller's again after
+        cleanup.callback(restore_forwards, [(unit, unit.__dict__.get("forward")) for unit in [model, *blocks(model)]])
     model, optimizer, scheduler, sharded = _place(model, cfg, accelerator, sharding, precision)
     layout = Layout(cfg.micro_batch_size(accelerator.num_processes), accelerator.num_processes, t.grad_accum_steps)
     config, progress = cfg.to_dict(), Progress(first_step=t.start_step)
@@ -244,6 +246,15 @@ def _place(model: nn.Module, cfg: TrainConfig, accelerator: Accelerator, shardin
         with ddp_without_buffer_notice():
             model, optimizer = accelerator.prepare(model, optimizer)  # the DataLoader never is (invariant 4)
     return model, optimizer, scheduler, sharded
+
+
+def restore_forwards(saved: list) -> None:
+    """Put back the ``forward`` each module held before --compile or --activation-checkpointing replaced it."""
+    for unit, forward in saved:
+        if forward is None:
+            unit.__dict__.pop("forward", None)
+        else:
+            unit.forward = forward
 
 
 def _begin(run: Run, cleanup: contextlib.ExitStack) -> None:
