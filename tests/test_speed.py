@@ -6,6 +6,7 @@ seconds), and the decoder once with inductor, whose runs serve the resume, expor
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -358,6 +359,43 @@ def test_a_non_finite_step_read_later_still_stops_naming_it_and_is_never_saved(c
         "(--on-nonfinite skip skips such steps)"]
     checkpoints = run / "checkpoints"
     assert (sorted(p.name for p in checkpoints.iterdir()) if checkpoints.exists() else []) == kept
+
+
+class SignalsAtMarker(torch.nn.Module):
+    """Sends this process SIGTERM when it sees the value 777 in its input (a row of the data files)."""
+
+    def __init__(self, cfg, task, spec):
+        super().__init__()
+        self.linear = torch.nn.Linear(task.num_features(spec), 1)
+
+    def forward(self, x, lengths=None):
+        if bool((x == 777.0).any()):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.linear(x).mean((1, 2))  # (B,)
+
+
+def test_a_step_saved_on_a_signal_has_its_own_flags_read_first(plugin_model, tmp_path):
+    """SIGTERM arrives in step 4 (read at step 5); step 5 itself is non-finite. Before step 5 is saved its own
+    flag is read: under --on-nonfinite stop the run stops naming step 5 and saves nothing; under skip it saves
+    step 5 with the skipped step counted."""
+    name = plugin_model("signals-at-marker", SignalsAtMarker)
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as handle:
+        for row in range(80):  # rows 24..31 are step 4, 32..39 step 5
+            values = [777.0 if row == 25 and i == 2 else 0.1 * i for i in range(6)]
+            handle.write(json.dumps({"sequence": [[v, float(i in (0, 4))] for i, v in enumerate(values)],
+                                     "label": 1e30 if row == 35 else 0.5}) + "\n")
+    args = [*ADDING, "--model", name, "--data-files", data, "--log-every", "10", "--checkpoint-every", "0"]
+    stopped = run_here([*args, "--run-dir", tmp_path / "stop"])
+    assert stopped.returncode == 1, stopped.stdout[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "distseq train: error: non-finite loss or gradient at step 5; stopped without saving "
+        "(--on-nonfinite skip skips such steps)")
+    assert not (tmp_path / "stop" / "checkpoints").exists()
+    skipped = run_here([*args, "--on-nonfinite", "skip", "--run-dir", tmp_path / "skip"])
+    assert skipped.returncode == 143, skipped.stderr[-2000:]
+    result = summary(tmp_path / "skip")
+    assert result["step"] == 5 and result["skipped_steps"] == 1 and result["status"] == "preempted"
 
 
 @pytest.mark.multiproc

@@ -9,8 +9,9 @@ at once would make the host wait for the device every step.
 So the flags are copied to host memory as the device computes them (an asynchronous copy into pinned
 memory on a GPU, followed by an event) and read one step later, when that copy is long done: a stop
 signal noticed during step N stops every rank after step N + 1, all at the same boundary. Where the loop
-waits for the device anyway (a log, evaluation or checkpoint step, the last step, the end of the data)
-every pending step is read at once, so what a checkpoint records or a log line reports is exact.
+waits for the device anyway (a log, evaluation or checkpoint step, the last step, the end of the data, a
+step saved because a stop signal was read) every pending step is read at once, so what a checkpoint
+records or a log line reports is exact.
 """
 
 from __future__ import annotations

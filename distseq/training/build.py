@@ -177,7 +177,7 @@ def _join(cfg: TrainConfig, model: Optional[nn.Module], signals: StopSignals, cl
     model_name = cfg.model.kind if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else build_model(cfg.model, task, spec)
     preflight(cfg, model, model_name, local_device())  # a plugin's wrong shapes: one line, not a traceback
-    check_recompute(model, t.activation_checkpointing, model_name)
+    check_recompute(model, t.activation_checkpointing, model_name, local_device())
     startup.mark("model")
     sharding = resolve_sharding(t.sharding, world)
     # probes this very model, as it will run: under FSDP2's policy when sharded

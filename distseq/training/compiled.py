@@ -13,9 +13,11 @@ batches have another size and no gradients, and would each compile graphs of the
 
 **When.** Compiling happens at a forward's first call. ``warm_up`` makes that call before the first
 step: one forward and backward of the first micro-batch, gradients discarded and the random state put
-back, so the first step is the one an eager run takes. Its seconds are the start-up phase ``compile``
-(outside training time, so outside tokens/s), and a model that cannot be compiled is refused in one line
-there, before any step.
+back, so the first step starts from the random state an eager run's would (inductor draws dropout masks
+from a stream of its own: with dropout a compiled run is not the eager run to the bit). Its seconds are the
+start-up phase ``compile`` (outside training time, so outside tokens/s), and a model the compiler rejects
+(dynamo's or inductor's own errors; not out-of-memory or a lost peer) is refused in one line there, before
+any step.
 
 **Recompilations.** Dynamo's count of compiled frames after the warm-up: ``compile.recompiles`` in
 summary.json, and a warning at the log step that sees it grow, naming dynamo's reason (the guard that
@@ -41,6 +43,9 @@ def compile_model(model: nn.Module, per_block: bool, backend: str = "inductor") 
     # a fresh start: dynamo keeps at most a few compilations per function, and an earlier run in this process
     # (distseq.train called again, a test session) would have used them up on modules that no longer train
     torch._dynamo.reset()
+    from torch._dynamo.utils import clear_compilation_metrics
+
+    clear_compilation_metrics()  # the recompilation reasons named are this run's
     units: List[nn.Module] = blocks(model) if per_block else []
     for unit in units or [model]:
         unit.forward = torch.compile(unit.forward, backend=backend)
@@ -78,10 +83,14 @@ class CompileWatch:
         under ``no_sync``; gradients and random state as they were."""
         began = time.perf_counter()
         devices = [device] if device.type == "cuda" else []
+        from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor.exc import CppCompileError, LoweringException, OperatorIssue
+
         try:
             with torch.random.fork_rng(devices=devices), no_sync():
                 run_batch().backward()
-        except Exception as error:  # the model ran eagerly in the preflight: this is the compiler's failure
+        except (TorchDynamoException, OperatorIssue, LoweringException, CppCompileError) as error:
+            # the compiler's own failures only: out of memory or a lost peer stay what they are
             raise ConfigError("--compile", f"model {name} cannot be compiled here ({type(error).__name__}: "
                                            f"{what_failed(error)}); train it without --compile") from None
         for param in model.parameters():

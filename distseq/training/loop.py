@@ -116,7 +116,9 @@ def run_loop(run: Run) -> int:
     own_work, slow_seconds = run.logger.ranks.own_work, slow_rank_seconds(run.accelerator.process_index)
     for step in range(run.start, run.cfg.train.max_steps):
         # the first two steps compile, warm up and settle; from then on an ordinary step never waits for the device
-        strict_sync(step > run.start + 1 and not reads_now(run, step + 1))
+        # (--data-streaming agrees every step on whether the files ran out; --profile-steps times by waiting)
+        strict_sync(step > run.start + 1 and not reads_now(run, step + 1) and not run.cfg.data.data_streaming
+                    and not run.cfg.log.profile_steps)
         run.profiler.begin(step)
         with run.profiler.span("data"), own_work():
             micro = run.feed.next_step()
@@ -133,8 +135,9 @@ def run_loop(run: Run) -> int:
             run.say(run.startup.line())
         with run.profiler.span("logging"):
             stop = settle(run, done, reads_now(run, done))
-            if stop:
+            if stop:  # this step is saved next: its own flags are read first, so what is saved is exact
                 strict_sync(False)  # saving on a signal waits for the device, as it must
+                stop = settle(run, done, now=True) or stop
             record(run, micro, done, outcome, stop)
         if run.profiler.end(done) and run.accelerator.is_main_process:
             run.logger.emit(format_profile(run.profiler.result))

@@ -60,12 +60,20 @@ def checkpointed(forward: Callable, mode: str) -> Callable:
     return run
 
 
-def check_recompute(model: nn.Module, mode: str, name: str) -> None:
+def check_recompute(model: nn.Module, mode: str, name: str, device: torch.device) -> None:
     """``selective`` needs blocks: its policy keeps a block's matrix multiplies, and a model without blocks
-    (a recurrence) runs ops in place inside its kernels, which a selective replay would corrupt."""
+    (a recurrence) runs ops in place inside its kernels, which a selective replay would corrupt. On a GPU,
+    cuDNN draws the dropout between a recurrence's layers from a random state of its own, which a
+    recomputation cannot replay: its gradients would silently differ."""
+    if mode == "none":
+        return
     if mode == "selective" and not blocks(model):
         raise ConfigError("--activation-checkpointing", f"selective keeps each block's matrix multiplies, and model "
                                                         f"{name} has no blocks (no nn.ModuleList); use full")
+    if device.type == "cuda" and any(isinstance(m, nn.RNNBase) and m.dropout > 0 for m in model.modules()):
+        raise ConfigError("--activation-checkpointing", f"model {name}'s dropout between recurrent layers is drawn "
+                                                        f"by cuDNN, which a recomputation cannot replay; use --dropout "
+                                                        f"0 or no activation checkpointing on a GPU")
 
 
 def recompute_blocks(model: nn.Module, mode: str) -> str:
