@@ -323,6 +323,21 @@ def test_selective_checkpointing_of_a_model_without_blocks_is_refused(model, tmp
                                    f"matrix multiplies, and model {model} has no blocks (no nn.ModuleList); use full")
 
 
+def test_checkpointing_a_recurrence_with_dropout_is_refused_on_a_gpu_only():
+    """cuDNN draws the dropout between recurrent layers itself: a replay cannot restore it (the check reads the
+    modules only, so it runs without a GPU)."""
+    from distseq.errors import ConfigError
+    from distseq.models.recurrent import RecurrentClassifier
+    from distseq.training.recompute import check_recompute
+
+    dropping = RecurrentClassifier("lstm", 2, 8, 2, 1, dropout=0.1)
+    check_recompute(dropping, "full", "lstm", torch.device("cpu"))
+    check_recompute(RecurrentClassifier("lstm", 2, 8, 2, 1), "full", "lstm", torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"--activation-checkpointing: model lstm's dropout between recurrent layers"):
+        check_recompute(dropping, "full", "lstm", torch.device("cuda"))
+    check_recompute(dropping, "none", "lstm", torch.device("cuda"))
+
+
 # ---- the step path: flags read a step later
 
 
