@@ -77,17 +77,17 @@ class CompileWatch:
         self.after_warm_up: Optional[int] = None
         self.reported = 0
 
-    def warm_up(self, model: nn.Module, run_batch: Callable[[], torch.Tensor], no_sync: Callable,
+    def warm_up(self, model: nn.Module, run_batch: Callable[[], torch.Tensor], reduction: Callable,
                 device: torch.device, name: str) -> None:
         """Compile by running ``run_batch`` (forward and loss of the first micro-batch) and its backward once,
-        under ``no_sync``; gradients and random state as they were."""
+        inside ``reduction()`` (``warm_up_reduction``); gradients and random state as they were."""
         began = time.perf_counter()
         devices = [device] if device.type == "cuda" else []
         from torch._dynamo.exc import TorchDynamoException
         from torch._inductor.exc import CppCompileError, LoweringException, OperatorIssue
 
         try:
-            with torch.random.fork_rng(devices=devices), no_sync():
+            with torch.random.fork_rng(devices=devices), reduction():
                 run_batch().backward()
         except (TorchDynamoException, OperatorIssue, LoweringException, CppCompileError) as error:
             # the compiler's own failures only: out of memory or a lost peer stay what they are
@@ -126,7 +126,7 @@ def what_failed(error: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def gradient_sync_off(accelerator, model: nn.Module) -> Callable:
+def warm_up_reduction(accelerator, model: nn.Module) -> Callable:
     """A context factory for the warm-up's backward: DDP's ``no_sync`` (the gradients stay in ``.grad``,
     which the warm-up clears). Under FSDP2 the gradients are reduced as usual: with its reduction off it
     would keep them in an unsharded buffer of its own that the next step's reduction adds in."""

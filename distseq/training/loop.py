@@ -33,7 +33,7 @@ from distseq.ops.signals import StopSignals, exit_code, signal_name, status
 from distseq.ops.slurm import request_requeue
 from distseq.registry import REPLACED
 from distseq.training.build import Run, build_run
-from distseq.training.compiled import gradient_sync_off
+from distseq.training.compiled import warm_up_reduction
 from distseq.training.evaluation import forward
 from distseq.training.metrics import summary, throughput
 from distseq.training.optim import skip_step_where
@@ -170,7 +170,7 @@ def warm_up(run: Run, batch: dict) -> None:
         return run.task.loss(forward(model, batch, device, run.spec.variable), batch["y"].to(device)).mean()
 
     with run.clock.pause():
-        run.compiled.warm_up(model, run_batch, gradient_sync_off(run.accelerator, model), device, run.model_name)
+        run.compiled.warm_up(model, run_batch, warm_up_reduction(run.accelerator, model), device, run.model_name)
     run.startup.mark("compile")
 
 
