@@ -77,6 +77,27 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, cli, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("distseq train: error: --log-with: mlflow could not start: "), lines
 
 
+def test_a_stop_signal_while_the_trackers_start_is_the_start_up_line_not_a_traceback(tmp_path, cli, monkeypatch):
+    """SIGTERM lands inside TensorBoard's start, before its writer exists (seen in a sweep whose points were
+    stopped): the run ends as any stop during start-up does, and closing the trackers does not fail on it."""
+    import os
+    import signal
+
+    from accelerate.tracking import TensorBoardTracker
+
+    started = TensorBoardTracker.start
+
+    def start_then_signal(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # acted on at the next bytecode: before the writer is made
+        started(self)
+
+    monkeypatch.setattr(TensorBoardTracker, "start", start_then_signal)
+    proc = cli([*FAST, "--run-dir", tmp_path / "run"])
+    assert proc.returncode == 143
+    assert proc.stderr.strip().splitlines() == [
+        "distseq train: SIGTERM during start-up: stopped before training; nothing was saved"]
+
+
 def test_a_tracker_whose_server_does_not_answer_stops_the_run_in_bounded_time(tmp_path):
     """A tracking server that takes the connection and never answers: without a bound, MLflow waits 120 s per
     request and retries; with --tracker-timeout-s 2 the run ends in one line naming MLflow and the address."""

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 
 from distseq.config import TrainConfig
 from distseq.distributed.agree import main_decides
-from distseq.errors import ConfigError
+from distseq.errors import ConfigError, StartupStopped
 
 TENSORBOARD_PROJECT = "tensorboard"  # event files go to RUN/tensorboard/
 TRACKER_PROJECT = "distseq"  # the MLflow experiment, W&B project, ... of every run (TensorBoard has none)
@@ -125,8 +125,14 @@ def start_tracking(accelerator: Accelerator, flat_config: dict, purge_step: Opti
 
     def start() -> None:
         import_libraries(accelerator)  # the bound is on the server's answer: a slow import is no silence
-        within(timeout_s, lambda: accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config),
-                                                            init_kwargs=kwargs), did_not_answer)
+        try:
+            within(timeout_s, lambda: accelerator.init_trackers(TENSORBOARD_PROJECT, config=hparams(flat_config),
+                                                                init_kwargs=kwargs), did_not_answer)
+        except StartupStopped:
+            # a stop signal inside a tracker's start leaves it half made (TensorBoard's without its writer), which
+            # end_training would fail on; the others may be waiting on their server, so only TensorBoard is closed
+            drop_trackers(accelerator, lambda tracker: tracker.name == "tensorboard")
+            raise
 
     def did_not_answer() -> ConfigError:
         slow = [t.name for t in accelerator.trackers if t.name != "tensorboard"] or ["a tracker"]
